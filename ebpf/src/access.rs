@@ -1,0 +1,123 @@
+//! Aggregated accesses: one `ACCESSES` entry per (process image, path). Repeated opens and
+//! reads update it in place; only the first open of a path sends a record.
+
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_probe_read_user_str_bytes};
+use trustdrift_common::{
+    AccessEvent, AccessKey, AccessStats, EventKind, Loss, PendingOpen, ProcState,
+};
+
+use crate::{
+    atomic,
+    emit::{header, lost},
+    maps::{ACCESSES, EVENTS},
+};
+
+const EEXIST: i32 = 17;
+
+/// An open of the path of `key` succeeded (or, in lean mode, was attempted).
+/// Returns false when the access could not be recorded.
+#[inline(always)]
+pub fn opened(
+    pid_tgid: u64,
+    key: &AccessKey,
+    open: &PendingOpen,
+    fd: i32,
+    state: &ProcState,
+    now: u64,
+) -> bool {
+    if let Some(stats) = ACCESSES.get_ptr_mut(key) {
+        // SAFETY: a valid map value.
+        let stats = unsafe { &mut *stats };
+        stats.last_open_ns = now;
+        atomic::add(&mut stats.opens, 1);
+        return true;
+    }
+    let fresh = AccessStats {
+        first_open_ns: now,
+        last_open_ns: now,
+        opens: 1,
+        ..AccessStats::default()
+    };
+    match ACCESSES.insert(key, fresh, BPF_NOEXIST as u64) {
+        Ok(()) => {
+            if !announce(pid_tgid, key, open, fd, state, now) {
+                // The daemon would never learn of this entry: drop it so the next open
+                // announces it again. The loss itself is counted.
+                let _ = ACCESSES.remove(key);
+                return false;
+            }
+            true
+        }
+        Err(e) if e == -EEXIST => {
+            // Another thread of the process announced it first.
+            if let Some(stats) = ACCESSES.get_ptr_mut(key) {
+                // SAFETY: a valid map value.
+                let stats = unsafe { &mut *stats };
+                stats.last_open_ns = now;
+                atomic::add(&mut stats.opens, 1);
+            }
+            true
+        }
+        Err(_) => {
+            lost(Loss::AccessTableFull);
+            false
+        }
+    }
+}
+
+/// Bytes came back from a read (or directory listing) on a tracked fd.
+#[inline(always)]
+pub fn add_read(key: &AccessKey, bytes: u64, now: u64) {
+    let Some(stats) = ACCESSES.get_ptr_mut(key) else {
+        return;
+    };
+    // SAFETY: a valid map value.
+    let stats = unsafe { &mut *stats };
+    if stats.first_read_ns == 0 {
+        stats.first_read_ns = now;
+    }
+    stats.last_read_ns = now;
+    atomic::add(&mut stats.bytes, bytes);
+    atomic::add(&mut stats.reads, 1);
+}
+
+/// Sends the first-access record, with the path re-read from the opener's memory straight
+/// into the ring buffer.
+#[inline(always)]
+fn announce(
+    pid_tgid: u64,
+    key: &AccessKey,
+    open: &PendingOpen,
+    fd: i32,
+    state: &ProcState,
+    now: u64,
+) -> bool {
+    let Some(mut entry) = EVENTS.reserve::<AccessEvent>(0) else {
+        lost(Loss::RingbufFull);
+        return false;
+    };
+    let event = entry.as_mut_ptr();
+    // SAFETY: `event` points to a reserved, exclusively owned record of the right size;
+    // every field is written before submit.
+    unsafe {
+        (*event).header = header(EventKind::Access, pid_tgid, state, now);
+        (*event).key = *key;
+        (*event).dir_path_hash = open.dir_path_hash;
+        (*event).open_flags = open.open_flags;
+        (*event).dirfd = open.dirfd;
+        (*event).fd = fd;
+        (*event).match_flags = open.match_flags;
+        (*event)._pad = 0;
+        let path = &mut (*event).path;
+        (*event).path_len =
+            match bpf_probe_read_user_str_bytes(open.path_ptr as *const u8, &mut path[..]) {
+                Ok(bytes) => bytes.len() as u32,
+                Err(_) => {
+                    path[0] = 0;
+                    0
+                }
+            };
+    }
+    entry.submit(0);
+    true
+}

@@ -1,0 +1,191 @@
+//! trustdrift's kernel probe: which process opened and read which trust file, and when.
+//!
+//! Two `tp_btf` programs on the raw syscall tracepoints dispatch on the syscall number;
+//! two classic tracepoints follow exec and exit. Every syscall on the host passes through
+//! the syscall programs, so each one returns after a few loads unless the syscall is an
+//! open or concerns a process that holds a trust fd.
+#![no_std]
+#![no_main]
+// Atomic adds on map values: the BPF target has no compare-and-swap, so core's atomics
+// are unavailable and the intrinsic is the only way to emit the BPF atomic add.
+#![feature(core_intrinsics)]
+#![expect(
+    internal_features,
+    reason = "atomic_xadd is how the BPF atomic add is emitted"
+)]
+
+mod access;
+mod arch;
+mod atomic;
+mod emit;
+mod fds;
+mod maps;
+mod open;
+mod path;
+mod process;
+
+use aya_ebpf::{
+    EbpfContext, Global,
+    bindings::pt_regs,
+    helpers::bpf_get_current_pid_tgid,
+    macros::{btf_tracepoint, tracepoint},
+    programs::{BtfTracePointContext, TracePointContext},
+};
+use trustdrift_common::KernelOffsets;
+
+use crate::arch::nr;
+
+/// tgid of the daemon: its own reads of trust files are not observations.
+#[unsafe(no_mangle)]
+static SELF_TGID: Global<u32> = Global::new(0);
+
+/// Kernel layout from BTF, for process identity without CO-RE.
+#[unsafe(no_mangle)]
+static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets::NONE);
+
+/// `max_entries` of `FDS` as loaded, to tell when the LRU starts evicting live handles.
+#[unsafe(no_mangle)]
+static FDS_CAPACITY: Global<u64> = Global::new(16384);
+
+/// `sys_enter` (full mode): opens are filtered here, closes drop tracked fds.
+#[btf_tracepoint(function = "sys_enter")]
+pub fn sys_enter(ctx: BtfTracePointContext) -> i32 {
+    let regs: *const pt_regs = ctx.arg(0);
+    let id: i64 = ctx.arg(1);
+    // SAFETY: `regs` is the tracepoint's own pt_regs argument.
+    unsafe { try_sys_enter(regs, id) };
+    0
+}
+
+#[inline(always)]
+unsafe fn try_sys_enter(regs: *const pt_regs, id: i64) {
+    use arch::arg;
+    // SAFETY (all arms): argument loads from the tracepoint's pt_regs.
+    unsafe {
+        match id {
+            nr::OPENAT | nr::OPEN | nr::CREAT | nr::OPENAT2 => open::entered(
+                open::Mode::Full,
+                id,
+                [arg(regs, 0), arg(regs, 1), arg(regs, 2)],
+            ),
+            nr::CLOSE => {
+                let fd = arg(regs, 0) as u32;
+                fds::closed(tgid(), fd, fd);
+            }
+            nr::DUP2 | nr::DUP3 => {
+                // The new fd is closed implicitly if it was open.
+                let (old, new) = (arg(regs, 0) as u32, arg(regs, 1) as u32);
+                if old != new {
+                    fds::closed(tgid(), new, new);
+                }
+            }
+            nr::CLOSE_RANGE => fds::closed(tgid(), arg(regs, 0) as u32, arg(regs, 1) as u32),
+            _ => {}
+        }
+    }
+}
+
+/// Lean mode: the classic `syscalls:sys_enter_{openat,openat2,open}` tracepoints.
+/// Only opens run a program at all; success and bytes read are left to the daemon.
+#[tracepoint]
+pub fn open_enter(ctx: TracePointContext) -> u32 {
+    // struct syscall_trace_enter: the syscall number at 8, its arguments from 16 on.
+    // Direct loads: the verifier allows them inside the record, and each
+    // `TracePointContext::read_at` would be a helper call.
+    let record = ctx.as_ptr().cast::<u64>();
+    // SAFETY: offsets inside the record of a syscall tracepoint, stable since 2.6.
+    let (nr, args) = unsafe {
+        (
+            *record.add(1) as i32 as i64,
+            [*record.add(2), *record.add(3), *record.add(4)],
+        )
+    };
+    open::entered(open::Mode::Lean, nr, args);
+    0
+}
+
+/// `sys_exit` (full mode): an open's fd, a read's byte count.
+#[btf_tracepoint(function = "sys_exit")]
+pub fn sys_exit(ctx: BtfTracePointContext) -> i32 {
+    let regs: *const pt_regs = ctx.arg(0);
+    let ret: i64 = ctx.arg(1);
+    // SAFETY: `regs` is the tracepoint's own pt_regs argument.
+    unsafe { try_sys_exit(regs, ret) };
+    0
+}
+
+#[inline(always)]
+unsafe fn try_sys_exit(regs: *const pt_regs, ret: i64) {
+    // SAFETY: loads from the tracepoint's pt_regs.
+    let id = unsafe { arch::syscall_nr(regs) };
+    match id {
+        nr::OPENAT | nr::OPEN | nr::OPENAT2 => open::returned(ret),
+        nr::READ | nr::PREAD64 | nr::READV | nr::PREADV | nr::PREADV2 | nr::GETDENTS64 => {
+            // SAFETY: as above.
+            let fd = unsafe { arch::first_arg_at_exit(regs) };
+            fds::read_returned(bpf_get_current_pid_tgid(), fd, ret);
+        }
+        // A duplicate reads the same open file (Python's listdir(fd), fdopendir(dup(fd))).
+        nr::DUP | nr::DUP2 | nr::DUP3 => {
+            // SAFETY: as above.
+            let old = unsafe { arch::first_arg_at_exit(regs) };
+            fds::duplicated(old, ret);
+        }
+        nr::FCNTL => {
+            // SAFETY: as above; arguments other than the first are intact at exit.
+            let (old, cmd) = unsafe { (arch::first_arg_at_exit(regs), arch::arg(regs, 1)) };
+            if cmd == F_DUPFD || cmd == F_DUPFD_CLOEXEC {
+                fds::duplicated(old, ret);
+            }
+        }
+        _ => {}
+    }
+}
+
+const F_DUPFD: u64 = 0;
+const F_DUPFD_CLOEXEC: u64 = 1030;
+
+#[inline(always)]
+fn tgid() -> u32 {
+    (bpf_get_current_pid_tgid() >> 32) as u32
+}
+
+#[tracepoint(category = "sched", name = "sched_process_exec")]
+pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
+    let _ = process::try_exec(&ctx);
+    0
+}
+
+#[tracepoint(category = "sched", name = "sched_process_exit")]
+pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
+    let _ = process::try_exit(&ctx);
+    0
+}
+
+/// Empty programs on exactly the syscall hooks above: the cost floor `cargo xtask bench
+/// probe` measures trustdrift against (full mode: the two tp_btf hooks; lean mode: the
+/// classic open tracepoints).
+#[tracepoint]
+pub fn floor_open_enter(_ctx: TracePointContext) -> u32 {
+    0
+}
+
+#[btf_tracepoint(function = "sys_enter")]
+pub fn floor_sys_enter(_ctx: BtfTracePointContext) -> i32 {
+    0
+}
+
+#[btf_tracepoint(function = "sys_exit")]
+pub fn floor_sys_exit(_ctx: BtfTracePointContext) -> i32 {
+    0
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

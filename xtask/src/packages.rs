@@ -1,0 +1,44 @@
+//! Debian packages of the programs the tests drive for real. Installed when missing (CI
+//! runs as root on a clean machine); elsewhere a missing one is a clear error.
+
+use anyhow::{Result, bail};
+
+use crate::workspace::command;
+
+/// (command the tests run, Debian package that provides it)
+const NEEDED: &[(&str, &str)] = &[
+    ("python3", "python3"),
+    ("openssl", "openssl"),
+    ("curl", "curl"),
+];
+
+fn present(program: &str) -> bool {
+    command("sh", &["-c", &format!("command -v {program}")])
+        .output()
+        .is_some()
+}
+
+pub fn ensure_for_tests() -> Result<()> {
+    let missing: Vec<&str> = NEEDED
+        .iter()
+        .filter(|(program, _)| !present(program))
+        .map(|(_, package)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "the tests need {}: run `sudo apt-get install -y {}`",
+            missing.join(", "),
+            missing.join(" ")
+        );
+    }
+    command("apt-get", &["update", "-qq"]).run("apt-get update")?;
+    let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
+    args.extend(&missing);
+    command("apt-get", &args)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .run(&format!("installing {}", missing.join(" ")))
+}
