@@ -6,7 +6,9 @@ mod packages;
 mod toolchain;
 mod workspace;
 
-use anyhow::Result;
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -21,8 +23,13 @@ enum Cmd {
     /// Make this machine ready: nightly rust-src, bpf-linker on nightly's LLVM, and the
     /// Debian packages the tests drive. Idempotent.
     Setup,
-    /// Build the eBPF object.
+    /// Build the eBPF object and the trustdrift binary (release).
     Build,
+    /// Build, then run trustdrift (as root) with the given arguments.
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// fmt and clippy for the workspace and the eBPF crate.
     Lint,
 }
@@ -37,12 +44,31 @@ fn main() {
 fn dispatch() -> Result<()> {
     match Cli::parse().command {
         Cmd::Setup => toolchain::setup(),
-        Cmd::Build => {
-            toolchain::ensure()?;
-            ebpf::build().map(|_| ())
+        Cmd::Build => build().map(|_| ()),
+        Cmd::Run { args } => {
+            let bin = build()?;
+            let status = Command::new(&bin)
+                .args(&args)
+                .status()
+                .with_context(|| format!("running {}", bin.display()))?;
+            std::process::exit(status.code().unwrap_or(1));
         }
         Cmd::Lint => lint(),
     }
+}
+
+/// Builds everything a user runs; returns the trustdrift binary.
+fn build() -> Result<std::path::PathBuf> {
+    toolchain::ensure()?;
+    let object = ebpf::build()?;
+    workspace::cargo(&["build", "--release", "--package", "trustdrift"])
+        .env("TRUSTDRIFT_EBPF_OBJECT", &object)
+        .run("building trustdrift")?;
+    let bin = workspace::target_dir().join("release/trustdrift");
+    if !bin.exists() {
+        bail!("cargo reported success but {} is missing", bin.display());
+    }
+    Ok(bin)
 }
 
 fn lint() -> Result<()> {

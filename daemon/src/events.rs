@@ -1,0 +1,217 @@
+//! Ring-buffer records decoded into owned, typed events. A record of unknown kind or the
+//! wrong size is an error the caller counts, never a transmute.
+
+use std::{ffi::OsStr, mem::size_of, os::unix::ffi::OsStrExt, path::PathBuf};
+
+use thiserror::Error;
+use trustdrift_common::{
+    AccessEvent, AccessKey, COMM_LEN, EventHeader, EventKind, ProcEvent, UnknownDiscriminant,
+    match_flags,
+};
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("record of {len} bytes is shorter than its {need}-byte {what}")]
+    Short {
+        what: &'static str,
+        len: usize,
+        need: usize,
+    },
+    #[error("record of unknown kind {0}")]
+    UnknownKind(u32),
+}
+
+impl From<UnknownDiscriminant> for DecodeError {
+    fn from(UnknownDiscriminant(v): UnknownDiscriminant) -> Self {
+        DecodeError::UnknownKind(v)
+    }
+}
+
+/// Who did it, as the probe saw it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Task {
+    pub tgid: u32,
+    pub tid: u32,
+    pub uid: u32,
+    /// `CLOCK_BOOTTIME` ns; 0 when the probe could not read it.
+    pub start_ns: u64,
+    pub ts_ns: u64,
+    pub cgroup_id: u64,
+    pub mnt_ns: u32,
+    pub exec_seq: u32,
+    pub comm: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Access {
+    pub task: Task,
+    pub key: AccessKey,
+    pub dir_path_hash: u64,
+    pub open_flags: u32,
+    pub dirfd: i32,
+    /// -1 when not observed (lean mode).
+    pub fd: i32,
+    pub match_flags: u32,
+    /// The path exactly as the process passed it.
+    pub path: PathBuf,
+}
+
+impl Access {
+    /// How the kernel filter matched, for people.
+    pub fn matched_by(&self) -> Vec<&'static str> {
+        [
+            (match_flags::PREFIX, "prefix"),
+            (match_flags::SUFFIX, "suffix"),
+            (match_flags::TRACKED_DIRFD, "tracked-dirfd"),
+            (match_flags::TRUNCATED, "truncated"),
+            (match_flags::LEAN, "lean"),
+        ]
+        .into_iter()
+        .filter(|(bit, _)| self.match_flags & bit != 0)
+        .map(|(_, name)| name)
+        .collect()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    Access(Access),
+    Exec(Task),
+    Exit(Task),
+}
+
+fn read<T: Copy>(bytes: &[u8], what: &'static str) -> Result<T, DecodeError> {
+    if bytes.len() < size_of::<T>() {
+        return Err(DecodeError::Short {
+            what,
+            len: bytes.len(),
+            need: size_of::<T>(),
+        });
+    }
+    // SAFETY: length checked; T is a #[repr(C)] plain-data type valid for any bytes;
+    // read_unaligned copes with the ring buffer's 8-byte alignment.
+    Ok(unsafe { bytes.as_ptr().cast::<T>().read_unaligned() })
+}
+
+fn comm(raw: &[u8; COMM_LEN]) -> String {
+    let end = raw.iter().position(|b| *b == 0).unwrap_or(COMM_LEN);
+    String::from_utf8_lossy(&raw[..end]).into_owned()
+}
+
+fn task(h: &EventHeader) -> Task {
+    Task {
+        tgid: h.tgid,
+        tid: h.tid,
+        uid: h.uid,
+        start_ns: h.start_ns,
+        ts_ns: h.ts_ns,
+        cgroup_id: h.cgroup_id,
+        mnt_ns: h.mnt_ns,
+        exec_seq: h.exec_seq,
+        comm: comm(&h.comm),
+    }
+}
+
+pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
+    let header: EventHeader = read(bytes, "header")?;
+    match EventKind::try_from(header.kind)? {
+        EventKind::Access => {
+            let e: AccessEvent = read(bytes, "access record")?;
+            let len = (e.path_len as usize).min(e.path.len());
+            Ok(Event::Access(Access {
+                task: task(&e.header),
+                key: e.key,
+                dir_path_hash: e.dir_path_hash,
+                open_flags: e.open_flags,
+                dirfd: e.dirfd,
+                fd: e.fd,
+                match_flags: e.match_flags,
+                path: PathBuf::from(OsStr::from_bytes(&e.path[..len])),
+            }))
+        }
+        EventKind::Exec => {
+            let e: ProcEvent = read(bytes, "exec record")?;
+            Ok(Event::Exec(task(&e.header)))
+        }
+        EventKind::Exit => {
+            let e: ProcEvent = read(bytes, "exit record")?;
+            Ok(Event::Exit(task(&e.header)))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use trustdrift_common::PATH_CAP;
+
+    use super::*;
+
+    fn header(kind: u32) -> EventHeader {
+        let mut comm = [0u8; COMM_LEN];
+        comm[..7].copy_from_slice(b"python3");
+        EventHeader {
+            kind,
+            tgid: 42,
+            tid: 43,
+            uid: 0,
+            start_ns: 7,
+            ts_ns: 9,
+            cgroup_id: 1,
+            mnt_ns: 4026531841,
+            exec_seq: 0,
+            comm,
+        }
+    }
+
+    fn bytes_of<T>(v: &T) -> Vec<u8> {
+        // SAFETY: reading the bytes of a plain-data value.
+        unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }.to_vec()
+    }
+
+    #[test]
+    fn decodes_an_access_with_its_path() {
+        let mut path = [0u8; PATH_CAP];
+        path[..21].copy_from_slice(b"/usr/lib/ssl/cert.pem");
+        let event = AccessEvent {
+            header: header(EventKind::Access as u32),
+            key: AccessKey {
+                tgid: 42,
+                exec_seq: 0,
+                start_ns: 7,
+                path_hash: 99,
+            },
+            dir_path_hash: 0,
+            open_flags: 0,
+            dirfd: -100,
+            fd: 3,
+            match_flags: match_flags::PREFIX | match_flags::SUFFIX,
+            path_len: 21,
+            _pad: 0,
+            path,
+        };
+        let Event::Access(a) = decode(&bytes_of(&event)).unwrap() else {
+            panic!("not an access");
+        };
+        assert_eq!(a.path, PathBuf::from("/usr/lib/ssl/cert.pem"));
+        assert_eq!(a.task.comm, "python3");
+        assert_eq!(a.fd, 3);
+        assert_eq!(a.matched_by(), vec!["prefix", "suffix"]);
+    }
+
+    #[test]
+    fn rejects_unknown_kinds_and_short_records() {
+        let bad = bytes_of(&header(77));
+        assert_eq!(decode(&bad), Err(DecodeError::UnknownKind(77)));
+        let short = bytes_of(&header(EventKind::Access as u32));
+        assert!(matches!(decode(&short), Err(DecodeError::Short { .. })));
+        assert!(matches!(decode(&[1, 2, 3]), Err(DecodeError::Short { .. })));
+    }
+
+    #[test]
+    fn decodes_exit() {
+        let e = ProcEvent {
+            header: header(EventKind::Exit as u32),
+        };
+        assert!(matches!(decode(&bytes_of(&e)), Ok(Event::Exit(t)) if t.tgid == 42));
+    }
+}

@@ -1,0 +1,124 @@
+//! Facts about live processes from /proc, always checked against the process start time
+//! the probe recorded: a pid alone names whoever holds it now, not whoever read the file.
+
+use std::{
+    fs, io,
+    path::{Path, PathBuf},
+    sync::OnceLock,
+};
+
+/// `sysconf(_SC_CLK_TCK)`: the unit of the start time in /proc/<pid>/stat.
+pub fn clock_ticks_per_second() -> u64 {
+    static TICKS: OnceLock<u64> = OnceLock::new();
+    *TICKS.get_or_init(|| {
+        // SAFETY: sysconf has no preconditions.
+        let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+        if t > 0 { t as u64 } else { 100 }
+    })
+}
+
+/// Converts a `CLOCK_BOOTTIME` start in ns to /proc's clock ticks, as the kernel does.
+pub fn start_ns_to_ticks(start_ns: u64) -> u64 {
+    start_ns / (1_000_000_000 / clock_ticks_per_second())
+}
+
+/// Field 22 of /proc/<pid>/stat: start time since boot, in clock ticks.
+pub fn start_ticks(pid: u32) -> io::Result<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    parse_start_ticks(&stat).ok_or_else(|| io::Error::other(format!("unparsable /proc/{pid}/stat")))
+}
+
+fn parse_start_ticks(stat: &str) -> Option<u64> {
+    // comm may contain spaces and parentheses: the fields resume after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    // After comm: state is field 3, so starttime (22) is the 20th here.
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Whether `pid` is still the process that started at `start_ns` (0 = unknown start,
+/// accepted: the caller learned the pid moments ago).
+pub fn is_same_process(pid: u32, start_ns: u64) -> bool {
+    match start_ticks(pid) {
+        Ok(ticks) => start_ns == 0 || ticks == start_ns_to_ticks(start_ns),
+        Err(_) => false,
+    }
+}
+
+/// The process's cgroup v2 path (the `0::` line), if it has one.
+pub fn cgroup_path(pid: u32) -> Option<String> {
+    let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(str::to_owned)
+}
+
+/// The daemon's own mount namespace.
+pub fn own_mount_namespace() -> Option<u32> {
+    static OWN: OnceLock<Option<u32>> = OnceLock::new();
+    *OWN.get_or_init(|| {
+        let link = fs::read_link("/proc/self/ns/mnt").ok()?;
+        link.to_str()?
+            .strip_prefix("mnt:[")?
+            .strip_suffix(']')?
+            .parse()
+            .ok()
+    })
+}
+
+/// Where a relative path of the process starts: its cwd, or what `dirfd` refers to,
+/// expressed inside its root.
+pub fn base_dir(pid: u32, dirfd: i32) -> io::Result<PathBuf> {
+    let link = if dirfd == libc::AT_FDCWD {
+        fs::read_link(format!("/proc/{pid}/cwd"))?
+    } else {
+        fs::read_link(format!("/proc/{pid}/fd/{dirfd}"))?
+    };
+    // For a chroot in our mount namespace the link is a host path under the chroot;
+    // for another mount namespace the kernel already prints it relative to that root.
+    let root = fs::read_link(format!("/proc/{pid}/root")).unwrap_or_else(|_| "/".into());
+    Ok(strip_root(&link, &root))
+}
+
+fn strip_root(link: &Path, root: &Path) -> PathBuf {
+    if root == Path::new("/") {
+        return link.to_path_buf();
+    }
+    match link.strip_prefix(root) {
+        Ok(inside) => Path::new("/").join(inside),
+        Err(_) => link.to_path_buf(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_time_survives_hostile_comms() {
+        let stat = "4242 (a) b (c)) S 1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 \
+                    987654 1000 100 18446744073709551615";
+        assert_eq!(parse_start_ticks(stat), Some(987654));
+        assert_eq!(parse_start_ticks("garbage"), None);
+    }
+
+    #[test]
+    fn our_own_start_time_matches_itself() {
+        let me = std::process::id();
+        let ticks = start_ticks(me).unwrap();
+        let ns = ticks * (1_000_000_000 / clock_ticks_per_second());
+        assert!(is_same_process(me, ns));
+        assert!(!is_same_process(me, ns + 10_000_000_000));
+    }
+
+    #[test]
+    fn chroot_links_are_expressed_inside_the_root() {
+        assert_eq!(
+            strip_root(Path::new("/srv/jail/etc/ssl"), Path::new("/srv/jail")),
+            Path::new("/etc/ssl")
+        );
+        assert_eq!(
+            strip_root(Path::new("/etc/ssl"), Path::new("/")),
+            Path::new("/etc/ssl")
+        );
+    }
+}

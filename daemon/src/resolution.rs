@@ -1,0 +1,101 @@
+//! Where the path of an access leads: resolved in the opening process's own root, from
+//! its cwd or dirfd for relative paths. Done as soon as the access is announced, while
+//! the process (and its root, cwd and fds) most likely still exists.
+
+use std::{
+    collections::HashMap,
+    io,
+    path::{Path, PathBuf},
+};
+
+use thiserror::Error;
+
+use crate::{events::Access, procfs, rootfs::Root};
+
+#[derive(Debug, Error)]
+pub enum ResolveError {
+    #[error("process exited before its root could be read")]
+    Gone,
+    #[error("relative path and the process exited before its cwd or dirfd {dirfd} could be read")]
+    GoneRelative { dirfd: i32 },
+    #[error("reading the process's cwd or dirfd {dirfd}: {source}")]
+    Base { dirfd: i32, source: io::Error },
+    #[error("{0}")]
+    Lookup(#[from] io::Error),
+}
+
+/// Directories announced as trust paths, by (tgid, start, exec generation, path hash),
+/// so a relative open through a tracked dirfd resolves even after the process exits.
+#[derive(Default)]
+pub struct Resolver {
+    dirs: HashMap<(u32, u64, u32, u64), PathBuf>,
+}
+
+impl Resolver {
+    /// Resolves the access's path; remembers it in case it is a directory others open
+    /// relative to.
+    pub fn resolve(&mut self, access: &Access) -> Result<PathBuf, ResolveError> {
+        let resolved = self.resolve_uncached(access)?;
+        let t = &access.task;
+        self.dirs.insert(
+            (t.tgid, t.start_ns, t.exec_seq, access.key.path_hash),
+            resolved.clone(),
+        );
+        Ok(resolved)
+    }
+
+    /// Forgets the directories of a process that exited.
+    pub fn forget_process(&mut self, tgid: u32, start_ns: u64) {
+        self.dirs.retain(|k, _| !(k.0 == tgid && k.1 == start_ns));
+    }
+
+    fn known_dir(&self, access: &Access) -> Option<&PathBuf> {
+        if access.dir_path_hash == 0 {
+            return None;
+        }
+        let t = &access.task;
+        self.dirs
+            .get(&(t.tgid, t.start_ns, t.exec_seq, access.dir_path_hash))
+    }
+
+    fn resolve_uncached(&self, access: &Access) -> Result<PathBuf, ResolveError> {
+        let pid = access.task.tgid;
+        // Open the root first, then check the process is still the one that opened the
+        // file: the fd pins that process's root even if the pid is reused afterwards.
+        let root = Root::of_pid(pid)
+            .ok()
+            .filter(|_| procfs::is_same_process(pid, access.task.start_ns));
+        let alive = root.is_some();
+        let root = match root {
+            Some(root) => root,
+            None if same_mount_namespace(access) => Root::host()?,
+            None => return Err(ResolveError::Gone),
+        };
+        let absolute = if access.path.is_absolute() {
+            access.path.clone()
+        } else if let Some(dir) = self.known_dir(access) {
+            dir.join(&access.path)
+        } else if alive {
+            let base =
+                procfs::base_dir(pid, access.dirfd).map_err(|source| ResolveError::Base {
+                    dirfd: access.dirfd,
+                    source,
+                })?;
+            base.join(&access.path)
+        } else {
+            return Err(ResolveError::GoneRelative {
+                dirfd: access.dirfd,
+            });
+        };
+        Ok(root.canonicalize(&absolute)?)
+    }
+}
+
+fn same_mount_namespace(access: &Access) -> bool {
+    access.task.mnt_ns != 0 && procfs::own_mount_namespace() == Some(access.task.mnt_ns)
+}
+
+/// For display: a path lossily as text.
+pub fn display(path: &Path) -> String {
+    path.to_string_lossy().into_owned()
+}
