@@ -30,6 +30,12 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Build, lint, and run every test, the eBPF ones included.
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// fmt and clippy for the workspace and the eBPF crate.
     Lint,
 }
@@ -53,6 +59,7 @@ fn dispatch() -> Result<()> {
                 .with_context(|| format!("running {}", bin.display()))?;
             std::process::exit(status.code().unwrap_or(1));
         }
+        Cmd::Test { args } => test(&args),
         Cmd::Lint => lint(),
     }
 }
@@ -80,4 +87,19 @@ fn lint() -> Result<()> {
         .env("TRUSTDRIFT_EBPF_OBJECT", &object)
         .run("cargo clippy")?;
     ebpf::clippy()
+}
+
+fn test(extra: &[String]) -> Result<()> {
+    let bin = build()?;
+    packages::ensure_for_tests()?;
+    lint()?;
+    let mut args = vec!["test", "--release"];
+    if !extra.is_empty() {
+        args.push("--");
+        args.extend(extra.iter().map(String::as_str));
+    }
+    workspace::cargo(&args)
+        .env("TRUSTDRIFT_BIN", &bin)
+        .env("TRUSTDRIFT_EBPF_OBJECT", ebpf::object_path())
+        .run("cargo test")
 }

@@ -1,0 +1,293 @@
+//! Harness for the end-to-end tests: runs the real `trustdrift` binary (as built by
+//! `cargo xtask build`) against real programs, and cleans up every process, file and
+//! mount it creates, even when a test fails.
+//!
+//! With `CI=true`, a test that cannot load the probe fails; elsewhere it says why it is
+//! skipped (typically: not root).
+
+use std::{
+    env,
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Condvar, Mutex},
+    thread,
+    time::{Duration, Instant},
+};
+
+pub use serde_json::Value;
+
+/// The trustdrift binary under test.
+pub fn trustdrift_bin() -> PathBuf {
+    if let Some(bin) = env::var_os("TRUSTDRIFT_BIN") {
+        return PathBuf::from(bin);
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let target = env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    let bin = target.join("release/trustdrift");
+    assert!(
+        bin.exists(),
+        "no trustdrift binary at {}: run `cargo xtask build` (or `cargo xtask test`)",
+        bin.display()
+    );
+    bin
+}
+
+fn in_ci() -> bool {
+    env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// This machine cannot load the probe: in CI that fails the test, elsewhere it is a skip.
+fn probe_unavailable<T>(reason: &str) -> Option<T> {
+    if in_ci() {
+        panic!("CI=true and the probe cannot be loaded: {reason}");
+    }
+    eprintln!("SKIPPED: the probe cannot be loaded here ({reason}); run as root to test it");
+    None
+}
+
+/// A temporary directory removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> Self {
+        let dir = env::temp_dir().join(format!(
+            "trustdrift-e2e-{name}-{}-{:x}",
+            std::process::id(),
+            rand_suffix()
+        ));
+        std::fs::create_dir_all(&dir).expect("creating a temp dir");
+        Self(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    pub fn join(&self, p: impl AsRef<Path>) -> PathBuf {
+        self.0.join(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn rand_suffix() -> u64 {
+    let mut b = [0u8; 8];
+    // SAFETY: getrandom writes at most b.len() bytes into b.
+    unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    u64::from_ne_bytes(b)
+}
+
+/// A child process killed and reaped on drop.
+pub struct Guarded(pub Child);
+
+impl Guarded {
+    pub fn spawn(cmd: &mut Command) -> Self {
+        Self(
+            cmd.spawn()
+                .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}")),
+        )
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// Waits for the process to exit on its own; panics after `timeout`.
+    pub fn wait(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.0.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "process {} did not exit",
+                self.pid()
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+        }
+        let _ = self.0.wait();
+    }
+}
+
+#[derive(Default)]
+struct Lines {
+    records: Vec<Value>,
+    stderr: String,
+    attached: bool,
+    closed: bool,
+}
+
+/// A running `trustdrift trace --json`, its records collected as they arrive.
+pub struct Trace {
+    child: Guarded,
+    lines: Arc<(Mutex<Lines>, Condvar)>,
+}
+
+impl Trace {
+    /// Starts `trustdrift trace --json` with `args` and waits until the probe is attached;
+    /// `None` (a skip) when the probe cannot be loaded outside CI.
+    pub fn start(args: &[&str]) -> Option<Self> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return probe_unavailable("not running as root");
+        }
+        let mut cmd = Command::new(trustdrift_bin());
+        cmd.args(["--log", "info", "trace", "--json", "--interval-ms", "100"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = Guarded::spawn(&mut cmd);
+        let lines = Arc::new((Mutex::new(Lines::default()), Condvar::new()));
+        let stdout = child.0.stdout.take().expect("piped stdout");
+        let stderr = child.0.stderr.take().expect("piped stderr");
+        let out_lines = Arc::clone(&lines);
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let (lock, cv) = &*out_lines;
+                if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                    lock.lock().unwrap().records.push(v);
+                    cv.notify_all();
+                }
+            }
+            let (lock, cv) = &*out_lines;
+            lock.lock().unwrap().closed = true;
+            cv.notify_all();
+        });
+        let err_lines = Arc::clone(&lines);
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let (lock, cv) = &*err_lines;
+                let mut l = lock.lock().unwrap();
+                if line.contains("probe attached") {
+                    l.attached = true;
+                }
+                l.stderr.push_str(&line);
+                l.stderr.push('\n');
+                cv.notify_all();
+            }
+        });
+        let trace = Self { child, lines };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let (lock, cv) = &*trace.lines;
+        let mut l = lock.lock().unwrap();
+        while !l.attached {
+            if l.closed || Instant::now() > deadline {
+                let err = l.stderr.clone();
+                drop(l);
+                return probe_unavailable(&format!("trustdrift trace failed to start: {err}"));
+            }
+            l = cv.wait_timeout(l, Duration::from_millis(100)).unwrap().0;
+        }
+        drop(l);
+        Some(trace)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.pid()
+    }
+
+    /// Every record so far.
+    pub fn records(&self) -> Vec<Value> {
+        self.lines.0.lock().unwrap().records.clone()
+    }
+
+    /// Waits for a record matching `pred`; panics with everything seen after `timeout`.
+    pub fn wait_for(&self, what: &str, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + timeout;
+        let (lock, cv) = &*self.lines;
+        let mut l = lock.lock().unwrap();
+        loop {
+            if let Some(v) = l.records.iter().find(|v| pred(v)) {
+                return v.clone();
+            }
+            let now = Instant::now();
+            if now >= deadline || l.closed {
+                panic!(
+                    "no record {what} within {timeout:?}; records:\n{}\nstderr:\n{}",
+                    l.records
+                        .iter()
+                        .map(Value::to_string)
+                        .collect::<Vec<_>>()
+                        .join("\n"),
+                    l.stderr
+                );
+            }
+            l = cv.wait_timeout(l, deadline - now).unwrap().0;
+        }
+    }
+
+    /// Stops the trace with SIGINT (as Ctrl-C does); returns its exit status and the final
+    /// summary record.
+    pub fn stop(mut self) -> (std::process::ExitStatus, Value) {
+        // SAFETY: signalling a child we own.
+        unsafe { libc::kill(self.child.pid() as i32, libc::SIGINT) };
+        let status = self.child.wait(Duration::from_secs(20));
+        let summary = self.wait_for("summary", Duration::from_secs(5), |v| {
+            v["event"] == "summary"
+        });
+        (status, summary)
+    }
+}
+
+/// Records of `pid` for `path` (as written).
+pub fn records_for<'a>(records: &'a [Value], pid: u32, path: &str) -> Vec<&'a Value> {
+    records
+        .iter()
+        .filter(|v| v["pid"] == pid && v["path"] == path)
+        .collect()
+}
+
+/// The default wait for a record to show up.
+pub const SOON: Duration = Duration::from_secs(15);
+
+/// A python3 interpreter, resolved once (a pyenv shim would exec through bash first).
+pub fn python3() -> PathBuf {
+    let out = Command::new("python3")
+        .args(["-c", "import sys; print(sys.executable)"])
+        .output()
+        .expect("python3 is needed by the tests (cargo xtask setup installs it)");
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+/// A self-signed certificate and key made by the real openssl: (cert.pem, key.pem).
+pub fn make_certificate(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let cert = dir.join(format!("{name}.pem"));
+    let key = dir.join(format!("{name}.key"));
+    let status = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
+        .args(["-nodes", "-days", "1", "-subj"])
+        .arg(format!("/CN={name}"))
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl is needed by the tests (cargo xtask setup installs it)");
+    assert!(status.success(), "openssl req failed");
+    (cert, key)
+}

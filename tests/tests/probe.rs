@@ -1,0 +1,416 @@
+//! The kernel probe, end to end: real programs open and read trust files, and
+//! `trustdrift trace` reports who did, what path they wrote, where it resolves in their
+//! root, and how many bytes they read.
+
+use std::{
+    fs,
+    os::unix::fs::symlink,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use trustdrift_e2e::{
+    Guarded, SOON, TempDir, Trace, Value, make_certificate, python3, records_for,
+};
+
+/// Runs a python script that holds on (keeping its root, cwd and fds inspectable, like a
+/// long-running service) until the returned guard's stdin is closed.
+fn python_held(script: &str) -> Guarded {
+    let mut cmd = Command::new(python3());
+    cmd.arg("-I")
+        .arg("-c")
+        .arg(format!("{script}\nimport sys\nsys.stdin.read()\n"))
+        .env_remove("SSL_CERT_FILE")
+        .env_remove("SSL_CERT_DIR")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null());
+    Guarded::spawn(&mut cmd)
+}
+
+fn release(mut held: Guarded) {
+    drop(held.0.stdin.take());
+    assert!(held.wait(Duration::from_secs(10)).success());
+}
+
+fn file_len(path: &std::path::Path) -> u64 {
+    fs::metadata(path).unwrap().len()
+}
+
+fn is_event(v: &Value, pid: u32, path: &str, event: &str) -> bool {
+    v["pid"] == pid && v["path"] == path && v["event"] == event
+}
+
+#[test]
+fn python_default_context_reads_the_system_bundle_through_its_alias() {
+    // Where this machine's OpenSSL looks by default (Debian: /usr/lib/ssl/cert.pem, a
+    // symlink to /etc/ssl/certs/ca-certificates.crt).
+    let out = Command::new(python3())
+        .args(["-I", "-c"])
+        .arg("import ssl; print(ssl.get_default_verify_paths().openssl_cafile)")
+        .output()
+        .unwrap();
+    let cafile = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let bundle = fs::canonicalize(&cafile).expect("the default CA file exists");
+
+    let Some(trace) = Trace::start(&[]) else {
+        return;
+    };
+    let agent = python_held("import ssl\nctx = ssl.create_default_context()");
+    let pid = agent.pid();
+    let opened = trace.wait_for("of the default bundle", SOON, |v| {
+        is_event(v, pid, &cafile, "open")
+    });
+    assert_eq!(opened["resolved"], bundle.to_str().unwrap(), "{opened}");
+    assert_eq!(opened["comm"], "python3");
+    release(agent);
+    let done = trace.wait_for("exit", SOON, |v| is_event(v, pid, &cafile, "exit"));
+    assert_eq!(done["bytes_read"], file_len(&bundle), "{done}");
+    assert_eq!(done["opens"], 1);
+}
+
+#[test]
+fn openssl_x509_reads_the_certificate_it_is_given() {
+    let dir = TempDir::new("x509");
+    let (cert, _key) = make_certificate(dir.path(), "leaf");
+    let Some(trace) = Trace::start(&[]) else {
+        return;
+    };
+    let mut openssl = Guarded::spawn(
+        Command::new("openssl")
+            .args(["x509", "-noout", "-in"])
+            .arg(&cert)
+            .stdout(Stdio::null()),
+    );
+    let pid = openssl.pid();
+    assert!(openssl.wait(Duration::from_secs(10)).success());
+    let path = cert.to_str().unwrap();
+    let done = trace.wait_for("exit", SOON, |v| is_event(v, pid, path, "exit"));
+    assert_eq!(done["comm"], "openssl");
+    assert_eq!(done["resolved"], path);
+    assert_eq!(done["bytes_read"], file_len(&cert));
+    assert!(
+        done["matched_by"]
+            .as_array()
+            .unwrap()
+            .contains(&"suffix".into())
+    );
+}
+
+#[test]
+fn a_child_reading_under_a_custom_prefix_is_seen() {
+    let dir = TempDir::new("prefix");
+    let custom = dir.join("identity");
+    fs::create_dir_all(&custom).unwrap();
+    // No certificate suffix: only the configured prefix makes it trust material.
+    let bundle = custom.join("service.bundle");
+    fs::write(&bundle, vec![b'c'; 3000]).unwrap();
+    let prefix = format!("{}/", custom.display());
+    let Some(trace) = Trace::start(&["--prefix", &prefix]) else {
+        return;
+    };
+    let mut cat = Guarded::spawn(Command::new("cat").arg(&bundle).stdout(Stdio::null()));
+    let pid = cat.pid();
+    assert!(cat.wait(Duration::from_secs(10)).success());
+    let path = bundle.to_str().unwrap();
+    let done = trace.wait_for("exit", SOON, |v| is_event(v, pid, path, "exit"));
+    assert_eq!(done["bytes_read"], 3000);
+    assert_eq!(done["matched_by"], serde_json::json!(["prefix"]));
+}
+
+#[test]
+fn a_relative_open_through_a_dirfd_resolves_against_that_directory() {
+    let dir = TempDir::new("dirfd");
+    let (cert, _) = make_certificate(dir.path(), "leaf");
+    let Some(trace) = Trace::start(&[]) else {
+        return;
+    };
+    let script = format!(
+        "import os\n\
+         d = os.open({dir:?}, os.O_RDONLY | os.O_DIRECTORY)\n\
+         f = os.open('leaf.pem', os.O_RDONLY, dir_fd=d)\n\
+         while os.read(f, 1000):\n    pass\n\
+         os.close(f)",
+        dir = dir.path().to_str().unwrap()
+    );
+    let held = python_held(&script);
+    let pid = held.pid();
+    let opened = trace.wait_for("relative open", SOON, |v| {
+        is_event(v, pid, "leaf.pem", "open")
+    });
+    assert_eq!(opened["resolved"], cert.to_str().unwrap(), "{opened}");
+    assert_ne!(opened["dirfd"], -100, "opened through a dirfd, not the cwd");
+    release(held);
+    let done = trace.wait_for("exit", SOON, |v| is_event(v, pid, "leaf.pem", "exit"));
+    assert_eq!(done["bytes_read"], file_len(&cert));
+}
+
+#[test]
+fn a_hashed_name_opened_inside_a_trust_directory_is_seen_after_its_reader_exits() {
+    // OpenSSL's CApath and Go's SSL_CERT_DIR: the directory is a trust path, the names in
+    // it (<hash>.0) are not. The reader exits at once: the name still resolves, because
+    // the probe links it to the directory fd it was opened through.
+    let dir = TempDir::new("capath");
+    let capath = dir.join("capath");
+    fs::create_dir_all(&capath).unwrap();
+    let (cert, _) = make_certificate(&capath, "root");
+    let hashed = capath.join("5a8b9c0d.0");
+    fs::copy(&cert, &hashed).unwrap();
+    let prefix = format!("{}", capath.display());
+    let Some(trace) = Trace::start(&["--prefix", &prefix]) else {
+        return;
+    };
+    let script = format!(
+        "import os\n\
+         d = os.open({capath:?}, os.O_RDONLY | os.O_DIRECTORY)\n\
+         os.listdir(d)\n\
+         f = os.open('5a8b9c0d.0', os.O_RDONLY, dir_fd=d)\n\
+         while os.read(f, 1000):\n    pass",
+        capath = capath.to_str().unwrap()
+    );
+    let mut reader = Guarded::spawn(
+        Command::new(python3())
+            .args(["-I", "-c", &script])
+            .stdout(Stdio::null()),
+    );
+    let pid = reader.pid();
+    assert!(reader.wait(Duration::from_secs(10)).success());
+    let done = trace.wait_for("exit", SOON, |v| is_event(v, pid, "5a8b9c0d.0", "exit"));
+    assert_eq!(done["resolved"], hashed.to_str().unwrap(), "{done}");
+    assert!(
+        done["matched_by"]
+            .as_array()
+            .unwrap()
+            .contains(&"tracked-dirfd".into())
+    );
+    assert_eq!(done["bytes_read"], file_len(&hashed));
+    let listed = trace.wait_for("directory", SOON, |v| {
+        is_event(v, pid, capath.to_str().unwrap(), "exit")
+    });
+    assert!(
+        listed["bytes_read"].as_u64().unwrap() > 0,
+        "getdents counted: {listed}"
+    );
+}
+
+#[test]
+fn a_read_through_a_symlinked_alias_resolves_to_the_file_behind_it() {
+    let dir = TempDir::new("alias");
+    let real = dir.join("store");
+    fs::create_dir_all(&real).unwrap();
+    let (cert, _) = make_certificate(&real, "bundle");
+    let alias = dir.join("cert.pem");
+    symlink(&cert, &alias).unwrap();
+    let Some(trace) = Trace::start(&[]) else {
+        return;
+    };
+    let mut cat = Guarded::spawn(Command::new("cat").arg(&alias).stdout(Stdio::null()));
+    let pid = cat.pid();
+    assert!(cat.wait(Duration::from_secs(10)).success());
+    let path = alias.to_str().unwrap();
+    let done = trace.wait_for("exit", SOON, |v| is_event(v, pid, path, "exit"));
+    assert_eq!(done["resolved"], cert.to_str().unwrap());
+    assert_eq!(done["bytes_read"], file_len(&cert));
+}
+
+#[test]
+fn reads_by_one_thread_count_for_the_fd_another_thread_opened() {
+    let dir = TempDir::new("threads");
+    let (cert, _) = make_certificate(dir.path(), "shared");
+    let Some(trace) = Trace::start(&[]) else {
+        return;
+    };
+    let script = format!(
+        "import os, threading\n\
+         f = os.open({cert:?}, os.O_RDONLY)\n\
+         def reader():\n    while os.read(f, 100):\n        pass\n\
+         t = threading.Thread(target=reader)\n\
+         t.start(); t.join()",
+        cert = cert.to_str().unwrap()
+    );
+    let held = python_held(&script);
+    let pid = held.pid();
+    release(held);
+    let path = cert.to_str().unwrap();
+    let done = trace.wait_for("exit", SOON, |v| is_event(v, pid, path, "exit"));
+    assert_eq!(done["bytes_read"], file_len(&cert), "{done}");
+    assert!(done["reads"].as_u64().unwrap() > 1);
+}
+
+#[test]
+fn a_process_that_reads_the_bundle_ten_thousand_times_is_one_event() {
+    let dir = TempDir::new("reread");
+    let (cert, _) = make_certificate(dir.path(), "bundle");
+    let Some(trace) = Trace::start(&[]) else {
+        return;
+    };
+    let script = format!(
+        "for _ in range(10000):\n    with open({cert:?}, 'rb') as f:\n        f.read()",
+        cert = cert.to_str().unwrap()
+    );
+    let mut reader = Guarded::spawn(
+        Command::new(python3())
+            .args(["-I", "-c", &script])
+            .stdout(Stdio::null()),
+    );
+    let pid = reader.pid();
+    assert!(reader.wait(Duration::from_secs(60)).success());
+    let path = cert.to_str().unwrap();
+    let done = trace.wait_for("exit", SOON, |v| is_event(v, pid, path, "exit"));
+    assert_eq!(done["opens"], 10000, "{done}");
+    assert_eq!(done["bytes_read"], 10000 * file_len(&cert));
+    let records = trace.records();
+    let opens = records_for(&records, pid, path)
+        .into_iter()
+        .filter(|v| v["event"] == "open")
+        .count();
+    assert_eq!(
+        opens, 1,
+        "aggregated in the kernel: one first-access record"
+    );
+    let (status, summary) = trace.stop();
+    assert!(status.success());
+    // A handful of events for the whole run (other processes included), not 10,000.
+    assert!(summary["events"].as_u64().unwrap() < 200, "{summary}");
+    assert!(
+        summary["losses"]
+            .as_object()
+            .unwrap()
+            .values()
+            .all(|n| n == 0),
+        "{summary}"
+    );
+}
+
+#[test]
+fn opens_and_reads_of_unrelated_files_produce_nothing() {
+    let dir = TempDir::new("unrelated");
+    let notes = dir.join("notes.txt");
+    fs::write(&notes, "nothing to see").unwrap();
+    let lib = dir.join("libfoo.so");
+    fs::write(&lib, "not a certificate").unwrap();
+    let (marker, _) = make_certificate(dir.path(), "marker");
+    let Some(trace) = Trace::start(&[]) else {
+        return;
+    };
+    // The marker is read last: once its record is here, anything the unrelated reads
+    // could have produced would already be too (one ring buffer, in order).
+    let script = format!(
+        "for p in [{notes:?}, {lib:?}, '/etc/hostname', '/proc/self/status']:\n    \
+         open(p, 'rb').read()\n\
+         open({marker:?}, 'rb').read()",
+        notes = notes.to_str().unwrap(),
+        lib = lib.to_str().unwrap(),
+        marker = marker.to_str().unwrap(),
+    );
+    let mut p = Guarded::spawn(
+        Command::new(python3())
+            .args(["-I", "-c", &script])
+            .stdout(Stdio::null()),
+    );
+    let pid = p.pid();
+    assert!(p.wait(Duration::from_secs(10)).success());
+    let marker_path = marker.to_str().unwrap();
+    trace.wait_for("marker", SOON, |v| is_event(v, pid, marker_path, "exit"));
+    let records = trace.records();
+    let seen: Vec<&str> = records
+        .iter()
+        .filter(|v| v["pid"] == pid)
+        .filter_map(|v| v["path"].as_str())
+        .collect();
+    for unrelated in [
+        notes.to_str().unwrap(),
+        lib.to_str().unwrap(),
+        "/etc/hostname",
+    ] {
+        assert!(
+            !seen.contains(&unrelated),
+            "{unrelated} is not trust material, yet it was reported: {seen:?}"
+        );
+    }
+    assert!(!seen.iter().any(|p| p.starts_with("/proc")), "{seen:?}");
+}
+
+#[test]
+fn lean_mode_sees_opens_without_following_reads() {
+    let dir = TempDir::new("lean");
+    let (cert, _) = make_certificate(dir.path(), "leaf");
+    let Some(trace) = Trace::start(&["--mode", "lean"]) else {
+        return;
+    };
+    let mut cat = Guarded::spawn(Command::new("cat").arg(&cert).stdout(Stdio::null()));
+    let pid = cat.pid();
+    assert!(cat.wait(Duration::from_secs(10)).success());
+    let path = cert.to_str().unwrap();
+    let done = trace.wait_for("exit", SOON, |v| is_event(v, pid, path, "exit"));
+    assert_eq!(done["fd"], -1, "lean mode never sees the fd");
+    assert_eq!(done["bytes_read"], 0);
+    assert!(
+        done["matched_by"]
+            .as_array()
+            .unwrap()
+            .contains(&"lean".into())
+    );
+}
+
+#[test]
+fn an_exec_closes_the_old_image_view() {
+    let dir = TempDir::new("exec");
+    let (cert, _) = make_certificate(dir.path(), "leaf");
+    let Some(trace) = Trace::start(&[]) else {
+        return;
+    };
+    let script = format!(
+        "import os\nopen({cert:?}, 'rb').read()\nos.execv('/bin/true', ['true'])",
+        cert = cert.to_str().unwrap()
+    );
+    let mut p = Guarded::spawn(
+        Command::new(python3())
+            .args(["-I", "-c", &script])
+            .stdout(Stdio::null()),
+    );
+    let pid = p.pid();
+    assert!(p.wait(Duration::from_secs(10)).success());
+    let path = cert.to_str().unwrap();
+    let exec = trace.wait_for("exec", SOON, |v| is_event(v, pid, path, "exec"));
+    assert_eq!(exec["bytes_read"], file_len(&cert));
+}
+
+#[test]
+fn ctrl_c_detaches_and_exits_zero() {
+    let Some(trace) = Trace::start(&[]) else {
+        return;
+    };
+    let (status, summary) = trace.stop();
+    assert!(status.success(), "{status:?}");
+    assert!(summary["losses"].is_object());
+}
+
+#[test]
+fn without_privileges_trace_says_what_it_needs() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        // Already unprivileged: run it directly.
+        let out = Command::new(trustdrift_e2e::trustdrift_bin())
+            .arg("trace")
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("CAP_BPF"));
+        return;
+    }
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .arg(trustdrift_e2e::trustdrift_bin())
+        .arg("trace")
+        .output()
+        .expect("setpriv (util-linux)");
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("run it as root"), "{stderr}");
+    assert!(stderr.contains("CAP_BPF"), "{stderr}");
+}
