@@ -1,6 +1,7 @@
 //! `cargo xtask`: the one place that knows how to make a machine ready, build the eBPF
 //! object, and run, test and benchmark trustdrift.
 
+mod bench;
 mod ebpf;
 mod packages;
 mod toolchain;
@@ -38,6 +39,13 @@ enum Cmd {
     },
     /// fmt and clippy for the workspace and the eBPF crate.
     Lint,
+    /// Benchmarks; results go to docs/benchmarks.md.
+    Bench {
+        #[command(subcommand)]
+        which: bench::Which,
+    },
+    #[command(hide = true)]
+    Workload(bench::WorkloadArgs),
 }
 
 fn main() {
@@ -61,6 +69,11 @@ fn dispatch() -> Result<()> {
         }
         Cmd::Test { args } => test(&args),
         Cmd::Lint => lint(),
+        Cmd::Bench { which } => {
+            let bin = build()?;
+            bench::run(which, &bin)
+        }
+        Cmd::Workload(args) => bench::workload(&args),
     }
 }
 
