@@ -1,18 +1,27 @@
 //! trustdrift: catch TLS trust drift. A kernel probe records which process read which
 //! trust file and when; the daemon compares that with what is on disk now.
 
+mod api;
 mod attribution;
+mod catalog;
 mod clock;
+mod engine;
 mod events;
 mod kernel_layout;
+mod ledger;
 mod privileges;
 mod probe;
 mod procfs;
+mod report;
 mod resolution;
 mod rootfs;
+mod seed;
+mod store_format;
 mod trace;
 mod tracefs;
 mod trust_paths;
+mod verdict;
+mod watch;
 
 use std::time::Duration;
 
@@ -48,6 +57,9 @@ enum LogFormat {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the daemon: follow trust reads, judge each process against the disk, serve the
+    /// verdicts over HTTP.
+    Run(RunArgs),
     /// Print live trust-file accesses: who opened and read which trust file, and when.
     Trace(TraceArgs),
     /// Attach the probe (or the empty floor programs) and wait for SIGINT/SIGTERM.
@@ -106,6 +118,27 @@ struct TraceArgs {
 }
 
 #[derive(Args)]
+struct RunArgs {
+    /// Address of the HTTP API.
+    #[arg(long, default_value = "127.0.0.1:9477")]
+    listen: std::net::SocketAddr,
+    /// Largest trust file read and parsed, in bytes.
+    #[arg(long, default_value_t = 16 << 20)]
+    max_file_bytes: u64,
+    /// How long an exited process stays listed, in seconds.
+    #[arg(long, default_value_t = 300)]
+    exit_grace_secs: u64,
+    /// How often every trust file is re-checked behind inotify, in seconds.
+    #[arg(long, default_value_t = 30)]
+    rescan_secs: u64,
+    /// How often stale processes' kernel aggregates are polled for re-reads, in ms.
+    #[arg(long, default_value_t = 250)]
+    poll_ms: u64,
+    #[command(flatten)]
+    filter: FilterArgs,
+}
+
+#[derive(Args)]
 struct AttachArgs {
     /// Attach empty programs on the same hooks instead of the probe.
     #[arg(long)]
@@ -156,6 +189,34 @@ async fn attach(args: AttachArgs) -> Result<()> {
     Ok(())
 }
 
+async fn run(args: RunArgs) -> Result<()> {
+    // Bind before attaching: a port in use is reported at once, not after the probe.
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("listening on {}: {e}", args.listen))?;
+    let paths = args.filter.paths();
+    let options = engine::EngineOptions {
+        probe: ProbeOptions {
+            mode: args.filter.mode,
+            programs: Programs::Probe,
+            paths: paths.clone(),
+            capacities: Capacities::default(),
+        },
+        catalog: catalog::Limits {
+            max_file_bytes: args.max_file_bytes,
+            ..catalog::Limits::default()
+        },
+        ledger: ledger::LedgerLimits {
+            exit_grace: Duration::from_secs(args.exit_grace_secs),
+            ..ledger::LedgerLimits::default()
+        },
+        max_watches: 8192,
+        rescan: Duration::from_secs(args.rescan_secs.max(1)),
+        poll: Duration::from_millis(args.poll_ms.max(10)),
+    };
+    engine::run(options, paths, move |rx| api::serve(listener, rx)).await
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> std::process::ExitCode {
     let mut cli = Cli::parse();
@@ -186,6 +247,7 @@ async fn main() -> std::process::ExitCode {
             .await
         }
         Command::Attach(args) => attach(args).await,
+        Command::Run(args) => run(args).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

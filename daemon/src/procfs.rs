@@ -52,17 +52,44 @@ pub fn cgroup_path(pid: u32) -> Option<String> {
         .map(str::to_owned)
 }
 
+/// Inode number of the mount namespace of `pid` (`/proc/<pid>/ns/mnt` -> `mnt:[N]`).
+pub fn mount_namespace_of(pid: u32) -> Option<u32> {
+    let link = fs::read_link(format!("/proc/{pid}/ns/mnt")).ok()?;
+    link.to_str()?
+        .strip_prefix("mnt:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
+}
+
 /// The daemon's own mount namespace.
 pub fn own_mount_namespace() -> Option<u32> {
     static OWN: OnceLock<Option<u32>> = OnceLock::new();
-    *OWN.get_or_init(|| {
-        let link = fs::read_link("/proc/self/ns/mnt").ok()?;
-        link.to_str()?
-            .strip_prefix("mnt:[")?
-            .strip_suffix(']')?
-            .parse()
-            .ok()
-    })
+    *OWN.get_or_init(|| mount_namespace_of(std::process::id()))
+}
+
+/// The command line, arguments joined by spaces, cut at 256 bytes (it can hold secrets
+/// and be huge; enough to tell processes apart).
+pub fn cmdline(pid: u32) -> Option<String> {
+    let raw = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    if raw.is_empty() {
+        return None;
+    }
+    let text = String::from_utf8_lossy(&raw)
+        .trim_end_matches('\0')
+        .replace('\0', " ");
+    Some(truncate(&text, 256))
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
 }
 
 /// Where a relative path of the process starts: its cwd, or what `dirfd` refers to,
@@ -108,6 +135,13 @@ mod tests {
         let ns = ticks * (1_000_000_000 / clock_ticks_per_second());
         assert!(is_same_process(me, ns));
         assert!(!is_same_process(me, ns + 10_000_000_000));
+    }
+
+    #[test]
+    fn long_command_lines_are_cut_at_a_char_boundary() {
+        assert_eq!(truncate("short", 10), "short");
+        assert_eq!(truncate("ééééé", 3), "é…");
+        assert!(cmdline(std::process::id()).is_some());
     }
 
     #[test]

@@ -24,6 +24,14 @@ pub enum ResolveError {
     Lookup(#[from] io::Error),
 }
 
+/// An access's path in its process's root: made absolute (from the cwd or dirfd), and
+/// with every symlink followed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResolvedAccess {
+    pub absolute: PathBuf,
+    pub canonical: PathBuf,
+}
+
 /// Directories announced as trust paths, by (tgid, start, exec generation, path hash),
 /// so a relative open through a tracked dirfd resolves even after the process exits.
 #[derive(Default)]
@@ -34,12 +42,12 @@ pub struct Resolver {
 impl Resolver {
     /// Resolves the access's path; remembers it in case it is a directory others open
     /// relative to.
-    pub fn resolve(&mut self, access: &Access) -> Result<PathBuf, ResolveError> {
+    pub fn resolve(&mut self, access: &Access) -> Result<ResolvedAccess, ResolveError> {
         let resolved = self.resolve_uncached(access)?;
         let t = &access.task;
         self.dirs.insert(
             (t.tgid, t.start_ns, t.exec_seq, access.key.path_hash),
-            resolved.clone(),
+            resolved.canonical.clone(),
         );
         Ok(resolved)
     }
@@ -58,7 +66,7 @@ impl Resolver {
             .get(&(t.tgid, t.start_ns, t.exec_seq, access.dir_path_hash))
     }
 
-    fn resolve_uncached(&self, access: &Access) -> Result<PathBuf, ResolveError> {
+    fn resolve_uncached(&self, access: &Access) -> Result<ResolvedAccess, ResolveError> {
         let pid = access.task.tgid;
         // Open the root first, then check the process is still the one that opened the
         // file: the fd pins that process's root even if the pid is reused afterwards.
@@ -87,7 +95,11 @@ impl Resolver {
                 dirfd: access.dirfd,
             });
         };
-        Ok(root.canonicalize(&absolute)?)
+        let canonical = root.canonicalize(&absolute)?;
+        Ok(ResolvedAccess {
+            absolute,
+            canonical,
+        })
     }
 }
 

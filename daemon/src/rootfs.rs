@@ -13,13 +13,21 @@ use std::{
     path::{Component, Path, PathBuf},
 };
 
-use rustix::fs::{Mode, OFlags, ResolveFlags, openat2, readlinkat};
+use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags, openat2, readlinkat, statat};
 
 /// Symlinks followed before giving up, as the kernel does (`MAXSYMLINKS`).
 const MAX_LINKS: usize = 40;
 
 fn resolve_flags() -> ResolveFlags {
     ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS
+}
+
+/// A path resolved inside a root.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Resolved {
+    pub path: PathBuf,
+    /// ctime (ns since the epoch) of the newest symlink followed, if any.
+    pub newest_link_ctime_ns: Option<i128>,
 }
 
 /// An `O_PATH` handle on the root directory of some process.
@@ -47,8 +55,9 @@ impl Root {
         Ok(Self { fd })
     }
 
-    /// Opens a directory of the root by absolute path (inside the root).
-    fn open_dir(&self, path: &Path) -> io::Result<OwnedFd> {
+    /// Opens a directory of the root by absolute path (inside the root), as an `O_PATH`
+    /// handle.
+    pub fn open_dir(&self, path: &Path) -> io::Result<OwnedFd> {
         Ok(openat2(
             &self.fd,
             path,
@@ -61,6 +70,14 @@ impl Root {
     /// The canonical form of the absolute `path` inside this root: symlinks followed,
     /// `.` and `..` folded, `..` at the root staying at the root.
     pub fn canonicalize(&self, path: &Path) -> io::Result<PathBuf> {
+        self.resolve(path).map(|r| r.path)
+    }
+
+    /// Like [`Root::canonicalize`], and also when the newest symlink on the way last
+    /// changed: swapping a link (Kubernetes `..data`, `update-alternatives`) changes what
+    /// a path names without touching the file it now names.
+    pub fn resolve(&self, path: &Path) -> io::Result<Resolved> {
+        let mut newest_link_ctime_ns: Option<i128> = None;
         let mut resolved: Vec<OsString> = Vec::new();
         let mut pending: VecDeque<OsString> = components(path).collect();
         let mut links = 0;
@@ -73,6 +90,11 @@ impl Root {
             let dir = self.open_dir(&parent)?;
             match readlinkat(&dir, part.as_os_str(), Vec::new()) {
                 Ok(target) => {
+                    if let Ok(st) = statat(&dir, part.as_os_str(), AtFlags::SYMLINK_NOFOLLOW) {
+                        let ctime =
+                            i128::from(st.st_ctime) * 1_000_000_000 + i128::from(st.st_ctime_nsec);
+                        newest_link_ctime_ns = newest_link_ctime_ns.max(Some(ctime));
+                    }
                     links += 1;
                     if links > MAX_LINKS {
                         return Err(io::Error::from_raw_os_error(libc::ELOOP));
@@ -90,7 +112,29 @@ impl Root {
                 Err(e) => return Err(e.into()),
             }
         }
-        Ok(join(&resolved))
+        Ok(Resolved {
+            path: join(&resolved),
+            newest_link_ctime_ns,
+        })
+    }
+
+    /// Opens a file of this root for reading, resolved inside the root. Never blocks on
+    /// a FIFO or device (`O_NONBLOCK`), never becomes a controlling tty.
+    pub fn open_for_reading(&self, path: &Path) -> io::Result<OwnedFd> {
+        Ok(openat2(
+            &self.fd,
+            path,
+            OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC,
+            Mode::empty(),
+            resolve_flags(),
+        )?)
+    }
+
+    /// Identity of this root directory (device, inode): two processes with the same
+    /// mount namespace and root identity see the same files.
+    pub fn identity(&self) -> io::Result<(u64, u64)> {
+        let st = rustix::fs::fstat(&self.fd)?;
+        Ok((st.st_dev, st.st_ino))
     }
 }
 
@@ -179,6 +223,29 @@ mod tests {
                 .unwrap(),
             Path::new("/etc/ssl/certs/bundle.crt")
         );
+    }
+
+    #[test]
+    fn reading_goes_through_the_root_and_reports_link_changes() {
+        use std::io::Read;
+        let t = Tree::new("read");
+        let root = t.root();
+        let direct = root
+            .resolve(Path::new("/etc/ssl/certs/bundle.crt"))
+            .unwrap();
+        assert_eq!(direct.newest_link_ctime_ns, None);
+        symlink("/etc/ssl/certs/bundle.crt", t.0.join("etc/alias.pem")).unwrap();
+        let via_link = root.resolve(Path::new("/etc/alias.pem")).unwrap();
+        assert!(via_link.newest_link_ctime_ns.is_some());
+        let mut content = String::new();
+        let fd = root
+            .open_for_reading(Path::new("/../etc/alias.pem"))
+            .unwrap();
+        fs::File::from(fd).read_to_string(&mut content).unwrap();
+        assert_eq!(content, "inside");
+        // A link that escapes lands inside the root, where nothing is: no host file read.
+        symlink("/etc/passwd", t.0.join("etc/escape.pem")).unwrap();
+        assert!(root.open_for_reading(Path::new("/etc/escape.pem")).is_err());
     }
 
     #[test]

@@ -169,7 +169,7 @@ impl Tracer {
         let resolved = self
             .resolver
             .resolve(&access)
-            .map(|p| resolution::display(&p))
+            .map(|r| resolution::display(&r.canonical))
             .map_err(|e| e.to_string());
         let alive = procfs::is_same_process(access.task.tgid, access.task.start_ns);
         let attribution = alive

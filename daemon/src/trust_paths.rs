@@ -183,11 +183,10 @@ impl TrustPaths {
         table
     }
 
-    /// The kernel filter's semantics, stated in userspace for the tests: an exclusion at
-    /// least as long as the matching prefix vetoes; suffixes compare ASCII
-    /// case-insensitively.
-    #[cfg(test)]
-    fn matches(&self, path: &str) -> bool {
+    /// The kernel filter's semantics in userspace, for what the daemon finds without the
+    /// probe (files held open before it started): an exclusion at least as long as the
+    /// matching prefix vetoes; suffixes compare ASCII case-insensitively.
+    pub fn matches(&self, path: &str) -> bool {
         let longest = |list: &[String]| {
             list.iter()
                 .filter(|p| path.starts_with(p.as_str()))

@@ -291,3 +291,229 @@ pub fn make_certificate(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
     assert!(status.success(), "openssl req failed");
     (cert, key)
 }
+
+/// A running `trustdrift run` on a free loopback port, stopped on drop.
+pub struct Daemon {
+    child: Guarded,
+    pub port: u16,
+    stderr: Arc<Mutex<String>>,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+impl Daemon {
+    /// Starts the daemon with `args` and waits until it serves verdicts; `None` (a skip)
+    /// when the probe cannot be loaded outside CI.
+    pub fn start(args: &[&str]) -> Option<Self> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return probe_unavailable("not running as root");
+        }
+        let port = free_port();
+        let mut cmd = Command::new(trustdrift_bin());
+        cmd.args(["--log", "info", "run", "--listen"])
+            .arg(format!("127.0.0.1:{port}"))
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = Guarded::spawn(&mut cmd);
+        let stderr_pipe = child.0.stderr.take().expect("piped stderr");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let sink = Arc::clone(&stderr);
+        thread::spawn(move || {
+            for line in BufReader::new(stderr_pipe).lines().map_while(Result::ok) {
+                let mut s = sink.lock().unwrap();
+                s.push_str(&line);
+                s.push('\n');
+            }
+        });
+        let mut daemon = Self {
+            child,
+            port,
+            stderr,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if daemon.stderr.lock().unwrap().contains("serving verdicts") {
+                break;
+            }
+            let exited = matches!(daemon.child.0.try_wait(), Ok(Some(_)));
+            if exited || Instant::now() > deadline {
+                thread::sleep(Duration::from_millis(100));
+                let err = daemon.stderr.lock().unwrap().clone();
+                return probe_unavailable(&format!("trustdrift run did not start: {err}"));
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        Some(daemon)
+    }
+
+    /// GET `path` on the API: (status, JSON body).
+    pub fn get(&self, path: &str) -> (u16, Value) {
+        http_get(self.port, path)
+    }
+
+    /// `GET /processes`, as an array.
+    pub fn processes(&self) -> Vec<Value> {
+        let (status, body) = self.get("/processes");
+        assert_eq!(status, 200, "{body}");
+        body.as_array().cloned().unwrap_or_default()
+    }
+
+    /// The process `pid` as `/processes` lists it, if it is listed.
+    pub fn process(&self, pid: u32) -> Option<Value> {
+        self.processes().into_iter().find(|p| p["pid"] == pid)
+    }
+
+    /// Waits until process `pid` is listed and `pred` holds for it; panics with what the
+    /// daemon last said about it.
+    pub fn wait_for(&self, what: &str, pid: u32, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + SOON;
+        let mut last = None;
+        while Instant::now() < deadline {
+            last = self.process(pid);
+            if let Some(p) = &last {
+                if pred(p) {
+                    return p.clone();
+                }
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "process {pid} never became {what}; last seen as:\n{}\ndaemon log:\n{}",
+            last.map(|v| serde_json::to_string_pretty(&v).unwrap_or_default())
+                .unwrap_or_else(|| "(not listed)".into()),
+            self.stderr.lock().unwrap()
+        );
+    }
+
+    pub fn log(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // SAFETY: signalling a child we own.
+        unsafe { libc::kill(self.child.pid() as i32, libc::SIGTERM) };
+        let _ = self.child.wait(Duration::from_secs(20));
+    }
+}
+
+/// A minimal HTTP/1.1 GET on loopback (the API answers with a Content-Length).
+pub fn http_get(port: u16, path: &str) -> (u16, Value) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connecting");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .expect("sending");
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).expect("reading");
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = serde_json::from_str(body).unwrap_or(Value::String(body.to_owned()));
+    (status, body)
+}
+
+/// A CA (or a leaf signed by one) made in-process, with exact validity.
+pub struct Cert {
+    pub pem: String,
+    pub key_pem: String,
+    pub sha256: String,
+    pub subject_cn: String,
+    params_issuer: Option<rcgen::Issuer<'static, rcgen::KeyPair>>,
+}
+
+fn fingerprint(der: &[u8]) -> String {
+    // The tests check the daemon's fingerprints against an independent computation.
+    let out = Command::new("openssl")
+        .args(["dgst", "-sha256", "-r"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().expect("stdin").write_all(der)?;
+            c.wait_with_output()
+        })
+        .expect("openssl dgst");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+impl Cert {
+    /// A self-signed CA named `cn`, valid for a day.
+    pub fn ca(cn: &str) -> Self {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::hours(1);
+        params.not_after = now + time::Duration::days(1);
+        let cert = params.self_signed(&key).expect("self-signed");
+        let pem = cert.pem();
+        let sha256 = fingerprint(cert.der());
+        let key_pem = key.serialize_pem();
+        Self {
+            pem,
+            key_pem,
+            sha256,
+            subject_cn: cn.to_owned(),
+            params_issuer: Some(rcgen::Issuer::new(params, key)),
+        }
+    }
+
+    /// A leaf for `dns` signed by this CA, valid until `valid_for` from now.
+    pub fn leaf(&self, dns: &str, valid_for: Duration) -> Self {
+        let issuer = self.params_issuer.as_ref().expect("a CA can sign");
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::new(vec![dns.to_owned()]).expect("params");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, dns);
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::minutes(5);
+        params.not_after = now + time::Duration::try_from(valid_for).expect("duration");
+        let cert = params.signed_by(&key, issuer).expect("signed");
+        Self {
+            pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            sha256: fingerprint(cert.der()),
+            subject_cn: dns.to_owned(),
+            params_issuer: None,
+        }
+    }
+}
+
+/// Replaces `path` atomically (write a temp file, rename over), as package managers and
+/// update-ca-certificates do.
+pub fn replace_atomically(path: &Path, content: &str) {
+    let tmp = path.with_extension("tmp-new");
+    std::fs::write(&tmp, content).expect("writing the new version");
+    std::fs::rename(&tmp, path).expect("renaming over the old version");
+}

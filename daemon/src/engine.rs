@@ -1,0 +1,639 @@
+//! The daemon's loop: probe events feed the ledger, the catalog versions the files they
+//! name, verdicts judge each process, and a snapshot is published for the API. Data
+//! flows one way; this module only wires it and keeps time.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use anyhow::{Context, Result};
+use futures_util::StreamExt;
+use tokio::{io::unix::AsyncFd, signal::unix::SignalKind, sync::watch};
+use trustdrift_common::AccessKey;
+
+use crate::{
+    attribution,
+    catalog::{self, Catalog, FileKey, RootKey},
+    clock,
+    events::{self, Access, Event, Task},
+    ledger::{Ledger, LedgerLimits, Origin, ProcKey, ProcessInfo, TrustRead},
+    probe::{Probe, ProbeOptions},
+    procfs,
+    report::{self, ProcessView},
+    resolution::Resolver,
+    seed,
+    trust_paths::TrustPaths,
+    verdict,
+    watch::{Change, Watcher},
+};
+
+/// Where each distribution keeps the CA store a process started now would load. A
+/// TLS-capable process that started before one of these last changed (in its root)
+/// may hold an older store: it is listed as unverified.
+pub const DEFAULT_CA_STORES: &[&str] = &[
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem",
+    "/etc/ssl/cert.pem",
+    "/etc/ssl/ca-bundle.pem",
+    "/var/lib/ca-certificates/ca-bundle.pem",
+    "/etc/ssl/certs/java/cacerts",
+    "/etc/pki/ca-trust/extracted/java/cacerts",
+];
+
+pub struct EngineOptions {
+    pub probe: ProbeOptions,
+    pub catalog: catalog::Limits,
+    pub ledger: LedgerLimits,
+    pub max_watches: usize,
+    /// Safety net behind inotify: every file is re-checked this often.
+    pub rescan: Duration,
+    /// How often the kernel aggregates of processes with a stale verdict are polled (a
+    /// re-read makes them fresh again); the others are polled 8 times less often.
+    pub poll: Duration,
+}
+
+/// What the API serves.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    pub processes: Vec<Arc<ProcessView>>,
+    /// The probe is attached and the start-up scan of /proc is done.
+    pub ready: bool,
+}
+
+#[derive(Default)]
+struct Counters {
+    events: u64,
+    undecodable: u64,
+}
+
+pub struct Engine {
+    probe: Probe,
+    catalog: Catalog,
+    ledger: Ledger,
+    watcher: Watcher,
+    resolver: Resolver,
+    paths: TrustPaths,
+    /// Default CA stores per root, for the unverified rule.
+    default_stores: BTreeMap<RootKey, BTreeSet<FileKey>>,
+    /// Who read each file.
+    readers: HashMap<FileKey, BTreeSet<ProcKey>>,
+    views: BTreeMap<ProcKey, Arc<ProcessView>>,
+    dirty: BTreeSet<ProcKey>,
+    publish: watch::Sender<Arc<Snapshot>>,
+    counters: Counters,
+    ready: bool,
+}
+
+fn wall(boot_ns: u64) -> SystemTime {
+    clock::wall_time(boot_ns)
+}
+
+fn start_ticks(task: &Task) -> Option<u64> {
+    if task.start_ns != 0 {
+        Some(procfs::start_ns_to_ticks(task.start_ns))
+    } else {
+        procfs::start_ticks(task.tgid).ok()
+    }
+}
+
+fn proc_key(task: &Task) -> Option<ProcKey> {
+    Some(ProcKey {
+        pid: task.tgid,
+        start_ticks: start_ticks(task)?,
+    })
+}
+
+fn start_time(ticks: u64) -> SystemTime {
+    wall(ticks * (1_000_000_000 / procfs::clock_ticks_per_second()))
+}
+
+impl Engine {
+    fn new(
+        probe: Probe,
+        paths: TrustPaths,
+        options: &EngineOptions,
+        publish: watch::Sender<Arc<Snapshot>>,
+    ) -> Result<(Self, inotify::Inotify)> {
+        let (watcher, inotify) =
+            Watcher::new(options.max_watches).context("initialising inotify")?;
+        Ok((
+            Self {
+                probe,
+                catalog: Catalog::new(options.catalog),
+                ledger: Ledger::new(options.ledger),
+                watcher,
+                resolver: Resolver::default(),
+                paths,
+                default_stores: BTreeMap::new(),
+                readers: HashMap::new(),
+                views: BTreeMap::new(),
+                dirty: BTreeSet::new(),
+                publish,
+                counters: Counters::default(),
+                ready: false,
+            },
+            inotify,
+        ))
+    }
+
+    /// The process's root, learned while it is alive; for a process already gone, the
+    /// daemon's own root if they share a mount namespace.
+    fn root_for(&mut self, key: &ProcKey, mnt_ns: u32) -> Option<RootKey> {
+        if let Some((root, _)) = self.catalog.root_of(key.pid, key.start_ticks) {
+            return Some(root);
+        }
+        let host = self.catalog.host_root()?;
+        (mnt_ns != 0 && host.mnt_ns == mnt_ns).then_some(host)
+    }
+
+    /// The default CA stores of `root`, observed (and watched) the first time it is seen.
+    fn track_default_stores(&mut self, root: RootKey) {
+        if self.default_stores.contains_key(&root) {
+            return;
+        }
+        let mut stores = BTreeSet::new();
+        for path in DEFAULT_CA_STORES {
+            let file = FileKey {
+                root,
+                path: PathBuf::from(path),
+            };
+            let present = self
+                .catalog
+                .observe(&file, &mut self.watcher)
+                .is_some_and(|v| v.content.is_some());
+            if present {
+                stores.insert(file);
+            }
+        }
+        self.default_stores.insert(root, stores);
+    }
+
+    /// When the default stores of `root` last changed.
+    fn stores_changed_at(&self, root: &RootKey) -> Option<SystemTime> {
+        self.default_stores
+            .get(root)?
+            .iter()
+            .filter_map(|f| self.catalog.latest(f))
+            .map(|v| v.seen_at)
+            .max()
+    }
+
+    fn process_info(&self, task: &Task, key: &ProcKey, root: Option<RootKey>) -> ProcessInfo {
+        let alive = procfs::start_ticks(key.pid).ok() == Some(key.start_ticks);
+        let attribution = alive
+            .then(|| procfs::cgroup_path(key.pid))
+            .flatten()
+            .map(|p| attribution::from_cgroup_path(&p))
+            .unwrap_or_default();
+        ProcessInfo {
+            comm: task.comm.clone(),
+            exe: alive
+                .then(|| std::fs::read_link(format!("/proc/{}/exe", key.pid)).ok())
+                .flatten()
+                .map(|p| p.to_string_lossy().into_owned()),
+            cmdline: alive.then(|| procfs::cmdline(key.pid)).flatten(),
+            uid: task.uid,
+            cgroup_id: task.cgroup_id,
+            attribution,
+            mnt_ns: task.mnt_ns,
+            root,
+            start_time: Some(start_time(key.start_ticks)),
+            tls_library: None,
+        }
+    }
+
+    fn on_event(&mut self, event: Event) {
+        self.counters.events += 1;
+        match event {
+            Event::Access(access) => self.on_access(access),
+            Event::Exec(task) => {
+                let Some(key) = proc_key(&task) else { return };
+                for access in self.ledger.exec(&key, task.exec_seq.wrapping_add(1)) {
+                    self.probe.forget_access(&access);
+                }
+                if let Some(entry) = self.ledger.get_mut(&key) {
+                    entry.info.comm = task.comm.clone();
+                }
+                self.dirty.insert(key);
+            }
+            Event::Exit(task) => {
+                let Some(key) = proc_key(&task) else { return };
+                self.ledger.exited(&key, wall(task.ts_ns));
+                self.catalog.forget_pid(key.pid, key.start_ticks);
+                self.resolver.forget_process(task.tgid, task.start_ns);
+                self.dirty.insert(key);
+            }
+        }
+    }
+
+    fn on_access(&mut self, access: Access) {
+        let Some(key) = proc_key(&access.task) else {
+            return;
+        };
+        if self.ledger.owner_of(&access.key).is_some() {
+            return;
+        }
+        let resolved = self.resolver.resolve(&access);
+        let root = self.root_for(&key, access.task.mnt_ns);
+        if let Some(root) = root {
+            self.track_default_stores(root);
+        }
+        let info = self.process_info(&access.task, &key, root);
+        if self.ledger.upsert(key, Origin::Observed, info).is_none() {
+            return;
+        }
+        let (file, canonical, resolve_error) = match (&resolved, root) {
+            (Ok(r), Some(root)) => (
+                Some(FileKey {
+                    root,
+                    path: r.absolute.clone(),
+                }),
+                Some(r.canonical.clone()),
+                None,
+            ),
+            (Ok(r), None) => (
+                None,
+                Some(r.canonical.clone()),
+                Some("process root unknown".into()),
+            ),
+            (Err(e), _) => (None, None, Some(e.to_string())),
+        };
+        let version = file
+            .as_ref()
+            .and_then(|f| self.catalog.observe(f, &mut self.watcher));
+        let stats = self.probe.access_stats(&access.key).unwrap_or_default();
+        let opened = if stats.first_open_ns != 0 {
+            wall(stats.first_open_ns)
+        } else {
+            wall(access.task.ts_ns)
+        };
+        // A read seeded from /proc for the same file is superseded by what the probe saw.
+        if let (Some(entry), Some(f)) = (self.ledger.get_mut(&key), &file) {
+            entry
+                .reads
+                .retain(|r| r.access_key.is_some() || r.file.as_ref() != Some(f));
+        }
+        let read = TrustRead {
+            access_key: Some(access.key),
+            path: access.path.clone(),
+            file: file.clone(),
+            resolved: canonical,
+            resolve_error,
+            first_open: opened,
+            last_open: if stats.last_open_ns != 0 {
+                wall(stats.last_open_ns)
+            } else {
+                opened
+            },
+            last_read: (stats.last_read_ns != 0).then(|| wall(stats.last_read_ns)),
+            bytes: stats.bytes,
+            opens: stats.opens.max(1),
+            reads: stats.reads,
+            version,
+            version_read_at: opened,
+            listed: false,
+        };
+        if self.ledger.add_read(&key, read) {
+            if let Some(f) = file {
+                self.readers.entry(f).or_default().insert(key);
+            }
+        }
+        self.dirty.insert(key);
+    }
+
+    /// Reads the probe's aggregates: bytes and counts move; a re-read (an open or read
+    /// after the one that fixed the version) takes the version current at that time.
+    fn poll(&mut self, stale_only: bool) {
+        let accesses: Vec<(AccessKey, ProcKey)> = self
+            .ledger
+            .accesses()
+            .filter(|(_, p)| {
+                !stale_only
+                    || self
+                        .views
+                        .get(*p)
+                        .is_some_and(|v| v.verdict >= verdict::Verdict::Stale)
+            })
+            .map(|(a, p)| (*a, *p))
+            .collect();
+        for (access, key) in accesses {
+            let Some(stats) = self.probe.access_stats(&access) else {
+                continue;
+            };
+            let Some(entry) = self.ledger.get_mut(&key) else {
+                continue;
+            };
+            let Some(read) = entry
+                .reads
+                .iter_mut()
+                .find(|r| r.access_key == Some(access))
+            else {
+                continue;
+            };
+            if stats.bytes == read.bytes && stats.opens == read.opens && stats.reads == read.reads {
+                continue;
+            }
+            let last_open = wall(stats.last_open_ns);
+            let last_read = (stats.last_read_ns != 0).then(|| wall(stats.last_read_ns));
+            let reread = stats.opens > read.opens;
+            read.bytes = stats.bytes;
+            read.opens = stats.opens;
+            read.reads = stats.reads;
+            read.last_open = last_open;
+            read.last_read = last_read;
+            if stats.bytes > 0 {
+                // For a directory, bytes are listed entries: it was read as a set.
+                read.listed = read
+                    .version
+                    .as_ref()
+                    .and_then(|v| v.content.as_deref())
+                    .is_some_and(|c| matches!(c.shape, catalog::Shape::Directory { .. }));
+            }
+            let file = read.file.clone();
+            let touched = last_read.map_or(last_open, |r| r.max(last_open));
+            if reread {
+                if let Some(file) = file {
+                    // Make sure a change that raced the watcher is in the history first.
+                    if self.catalog.refresh(&file, &mut self.watcher) {
+                        self.mark_readers(&file);
+                    }
+                    let version = self.catalog.version_at(&file, touched);
+                    if let Some(read) = self
+                        .ledger
+                        .get_mut(&key)
+                        .and_then(|e| e.reads.iter_mut().find(|r| r.access_key == Some(access)))
+                    {
+                        read.version = version;
+                        read.version_read_at = touched;
+                    }
+                }
+            }
+            self.dirty.insert(key);
+        }
+    }
+
+    fn mark_readers(&mut self, file: &FileKey) {
+        if let Some(readers) = self.readers.get(file) {
+            self.dirty.extend(readers.iter().copied());
+        }
+        let is_default_store = self
+            .default_stores
+            .get(&file.root)
+            .is_some_and(|s| s.contains(file));
+        if is_default_store {
+            let capable: Vec<ProcKey> = self
+                .ledger
+                .processes()
+                .filter(|p| p.origin == Origin::TlsCapable && p.info.root == Some(file.root))
+                .map(|p| p.key)
+                .collect();
+            self.dirty.extend(capable);
+        }
+    }
+
+    fn on_change(&mut self, change: Change) {
+        let now = SystemTime::now();
+        match change {
+            Change::Dir { root, dir } => self.catalog.dir_changed(root, &dir, now),
+            Change::Gone { root, dir } => self.catalog.dir_gone(root, &dir, now),
+            Change::Overflow => self.catalog.all_dirty(now),
+        }
+    }
+
+    fn refresh_due(&mut self) {
+        for file in self.catalog.take_due(SystemTime::now()) {
+            if self.catalog.refresh(&file, &mut self.watcher) {
+                self.mark_readers(&file);
+            }
+        }
+    }
+
+    fn rescan(&mut self) {
+        let files: Vec<FileKey> = self
+            .catalog
+            .files()
+            .filter(|f| self.catalog.root_reachable(&f.root))
+            .cloned()
+            .collect();
+        for file in files {
+            if self.catalog.refresh(&file, &mut self.watcher) {
+                self.mark_readers(&file);
+            }
+        }
+    }
+
+    /// Time passes: certificates expire, exited processes leave after their grace.
+    fn housekeeping(&mut self) {
+        let now = SystemTime::now();
+        for (key, accesses) in self.ledger.expire(now) {
+            for access in accesses {
+                self.probe.forget_access(&access);
+            }
+            self.views.remove(&key);
+            for readers in self.readers.values_mut() {
+                readers.remove(&key);
+            }
+        }
+        self.readers.retain(|_, r| !r.is_empty());
+        let readers = &self.readers;
+        let defaults = &self.default_stores;
+        self.catalog.forget_files(|f| {
+            readers.contains_key(f) || defaults.get(&f.root).is_some_and(|s| s.contains(f))
+        });
+        self.dirty.extend(self.ledger.processes().map(|p| p.key));
+    }
+
+    /// Processes that were running before the probe attached.
+    fn seed(&mut self) {
+        let mut go = seed::GoBinaries::default();
+        let now = SystemTime::now();
+        for found in seed::scan(&self.paths, &mut go) {
+            let key = ProcKey {
+                pid: found.pid,
+                start_ticks: found.start_ticks,
+            };
+            let Some((root, _)) = self.catalog.root_of(key.pid, key.start_ticks) else {
+                continue;
+            };
+            self.track_default_stores(root);
+            let origin = if found.trust_files.is_empty() {
+                Origin::TlsCapable
+            } else {
+                Origin::Seeded
+            };
+            let info = ProcessInfo {
+                comm: found.comm.clone(),
+                exe: found.exe.clone(),
+                cmdline: found.cmdline.clone(),
+                uid: found.uid,
+                cgroup_id: 0,
+                attribution: procfs::cgroup_path(key.pid)
+                    .map(|p| attribution::from_cgroup_path(&p))
+                    .unwrap_or_default(),
+                mnt_ns: procfs::mount_namespace_of(key.pid).unwrap_or(0),
+                root: Some(root),
+                start_time: Some(start_time(key.start_ticks)),
+                tls_library: found.tls.clone(),
+            };
+            if self.ledger.upsert(key, origin, info).is_none() {
+                continue;
+            }
+            for path in found.trust_files {
+                let file = FileKey { root, path };
+                let version = self.catalog.observe(&file, &mut self.watcher);
+                let resolved = version.as_ref().and_then(|v| v.canonical.clone());
+                let read = TrustRead {
+                    access_key: None,
+                    path: file.path.clone(),
+                    file: Some(file.clone()),
+                    resolved,
+                    resolve_error: None,
+                    // Only known to be no later than now: it was open when we looked.
+                    first_open: now,
+                    last_open: now,
+                    last_read: None,
+                    bytes: 0,
+                    opens: 1,
+                    reads: 0,
+                    version,
+                    version_read_at: now,
+                    listed: false,
+                };
+                if self.ledger.add_read(&key, read) {
+                    self.readers.entry(file).or_default().insert(key);
+                }
+            }
+            self.dirty.insert(key);
+        }
+    }
+
+    fn publish(&mut self) {
+        if self.dirty.is_empty() && self.publish.borrow().ready == self.ready {
+            return;
+        }
+        let now = SystemTime::now();
+        for key in std::mem::take(&mut self.dirty) {
+            let Some(entry) = self.ledger.get(&key) else {
+                self.views.remove(&key);
+                continue;
+            };
+            let changed = entry.info.root.and_then(|r| self.stores_changed_at(&r));
+            match verdict::judge(entry, &self.catalog, changed, now) {
+                Some(v) => {
+                    self.views
+                        .insert(key, Arc::new(report::process_view(entry, &v)));
+                }
+                None => {
+                    self.views.remove(&key);
+                }
+            }
+        }
+        let snapshot = Snapshot {
+            processes: self.views.values().cloned().collect(),
+            ready: self.ready,
+        };
+        self.publish.send_replace(Arc::new(snapshot));
+    }
+}
+
+/// Runs the daemon until SIGINT or SIGTERM. `serve` is handed the snapshot receiver (the
+/// API) once the probe is attached.
+pub async fn run<F, Fut>(options: EngineOptions, paths: TrustPaths, serve: F) -> Result<()>
+where
+    F: FnOnce(watch::Receiver<Arc<Snapshot>>) -> Fut,
+    Fut: std::future::Future<Output = Result<()>> + Send + 'static,
+{
+    let mut interrupt = tokio::signal::unix::signal(SignalKind::interrupt())?;
+    let mut terminate = tokio::signal::unix::signal(SignalKind::terminate())?;
+    let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
+    let server = tokio::spawn(serve(rx));
+
+    let mut probe = Probe::attach(ProbeOptions {
+        mode: options.probe.mode,
+        programs: options.probe.programs,
+        paths: paths.clone(),
+        capacities: options.probe.capacities,
+    })?;
+    let ring = probe.take_events()?;
+    // SAFETY: the ring buffer owns its fd for as long as the AsyncFd owns the ring buffer,
+    // and always reports that same fd.
+    let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+        .map_err(|e| anyhow::anyhow!("watching the ring buffer: {e}"))?;
+    let (mut engine, inotify) = Engine::new(probe, paths, &options, tx)?;
+    let mut changes = inotify
+        .into_event_stream(vec![0u8; 64 * 1024])
+        .context("watching trust directories")?;
+    tracing::info!(mode = ?engine.probe.mode, "probe attached");
+
+    if let Some(host) = engine.catalog.host_root() {
+        engine.track_default_stores(host);
+    }
+    engine.seed();
+    engine.ready = true;
+    engine.publish();
+    tracing::info!(
+        processes = engine.ledger.len(),
+        "start-up scan done; serving verdicts"
+    );
+
+    let mut poll_stale = tokio::time::interval(options.poll);
+    let mut poll_all = tokio::time::interval(options.poll * 8);
+    let mut rescan = tokio::time::interval(options.rescan);
+    let mut housekeeping = tokio::time::interval(Duration::from_secs(5));
+    let mut debounce = tokio::time::interval(Duration::from_millis(20));
+    for t in [
+        &mut poll_stale,
+        &mut poll_all,
+        &mut rescan,
+        &mut housekeeping,
+        &mut debounce,
+    ] {
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    }
+    loop {
+        tokio::select! {
+            _ = interrupt.recv() => break,
+            _ = terminate.recv() => break,
+            guard = ring.readable_mut() => {
+                let mut guard = guard.context("waiting on the ring buffer")?;
+                let mut decoded = Vec::new();
+                while let Some(item) = guard.get_inner_mut().next() {
+                    decoded.push(events::decode(&item));
+                }
+                guard.clear_ready();
+                for event in decoded {
+                    match event {
+                        Ok(event) => engine.on_event(event),
+                        Err(e) => {
+                            engine.counters.undecodable += 1;
+                            tracing::warn!("dropping a ring-buffer record: {e}");
+                        }
+                    }
+                }
+            }
+            Some(event) = changes.next() => {
+                match event {
+                    Ok(event) => {
+                        for change in engine.watcher.interpret(&event) {
+                            engine.on_change(change);
+                        }
+                    }
+                    Err(e) => tracing::warn!("reading inotify events: {e}"),
+                }
+            }
+            _ = debounce.tick() => engine.refresh_due(),
+            _ = poll_stale.tick() => engine.poll(true),
+            _ = poll_all.tick() => engine.poll(false),
+            _ = rescan.tick() => engine.rescan(),
+            _ = housekeeping.tick() => engine.housekeeping(),
+        }
+        engine.publish();
+    }
+    server.abort();
+    tracing::info!(events = engine.counters.events, "detaching the probe");
+    Ok(())
+}

@@ -1,0 +1,388 @@
+//! Per-process ledger: for each process image (pid + start time) that read trust
+//! material, which files it read, when, how much, and which version it got.
+//!
+//! The ledger records facts; `verdict` judges them against the catalog. It is bounded:
+//! past its limits it evicts (exited processes first) and counts what it dropped.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use serde::Serialize;
+use trustdrift_common::AccessKey;
+
+use crate::{
+    attribution::Attribution,
+    catalog::{FileKey, RootKey, Version},
+};
+
+/// A process image: the pid and its start time in clock ticks (as /proc/<pid>/stat has
+/// it), so a reused pid is a different key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct ProcKey {
+    pub pid: u32,
+    pub start_ticks: u64,
+}
+
+/// How the daemon knows about a process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Origin {
+    /// The probe saw it read trust files.
+    Observed,
+    /// It was running when the daemon started, holding trust files open or mapped.
+    Seeded,
+    /// It was running when the daemon started and uses a TLS library (or is a Go binary
+    /// using crypto/x509), but nothing says which trust files it read or when.
+    TlsCapable,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ProcessInfo {
+    pub comm: String,
+    pub exe: Option<String>,
+    pub cmdline: Option<String>,
+    pub uid: u32,
+    pub cgroup_id: u64,
+    pub attribution: Attribution,
+    pub mnt_ns: u32,
+    pub root: Option<RootKey>,
+    pub start_time: Option<SystemTime>,
+    /// For TLS-capable processes: which library (or "go crypto/x509") gave it away.
+    pub tls_library: Option<String>,
+}
+
+/// One trust file as one process read it.
+#[derive(Clone, Debug)]
+pub struct TrustRead {
+    /// The probe's aggregate for it (None when seeded from /proc).
+    pub access_key: Option<AccessKey>,
+    /// The path exactly as the process wrote it.
+    pub path: PathBuf,
+    /// The file in the catalog: the path made absolute inside the process's root.
+    pub file: Option<FileKey>,
+    pub resolved: Option<PathBuf>,
+    pub resolve_error: Option<String>,
+    pub first_open: SystemTime,
+    pub last_open: SystemTime,
+    pub last_read: Option<SystemTime>,
+    pub bytes: u64,
+    pub opens: u64,
+    pub reads: u64,
+    /// The version it got, fixed when it (last) read.
+    pub version: Option<Arc<Version>>,
+    /// When that read happened.
+    pub version_read_at: SystemTime,
+    /// A directory it listed (getdents): it trusts the set it read there.
+    pub listed: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct ProcessEntry {
+    pub key: ProcKey,
+    pub origin: Origin,
+    pub info: ProcessInfo,
+    pub exec_seq: u32,
+    pub exited_at: Option<SystemTime>,
+    pub reads: Vec<TrustRead>,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct LedgerLimits {
+    pub max_processes: usize,
+    pub max_reads_per_process: usize,
+    /// How long an exited process stays listed.
+    pub exit_grace: Duration,
+}
+
+impl Default for LedgerLimits {
+    fn default() -> Self {
+        Self {
+            max_processes: 65536,
+            max_reads_per_process: 256,
+            exit_grace: Duration::from_secs(300),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct LedgerCounters {
+    pub processes_evicted: u64,
+    pub reads_evicted: u64,
+}
+
+#[derive(Default)]
+pub struct Ledger {
+    limits: LedgerLimits,
+    processes: BTreeMap<ProcKey, ProcessEntry>,
+    by_access: HashMap<AccessKey, ProcKey>,
+    pub counters: LedgerCounters,
+}
+
+impl Ledger {
+    pub fn new(limits: LedgerLimits) -> Self {
+        Self {
+            limits,
+            ..Self::default()
+        }
+    }
+
+    pub fn get(&self, key: &ProcKey) -> Option<&ProcessEntry> {
+        self.processes.get(key)
+    }
+
+    pub fn get_mut(&mut self, key: &ProcKey) -> Option<&mut ProcessEntry> {
+        self.processes.get_mut(key)
+    }
+
+    pub fn processes(&self) -> impl Iterator<Item = &ProcessEntry> {
+        self.processes.values()
+    }
+
+    pub fn len(&self) -> usize {
+        self.processes.len()
+    }
+
+    /// The process holding a kernel aggregate.
+    pub fn owner_of(&self, access: &AccessKey) -> Option<ProcKey> {
+        self.by_access.get(access).copied()
+    }
+
+    /// The entry for `key`, created with `info` if new. An entry learned from /proc is
+    /// upgraded when the probe sees the process itself.
+    pub fn upsert(
+        &mut self,
+        key: ProcKey,
+        origin: Origin,
+        info: ProcessInfo,
+    ) -> Option<&mut ProcessEntry> {
+        if !self.processes.contains_key(&key) {
+            if self.processes.len() >= self.limits.max_processes && !self.evict_one() {
+                self.counters.processes_evicted += 1;
+                return None;
+            }
+            self.processes.insert(
+                key,
+                ProcessEntry {
+                    key,
+                    origin,
+                    info,
+                    exec_seq: 0,
+                    exited_at: None,
+                    reads: Vec::new(),
+                },
+            );
+        }
+        let entry = self.processes.get_mut(&key)?;
+        if origin == Origin::Observed && entry.origin != Origin::Observed {
+            entry.origin = Origin::Observed;
+        }
+        Some(entry)
+    }
+
+    /// Makes room by dropping the process that exited longest ago.
+    fn evict_one(&mut self) -> bool {
+        let victim = self
+            .processes
+            .values()
+            .filter_map(|p| p.exited_at.map(|t| (t, p.key)))
+            .min()
+            .map(|(_, k)| k);
+        match victim {
+            Some(k) => {
+                self.remove(&k);
+                self.counters.processes_evicted += 1;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Records a read; `false` when the process already has as many as the bound allows.
+    pub fn add_read(&mut self, key: &ProcKey, read: TrustRead) -> bool {
+        let max = self.limits.max_reads_per_process;
+        let Some(entry) = self.processes.get_mut(key) else {
+            return false;
+        };
+        if entry.reads.len() >= max {
+            self.counters.reads_evicted += 1;
+            return false;
+        }
+        if let Some(access) = read.access_key {
+            self.by_access.insert(access, *key);
+        }
+        entry.reads.push(read);
+        true
+    }
+
+    /// The process replaced its image: what the old one read is gone from memory.
+    /// Returns the kernel aggregates to drop.
+    pub fn exec(&mut self, key: &ProcKey, new_exec_seq: u32) -> Vec<AccessKey> {
+        let Some(entry) = self.processes.get_mut(key) else {
+            return Vec::new();
+        };
+        entry.exec_seq = new_exec_seq;
+        let dropped: Vec<AccessKey> = entry.reads.drain(..).filter_map(|r| r.access_key).collect();
+        for a in &dropped {
+            self.by_access.remove(a);
+        }
+        dropped
+    }
+
+    pub fn exited(&mut self, key: &ProcKey, at: SystemTime) {
+        if let Some(entry) = self.processes.get_mut(key) {
+            entry.exited_at.get_or_insert(at);
+        }
+    }
+
+    /// Drops processes that exited more than the grace period ago; returns their kernel
+    /// aggregates so the probe can drop them too.
+    pub fn expire(&mut self, now: SystemTime) -> Vec<(ProcKey, Vec<AccessKey>)> {
+        let grace = self.limits.exit_grace;
+        let gone: Vec<ProcKey> = self
+            .processes
+            .values()
+            .filter(|p| {
+                p.exited_at
+                    .is_some_and(|t| now.duration_since(t).unwrap_or_default() >= grace)
+            })
+            .map(|p| p.key)
+            .collect();
+        gone.into_iter()
+            .map(|k| {
+                let accesses = self.remove(&k);
+                (k, accesses)
+            })
+            .collect()
+    }
+
+    fn remove(&mut self, key: &ProcKey) -> Vec<AccessKey> {
+        let Some(entry) = self.processes.remove(key) else {
+            return Vec::new();
+        };
+        let accesses: Vec<AccessKey> = entry.reads.iter().filter_map(|r| r.access_key).collect();
+        for a in &accesses {
+            self.by_access.remove(a);
+        }
+        accesses
+    }
+
+    /// Every kernel aggregate the ledger follows, with its owner.
+    pub fn accesses(&self) -> impl Iterator<Item = (&AccessKey, &ProcKey)> {
+        self.by_access.iter()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(pid: u32, start: u64) -> ProcKey {
+        ProcKey {
+            pid,
+            start_ticks: start,
+        }
+    }
+
+    fn read(path: &str, access: Option<AccessKey>) -> TrustRead {
+        let now = SystemTime::now();
+        TrustRead {
+            access_key: access,
+            path: path.into(),
+            file: None,
+            resolved: None,
+            resolve_error: None,
+            first_open: now,
+            last_open: now,
+            last_read: None,
+            bytes: 0,
+            opens: 1,
+            reads: 0,
+            version: None,
+            version_read_at: now,
+            listed: false,
+        }
+    }
+
+    fn access(tgid: u32) -> AccessKey {
+        AccessKey {
+            tgid,
+            exec_seq: 0,
+            start_ns: 1,
+            path_hash: 2,
+        }
+    }
+
+    #[test]
+    fn a_reused_pid_is_a_different_process() {
+        let mut l = Ledger::new(LedgerLimits::default());
+        l.upsert(key(42, 100), Origin::Observed, ProcessInfo::default());
+        l.upsert(key(42, 900), Origin::Observed, ProcessInfo::default());
+        assert_eq!(l.len(), 2);
+    }
+
+    #[test]
+    fn seeded_processes_become_observed_when_the_probe_sees_them() {
+        let mut l = Ledger::new(LedgerLimits::default());
+        l.upsert(key(7, 1), Origin::TlsCapable, ProcessInfo::default());
+        let e = l
+            .upsert(key(7, 1), Origin::Observed, ProcessInfo::default())
+            .unwrap();
+        assert_eq!(e.origin, Origin::Observed);
+    }
+
+    #[test]
+    fn exited_processes_leave_after_the_grace_period_with_their_aggregates() {
+        let mut l = Ledger::new(LedgerLimits {
+            exit_grace: Duration::from_secs(10),
+            ..LedgerLimits::default()
+        });
+        let t0 = SystemTime::now();
+        l.upsert(key(1, 1), Origin::Observed, ProcessInfo::default());
+        l.add_read(&key(1, 1), read("/etc/ssl/cert.pem", Some(access(1))));
+        l.exited(&key(1, 1), t0);
+        assert!(l.expire(t0 + Duration::from_secs(5)).is_empty());
+        let gone = l.expire(t0 + Duration::from_secs(11));
+        assert_eq!(gone, vec![(key(1, 1), vec![access(1)])]);
+        assert_eq!(l.owner_of(&access(1)), None);
+    }
+
+    #[test]
+    fn bounds_are_enforced_and_counted() {
+        let mut l = Ledger::new(LedgerLimits {
+            max_processes: 2,
+            max_reads_per_process: 1,
+            exit_grace: Duration::from_secs(1),
+        });
+        let now = SystemTime::now();
+        l.upsert(key(1, 1), Origin::Observed, ProcessInfo::default());
+        l.upsert(key(2, 1), Origin::Observed, ProcessInfo::default());
+        // Full of live processes: a third is refused and counted.
+        assert!(
+            l.upsert(key(3, 1), Origin::Observed, ProcessInfo::default())
+                .is_none()
+        );
+        assert_eq!(l.counters.processes_evicted, 1);
+        // An exited one makes room.
+        l.exited(&key(1, 1), now);
+        assert!(
+            l.upsert(key(3, 1), Origin::Observed, ProcessInfo::default())
+                .is_some()
+        );
+        assert!(l.add_read(&key(3, 1), read("/a.pem", None)));
+        assert!(!l.add_read(&key(3, 1), read("/b.pem", None)));
+        assert_eq!(l.counters.reads_evicted, 1);
+    }
+
+    #[test]
+    fn an_exec_forgets_what_the_old_image_read() {
+        let mut l = Ledger::new(LedgerLimits::default());
+        l.upsert(key(5, 1), Origin::Observed, ProcessInfo::default());
+        l.add_read(&key(5, 1), read("/etc/ssl/cert.pem", Some(access(5))));
+        assert_eq!(l.exec(&key(5, 1), 1), vec![access(5)]);
+        assert!(l.get(&key(5, 1)).unwrap().reads.is_empty());
+    }
+}

@@ -1,0 +1,192 @@
+//! The published state: what `GET /processes` serves, built from the ledger and the
+//! verdicts. Field names here are the API's schema.
+
+use std::{sync::Arc, time::SystemTime};
+
+use serde::Serialize;
+
+use crate::{
+    attribution::Attribution,
+    catalog::{Content, Version},
+    clock,
+    ledger::{Origin, ProcessEntry, TrustRead},
+    store_format::CertInfo,
+    verdict::{FileVerdict, ProcessVerdict, TrustKind, Verdict},
+};
+
+fn stamp(t: SystemTime) -> String {
+    clock::rfc3339(t)
+}
+
+/// A certificate as the API shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct CertView {
+    pub subject: String,
+    pub issuer: String,
+    pub serial: String,
+    pub sha256: String,
+    pub not_before: String,
+    pub not_after: String,
+    pub is_ca: bool,
+}
+
+fn unix(secs: i64) -> String {
+    if secs < 0 {
+        return "1970-01-01T00:00:00.000Z".into();
+    }
+    stamp(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs as u64))
+}
+
+impl From<&CertInfo> for CertView {
+    fn from(c: &CertInfo) -> Self {
+        Self {
+            subject: c.subject.clone(),
+            issuer: c.issuer.clone(),
+            serial: c.serial.clone(),
+            sha256: c.sha256.clone(),
+            not_before: unix(c.not_before),
+            not_after: unix(c.not_after),
+            is_ca: c.is_ca,
+        }
+    }
+}
+
+fn certs(list: &[Arc<CertInfo>]) -> Vec<CertView> {
+    list.iter().map(|c| CertView::from(c.as_ref())).collect()
+}
+
+/// One version of a file, summarised.
+#[derive(Clone, Debug, Serialize)]
+pub struct VersionView {
+    /// SHA-256 of the content (for a directory: of its entries' names and hashes).
+    pub sha256: Option<String>,
+    /// When this content became what the path names.
+    pub since: String,
+    pub format: String,
+    pub certificates: usize,
+    pub errors: Vec<String>,
+}
+
+impl From<&Version> for VersionView {
+    fn from(v: &Version) -> Self {
+        let content: Option<&Content> = v.content.as_deref();
+        Self {
+            sha256: content.map(Content::sha256_hex),
+            since: stamp(v.seen_at),
+            format: content.map_or("absent", Content::kind_name).to_owned(),
+            certificates: content.map_or(0, |c| c.certificates().len()),
+            errors: content.map(Content::errors).unwrap_or_default(),
+        }
+    }
+}
+
+/// One trust file as one process read it, and the verdict on it.
+#[derive(Clone, Debug, Serialize)]
+pub struct FileView {
+    /// The path exactly as the process wrote it.
+    pub path: String,
+    /// Where it led in the process's root when the process read it.
+    pub resolved: Option<String>,
+    pub kind: TrustKind,
+    pub verdict: Verdict,
+    pub stale_since: Option<String>,
+    pub first_open: String,
+    pub last_open: String,
+    pub last_read: Option<String>,
+    pub bytes_read: u64,
+    pub opens: u64,
+    pub reads: u64,
+    pub listed: bool,
+    /// The version the process read, and when it read it.
+    pub read_version: Option<VersionView>,
+    pub read_at: String,
+    /// What is on disk now.
+    pub current_version: Option<VersionView>,
+    pub missing_cas: Vec<CertView>,
+    pub removed_cas_trusted: Vec<CertView>,
+    pub expired_in_memory: Vec<CertView>,
+    pub note: Option<String>,
+}
+
+fn file_view(read: &TrustRead, v: &FileVerdict) -> FileView {
+    FileView {
+        path: read.path.to_string_lossy().into_owned(),
+        resolved: read
+            .resolved
+            .as_ref()
+            .map(|p| p.to_string_lossy().into_owned()),
+        kind: v.kind,
+        verdict: v.verdict,
+        stale_since: v.stale_since.map(stamp),
+        first_open: stamp(read.first_open),
+        last_open: stamp(read.last_open),
+        last_read: read.last_read.map(stamp),
+        bytes_read: read.bytes,
+        opens: read.opens,
+        reads: read.reads,
+        listed: read.listed,
+        read_version: read.version.as_deref().map(VersionView::from),
+        read_at: stamp(read.version_read_at),
+        current_version: v.current.as_deref().map(VersionView::from),
+        missing_cas: certs(&v.missing_cas),
+        removed_cas_trusted: certs(&v.removed_cas_trusted),
+        expired_in_memory: certs(&v.expired_in_memory),
+        note: v.note.clone().or_else(|| read.resolve_error.clone()),
+    }
+}
+
+/// Whether a verdict rests on observed reads or on inference.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Confidence {
+    Observed,
+    Unverified,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ProcessView {
+    pub pid: u32,
+    pub start_time: Option<String>,
+    pub comm: String,
+    pub exe: Option<String>,
+    pub cmdline: Option<String>,
+    pub uid: u32,
+    #[serde(flatten)]
+    pub attribution: Attribution,
+    pub origin: Origin,
+    pub confidence: Confidence,
+    pub verdict: Verdict,
+    pub stale_since: Option<String>,
+    /// Why a TLS-capable process is listed as unverified.
+    pub tls_library: Option<String>,
+    pub exited_at: Option<String>,
+    pub files: Vec<FileView>,
+}
+
+pub fn process_view(p: &ProcessEntry, v: &ProcessVerdict) -> ProcessView {
+    ProcessView {
+        pid: p.key.pid,
+        start_time: p.info.start_time.map(stamp),
+        comm: p.info.comm.clone(),
+        exe: p.info.exe.clone(),
+        cmdline: p.info.cmdline.clone(),
+        uid: p.info.uid,
+        attribution: p.info.attribution.clone(),
+        origin: p.origin,
+        confidence: if v.verdict == Verdict::Unverified {
+            Confidence::Unverified
+        } else {
+            Confidence::Observed
+        },
+        verdict: v.verdict,
+        stale_since: v.stale_since.map(stamp),
+        tls_library: p.info.tls_library.clone(),
+        exited_at: p.exited_at.map(stamp),
+        files: p
+            .reads
+            .iter()
+            .zip(&v.files)
+            .map(|(r, f)| file_view(r, f))
+            .collect(),
+    }
+}

@@ -1,0 +1,1682 @@
+//! What one trust file holds: the certificates of a PEM bundle, a DER certificate, a Java
+//! keystore (JKS, JCEKS) or a PKCS#12 store, told apart by content because trust files
+//! are named by convention only (`cacerts` is JKS or PKCS#12, `.crt` is PEM or DER).
+//!
+//! Private keys are recognised by their PEM label and never decoded: what this module
+//! returns is stored and reported, and key material must not reach either.
+
+use std::borrow::Cow;
+use std::collections::HashSet;
+use std::fmt::Display;
+
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use x509_parser::asn1_rs::{self, Any, Class, FromBer, FromDer, Header, Length, Oid, Tag};
+use x509_parser::certificate::X509Certificate;
+use x509_parser::error::X509Error;
+use x509_parser::revocation_list::CertificateRevocationList;
+use x509_parser::x509::X509Version;
+
+/// What a trust file holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ContentKind {
+    PemBundle,
+    DerCertificate,
+    Jks,
+    Pkcs12,
+    PrivateKey,
+    Unknown,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct CertInfo {
+    /// x509-parser's Display of the subject (RFC 4514-like).
+    pub subject: String,
+    pub issuer: String,
+    /// Lowercase hex, no separators, no leading "0x".
+    pub serial: String,
+    /// Lowercase hex SHA-256 of the certificate's DER.
+    pub sha256: String,
+    /// Unix seconds.
+    pub not_before: i64,
+    /// Unix seconds.
+    pub not_after: i64,
+    /// basicConstraints CA=true, or a v1 self-signed certificate (old roots predate
+    /// extensions and are trusted as CAs all the same).
+    pub is_ca: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Parsed {
+    pub kind: ContentKind,
+    /// In file order; a certificate seen twice (same sha256) is kept once.
+    pub certs: Vec<CertInfo>,
+    /// One human-readable line per problem; never any key material.
+    pub errors: Vec<String>,
+}
+
+/// A file full of broken blocks would otherwise yield an error line per block, up to
+/// hundreds of thousands for a 16 MiB input.
+pub const MAX_ERRORS: usize = 64;
+
+/// Reads the certificates in one trust file's content. Never panics, whatever the bytes.
+pub fn parse(bytes: &[u8]) -> Parsed {
+    let mut col = Collector::default();
+    let kind = sniff_and_read(bytes, &mut col);
+    col.finish(kind)
+}
+
+fn sniff_and_read(bytes: &[u8], col: &mut Collector) -> ContentKind {
+    if let Some(flavour) = jks::flavour(bytes) {
+        jks::read(bytes, flavour, col);
+        return ContentKind::Jks;
+    }
+    if pkcs12::looks_like(bytes) {
+        pkcs12::read(bytes, col);
+        return ContentKind::Pkcs12;
+    }
+    let der_shaped = looks_like_der_certificate(bytes);
+    let der_cert = if der_shaped {
+        X509Certificate::from_der(bytes).ok()
+    } else {
+        None
+    };
+    if let Some((rest, cert)) = der_cert {
+        col.next_ordinal();
+        col.add_parsed(&cert);
+        if !rest.is_empty() {
+            col.error(format!(
+                "DER file: {} bytes after the certificate ignored",
+                rest.len()
+            ));
+        }
+        return ContentKind::DerCertificate;
+    }
+    if let Some(kind) = pem::read(bytes, col) {
+        return kind;
+    }
+    // A DER CRL has the same outer shape as a certificate; CRLs are skipped, not errors.
+    if der_shaped && CertificateRevocationList::from_der(bytes).is_err() {
+        let n = col.next_ordinal();
+        col.add_certificate(n, bytes, "DER file");
+        return ContentKind::DerCertificate;
+    }
+    ContentKind::Unknown
+}
+
+/// A certificate is SEQUENCE { tbsCertificate SEQUENCE, … }; keys (SEQUENCE { INTEGER … })
+/// and text do not start that way. The outer length may exceed the input, so that a
+/// truncated certificate is still reported as one.
+fn looks_like_der_certificate(bytes: &[u8]) -> bool {
+    let Some((rest, outer)) = der_header(bytes) else {
+        return false;
+    };
+    let Some((inner_rest, inner)) = der_header(rest) else {
+        return false;
+    };
+    let inner_header_len = rest.len() - inner_rest.len();
+    matches!(
+        (outer.length(), inner.length()),
+        (Length::Definite(o), Length::Definite(i)) if is_sequence(&outer) && is_sequence(&inner)
+            && i.saturating_add(inner_header_len) <= o
+    )
+}
+
+fn der_header(bytes: &[u8]) -> Option<(&[u8], Header<'_>)> {
+    Header::from_der(bytes).ok()
+}
+
+fn is_sequence(h: &Header) -> bool {
+    h.class() == Class::Universal && h.tag() == Tag::Sequence && h.is_constructed()
+}
+
+/// Gathers certificates and problems across one file, numbering certificates in file
+/// order (unreadable ones included) so that "certificate 3" matches a reader's count.
+#[derive(Default)]
+struct Collector {
+    certs: Vec<CertInfo>,
+    seen: HashSet<[u8; 32]>,
+    errors: Vec<String>,
+    suppressed: usize,
+    ordinal: usize,
+}
+
+impl Collector {
+    fn next_ordinal(&mut self) -> usize {
+        self.ordinal += 1;
+        self.ordinal
+    }
+
+    fn error(&mut self, line: String) {
+        if self.errors.len() < MAX_ERRORS {
+            self.errors.push(line);
+        } else {
+            self.suppressed += 1;
+        }
+    }
+
+    fn cert_error(&mut self, n: usize, whence: impl Display, problem: impl Display) {
+        self.error(format!("certificate {n} ({whence}): {problem}"));
+    }
+
+    /// Trailing bytes after the certificate are accepted: in OpenSSL's TRUSTED
+    /// CERTIFICATE they are the trust settings.
+    fn add_certificate(&mut self, n: usize, der: &[u8], whence: impl Display) {
+        match X509Certificate::from_der(der) {
+            Ok((_, cert)) => self.add_parsed(&cert),
+            Err(e) => self.cert_error(n, whence, format!("malformed: {}", x509_problem(&e))),
+        }
+    }
+
+    fn add_parsed(&mut self, cert: &X509Certificate<'_>) {
+        let digest: [u8; 32] = Sha256::digest(cert.as_raw()).into();
+        if self.seen.insert(digest) {
+            self.certs.push(cert_info(cert, &digest));
+        }
+    }
+
+    fn finish(mut self, kind: ContentKind) -> Parsed {
+        if self.suppressed > 0 {
+            self.errors
+                .push(format!("{} further problems not listed", self.suppressed));
+        }
+        Parsed {
+            kind,
+            certs: self.certs,
+            errors: self.errors,
+        }
+    }
+}
+
+fn cert_info(cert: &X509Certificate<'_>, digest: &[u8; 32]) -> CertInfo {
+    let self_issued = cert.subject().as_raw() == cert.issuer().as_raw();
+    let is_ca = match cert.basic_constraints() {
+        Ok(Some(bc)) => bc.value.ca,
+        Ok(None) => cert.version() == X509Version::V1 && self_issued,
+        // A duplicated basicConstraints extension: no CA claim can be trusted.
+        Err(_) => false,
+    };
+    CertInfo {
+        subject: cert.subject().to_string(),
+        issuer: cert.issuer().to_string(),
+        serial: serial_hex(cert.raw_serial()),
+        sha256: hex(digest),
+        not_before: cert.validity().not_before.timestamp(),
+        not_after: cert.validity().not_after.timestamp(),
+        is_ca,
+    }
+}
+
+/// As `openssl x509 -serial` prints it: DER's leading sign octet dropped. Negative serials
+/// (a few pre-RFC 5280 certificates) stay in two's complement, where openssl prints a
+/// minus sign and the magnitude.
+fn serial_hex(raw: &[u8]) -> String {
+    let first = raw
+        .iter()
+        .position(|&b| b != 0)
+        .unwrap_or(raw.len().saturating_sub(1));
+    hex(raw.get(first..).unwrap_or_default())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for &b in bytes {
+        s.push(char::from(DIGITS[usize::from(b >> 4)]));
+        s.push(char::from(DIGITS[usize::from(b & 0x0f)]));
+    }
+    s
+}
+
+fn x509_problem(e: &x509_parser::nom::Err<X509Error>) -> String {
+    match e {
+        x509_parser::nom::Err::Incomplete(_) => "truncated".to_owned(),
+        x509_parser::nom::Err::Error(e) | x509_parser::nom::Err::Failure(e) => e.to_string(),
+    }
+}
+
+/// Names, labels and aliases come from the file: quoted, control characters escaped, and
+/// cut short so that one error stays one short line.
+fn quoted(bytes: &[u8]) -> String {
+    const MAX_CHARS: usize = 64;
+    let text = String::from_utf8_lossy(bytes);
+    let mut cut: String = text.chars().take(MAX_CHARS).collect();
+    if text.chars().nth(MAX_CHARS).is_some() {
+        cut.push('…');
+    }
+    format!("{cut:?}")
+}
+
+mod pem {
+    //! PEM bundles as OpenSSL reads them: blocks between BEGIN and END lines, any text
+    //! around them ignored.
+
+    use super::{Collector, ContentKind, quoted};
+
+    enum BlockKind {
+        Certificate,
+        PrivateKey,
+        Other,
+    }
+
+    struct Open<'a> {
+        label: &'a [u8],
+        line: usize,
+        /// Certificates only: key blocks are never decoded, other blocks are skipped.
+        cert: Option<(usize, Base64)>,
+    }
+
+    /// Returns None when no BEGIN line exists, so the content is not PEM.
+    pub(super) fn read(bytes: &[u8], col: &mut Collector) -> Option<ContentKind> {
+        let mut open: Option<Open> = None;
+        let mut saw_block = false;
+        let mut saw_cert = false;
+        let mut saw_key = false;
+        for (index, raw_line) in bytes.split(|&b| b == b'\n').enumerate() {
+            let lineno = index + 1;
+            let line = trim(raw_line, index == 0);
+            if let Some(label) = armour(line, b"-----BEGIN ") {
+                if let Some(block) = open.take() {
+                    unterminated(block, col);
+                }
+                saw_block = true;
+                let cert = match classify(label) {
+                    BlockKind::Certificate => {
+                        saw_cert = true;
+                        Some((col.next_ordinal(), Base64::default()))
+                    }
+                    BlockKind::PrivateKey => {
+                        saw_key = true;
+                        None
+                    }
+                    BlockKind::Other => None,
+                };
+                open = Some(Open {
+                    label,
+                    line: lineno,
+                    cert,
+                });
+                continue;
+            }
+            let Some(block) = open.as_mut() else {
+                continue;
+            };
+            if let Some(end_label) = armour(line, b"-----END ") {
+                if let Some(block) = open.take() {
+                    close(block, end_label, lineno, col);
+                }
+                continue;
+            }
+            if let Some((_, b64)) = block.cert.as_mut() {
+                b64.feed(line, lineno);
+            }
+        }
+        if let Some(block) = open.take() {
+            unterminated(block, col);
+        }
+        if !saw_block {
+            return None;
+        }
+        // A key beside certificates is the server's own pair: the certificates are what
+        // the catalog compares. A key with only parameters beside it (`openssl ecparam
+        // -genkey`) is still a key file.
+        Some(if saw_key && !saw_cert {
+            ContentKind::PrivateKey
+        } else {
+            ContentKind::PemBundle
+        })
+    }
+
+    fn close(block: Open<'_>, end_label: &[u8], end_line: usize, col: &mut Collector) {
+        let whence = format!("PEM block at line {}", block.line);
+        if end_label != block.label {
+            let problem = format!("ends with END {} at line {end_line}", quoted(end_label));
+            match block.cert {
+                Some((n, _)) => col.cert_error(n, whence, problem),
+                None => col.error(format!(
+                    "PEM block {} at line {}: {problem}",
+                    quoted(block.label),
+                    block.line
+                )),
+            }
+            return;
+        }
+        let Some((n, b64)) = block.cert else {
+            return;
+        };
+        match b64.finish() {
+            Ok(der) => col.add_certificate(n, &der, whence),
+            Err(problem) => col.cert_error(n, whence, problem),
+        }
+    }
+
+    fn unterminated(block: Open<'_>, col: &mut Collector) {
+        match block.cert {
+            Some((n, _)) => col.cert_error(
+                n,
+                format!("PEM block at line {}", block.line),
+                "no END line",
+            ),
+            None => col.error(format!(
+                "PEM block {} at line {}: no END line",
+                quoted(block.label),
+                block.line
+            )),
+        }
+    }
+
+    fn classify(label: &[u8]) -> BlockKind {
+        match label {
+            b"CERTIFICATE" | b"X509 CERTIFICATE" | b"TRUSTED CERTIFICATE" => BlockKind::Certificate,
+            // PRIVATE KEY, RSA/EC/DSA PRIVATE KEY, ENCRYPTED PRIVATE KEY, OPENSSH PRIVATE KEY, …
+            l if l.ends_with(b"PRIVATE KEY") => BlockKind::PrivateKey,
+            _ => BlockKind::Other,
+        }
+    }
+
+    /// The label of a `-----BEGIN LABEL-----` (or END) line.
+    fn armour<'a>(line: &'a [u8], prefix: &[u8]) -> Option<&'a [u8]> {
+        line.strip_prefix(prefix)?.strip_suffix(b"-----")
+    }
+
+    fn trim(line: &[u8], first: bool) -> &[u8] {
+        let line = if first {
+            line.strip_prefix("\u{feff}".as_bytes()).unwrap_or(line)
+        } else {
+            line
+        };
+        line.trim_ascii()
+    }
+
+    /// Streaming decoder, so that a certificate block is decoded line by line and a bad
+    /// character can be reported with its line.
+    #[derive(Default)]
+    struct Base64 {
+        out: Vec<u8>,
+        acc: u32,
+        sextets: u8,
+        padding: u8,
+        bad_line: Option<usize>,
+    }
+
+    impl Base64 {
+        fn feed(&mut self, line: &[u8], lineno: usize) {
+            if self.bad_line.is_some() {
+                return;
+            }
+            for &c in line {
+                let value = match c {
+                    b'A'..=b'Z' => c - b'A',
+                    b'a'..=b'z' => c - b'a' + 26,
+                    b'0'..=b'9' => c - b'0' + 52,
+                    b'+' => 62,
+                    b'/' => 63,
+                    b'=' => {
+                        self.padding += 1;
+                        if self.padding > 2 {
+                            self.bad_line = Some(lineno);
+                            return;
+                        }
+                        continue;
+                    }
+                    b' ' | b'\t' | b'\r' => continue,
+                    _ => {
+                        self.bad_line = Some(lineno);
+                        return;
+                    }
+                };
+                if self.padding > 0 {
+                    self.bad_line = Some(lineno);
+                    return;
+                }
+                self.acc = (self.acc << 6) | u32::from(value);
+                self.sextets += 1;
+                if self.sextets == 4 {
+                    self.out.extend_from_slice(&self.acc.to_be_bytes()[1..]);
+                    self.acc = 0;
+                    self.sextets = 0;
+                }
+            }
+        }
+
+        fn finish(mut self) -> Result<Vec<u8>, String> {
+            if let Some(line) = self.bad_line {
+                return Err(format!("bad base64 at line {line}"));
+            }
+            match self.sextets {
+                0 => {}
+                2 => self
+                    .out
+                    .extend_from_slice(&(self.acc >> 4).to_be_bytes()[3..]),
+                3 => self
+                    .out
+                    .extend_from_slice(&(self.acc >> 2).to_be_bytes()[2..]),
+                _ => return Err("base64 ends mid-byte".to_owned()),
+            }
+            Ok(self.out)
+        }
+    }
+}
+
+mod jks {
+    //! Java keystores. Certificates are stored in the clear; the password only protects
+    //! keys and the trailing integrity hash, both skipped.
+
+    use std::fmt;
+
+    use super::{Collector, quoted};
+
+    const JKS_MAGIC: [u8; 4] = [0xfe, 0xed, 0xfe, 0xed];
+    /// JCEKS shares JKS's layout for key and certificate entries.
+    const JCEKS_MAGIC: [u8; 4] = [0xce, 0xce, 0xce, 0xce];
+
+    const TAG_PRIVATE_KEY: u32 = 1;
+    const TAG_TRUSTED_CERT: u32 = 2;
+    const TAG_SECRET_KEY: u32 = 3;
+
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    pub(super) enum Flavour {
+        Jks,
+        Jceks,
+    }
+
+    pub(super) fn flavour(bytes: &[u8]) -> Option<Flavour> {
+        match bytes.get(..4)? {
+            m if m == JKS_MAGIC => Some(Flavour::Jks),
+            m if m == JCEKS_MAGIC => Some(Flavour::Jceks),
+            _ => None,
+        }
+    }
+
+    /// A read past the end: every length in a keystore is checked against what is left
+    /// before anything is taken, so a lying length costs an error, not an allocation.
+    struct Short {
+        what: &'static str,
+        at: usize,
+        need: u64,
+        left: usize,
+    }
+
+    impl fmt::Display for Short {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(
+                f,
+                "truncated: {} at offset {} needs {} bytes, {} left",
+                self.what, self.at, self.need, self.left
+            )
+        }
+    }
+
+    impl From<Short> for String {
+        fn from(short: Short) -> Self {
+            short.to_string()
+        }
+    }
+
+    struct Reader<'a> {
+        bytes: &'a [u8],
+        pos: usize,
+    }
+
+    impl<'a> Reader<'a> {
+        fn left(&self) -> usize {
+            self.bytes.len().saturating_sub(self.pos)
+        }
+
+        fn take(&mut self, need: u64, what: &'static str) -> Result<&'a [u8], Short> {
+            let slice = usize::try_from(need)
+                .ok()
+                .and_then(|n| self.bytes.get(self.pos..self.pos.checked_add(n)?));
+            let Some(slice) = slice else {
+                return Err(Short {
+                    what,
+                    at: self.pos,
+                    need,
+                    left: self.left(),
+                });
+            };
+            self.pos += slice.len();
+            Ok(slice)
+        }
+
+        fn array<const N: usize>(&mut self, what: &'static str) -> Result<[u8; N], Short> {
+            let slice = self.take(N as u64, what)?;
+            let mut out = [0; N];
+            out.copy_from_slice(slice);
+            Ok(out)
+        }
+
+        fn u16(&mut self, what: &'static str) -> Result<u16, Short> {
+            self.array(what).map(u16::from_be_bytes)
+        }
+
+        fn u32(&mut self, what: &'static str) -> Result<u32, Short> {
+            self.array(what).map(u32::from_be_bytes)
+        }
+
+        /// Java's DataOutput.writeUTF: u16 length, then modified UTF-8.
+        fn utf(&mut self, what: &'static str) -> Result<&'a [u8], Short> {
+            let len = self.u16(what)?;
+            self.take(u64::from(len), what)
+        }
+    }
+
+    pub(super) fn read(bytes: &[u8], flavour: Flavour, col: &mut Collector) {
+        let name = match flavour {
+            Flavour::Jks => "JKS",
+            Flavour::Jceks => "JCEKS",
+        };
+        let mut r = Reader { bytes, pos: 4 };
+        let header = r
+            .u32("version")
+            .and_then(|v| Ok((v, r.u32("entry count")?)));
+        let (version, count) = match header {
+            Ok(h) => h,
+            Err(short) => {
+                col.error(format!("{name} header {short}"));
+                return;
+            }
+        };
+        if version != 1 && version != 2 {
+            col.error(format!("{name} version {version} not supported"));
+            return;
+        }
+        for index in 0..count {
+            if r.left() == 0 {
+                col.error(format!(
+                    "{name} keystore declares {count} entries but ends after {index}"
+                ));
+                return;
+            }
+            let mut entry = Entry {
+                name,
+                number: u64::from(index) + 1,
+                count,
+                alias: None,
+                version,
+                flavour,
+            };
+            if let Err(problem) = entry.read(&mut r, col) {
+                col.error(format!("{}: {problem}", entry.context()));
+                // Lengths past this point cannot be trusted to find the next entry.
+                return;
+            }
+        }
+        // What follows is the keyed SHA-1 of the store: checking it needs the password,
+        // and the certificates are used whether it matches or not.
+    }
+
+    struct Entry<'a> {
+        name: &'static str,
+        number: u64,
+        count: u32,
+        alias: Option<&'a [u8]>,
+        version: u32,
+        flavour: Flavour,
+    }
+
+    impl<'a> Entry<'a> {
+        fn context(&self) -> String {
+            match self.alias {
+                Some(alias) => format!(
+                    "{} entry {} of {} (alias {})",
+                    self.name,
+                    self.number,
+                    self.count,
+                    quoted(alias)
+                ),
+                None => format!("{} entry {} of {}", self.name, self.number, self.count),
+            }
+        }
+
+        fn read(&mut self, r: &mut Reader<'a>, col: &mut Collector) -> Result<(), String> {
+            let tag = r.u32("entry tag")?;
+            self.alias = Some(r.utf("alias")?);
+            r.take(8, "timestamp")?;
+            match tag {
+                TAG_PRIVATE_KEY => {
+                    let key_len = r.u32("protected key length")?;
+                    r.take(u64::from(key_len), "protected key")?;
+                    let chain = r.u32("chain length")?;
+                    for link in 1..=chain {
+                        self.certificate(r, col, Some(link))?;
+                    }
+                    Ok(())
+                }
+                TAG_TRUSTED_CERT => self.certificate(r, col, None),
+                TAG_SECRET_KEY if self.flavour == Flavour::Jceks => Err(
+                    "secret-key entry is a serialised Java object; later entries not read"
+                        .to_owned(),
+                ),
+                other => Err(format!("unknown entry tag {other}; later entries not read")),
+            }
+        }
+
+        fn certificate(
+            &self,
+            r: &mut Reader<'a>,
+            col: &mut Collector,
+            link: Option<u32>,
+        ) -> Result<(), String> {
+            let cert_type = if self.version == 2 {
+                Some(r.utf("certificate type")?)
+            } else {
+                None
+            };
+            let len = r.u32("certificate length")?;
+            let der = r.take(u64::from(len), "certificate")?;
+            let n = col.next_ordinal();
+            let whence = match link {
+                Some(link) => format!("{}, chain certificate {link}", self.context()),
+                None => self.context(),
+            };
+            match cert_type {
+                Some(t) if t != b"X.509" => {
+                    col.cert_error(n, whence, format!("type {} is not X.509", quoted(t)));
+                }
+                _ => col.add_certificate(n, der, whence),
+            }
+            Ok(())
+        }
+    }
+}
+
+mod pkcs12 {
+    //! PKCS#12 (RFC 7292) stores, as far as they can be read without a password: the
+    //! certBags of unencrypted SafeContents, which is how OpenJDK ships its PKCS#12
+    //! cacerts. BER is accepted, since some producers use indefinite lengths.
+
+    use super::{Any, Class, Collector, Cow, FromBer, Header, Oid, Tag, asn1_rs};
+
+    /// 1.2.840.113549.1.7 (PKCS#7 content types), the prefix every authSafe type shares.
+    const OID_PKCS7: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x07];
+    /// 1.2.840.113549.1.7.1
+    pub(super) const OID_DATA: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x07, 0x01];
+    /// 1.2.840.113549.1.7.2
+    pub(super) const OID_SIGNED_DATA: &[u8] =
+        &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x07, 0x02];
+    /// 1.2.840.113549.1.7.3
+    pub(super) const OID_ENVELOPED_DATA: &[u8] =
+        &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x07, 0x03];
+    /// 1.2.840.113549.1.7.6
+    pub(super) const OID_ENCRYPTED_DATA: &[u8] =
+        &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x07, 0x06];
+    /// 1.2.840.113549.1.12.10.1.3
+    pub(super) const OID_CERT_BAG: &[u8] = &[
+        0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x0c, 0x0a, 0x01, 0x03,
+    ];
+    /// 1.2.840.113549.1.12.10.1.6
+    pub(super) const OID_SAFE_CONTENTS_BAG: &[u8] = &[
+        0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x0c, 0x0a, 0x01, 0x06,
+    ];
+    /// 1.2.840.113549.1.9.22.1
+    pub(super) const OID_X509_CERTIFICATE: &[u8] =
+        &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x09, 0x16, 0x01];
+
+    pub(super) const ENCRYPTED_SKIPPED: &str =
+        "PKCS#12 encrypted contents skipped (password needed)";
+
+    /// Nested safeContentsBags are legal but unused in practice; the cap only bounds
+    /// recursion on hostile input.
+    const MAX_NESTING: usize = 4;
+
+    /// PFX ::= SEQUENCE { version INTEGER (3), authSafe ContentInfo, … }. Only headers
+    /// are checked, so that a truncated store is still recognised as one.
+    pub(super) fn looks_like(bytes: &[u8]) -> bool {
+        let sniff = || -> Option<bool> {
+            let (rest, pfx) = Header::from_ber(bytes).ok()?;
+            let (rest, version) = Any::from_ber(rest).ok()?;
+            let (rest, auth_safe) = Header::from_ber(rest).ok()?;
+            let (_, content_type) = Any::from_ber(rest).ok()?;
+            Some(
+                is_universal(&pfx, Tag::Sequence)
+                    && is_universal(&version.header, Tag::Integer)
+                    && version.data == [3]
+                    && is_universal(&auth_safe, Tag::Sequence)
+                    && is_universal(&content_type.header, Tag::Oid)
+                    && content_type.data.starts_with(OID_PKCS7),
+            )
+        };
+        sniff().unwrap_or(false)
+    }
+
+    pub(super) fn read(bytes: &[u8], col: &mut Collector) {
+        let mut walk = Walk {
+            col,
+            bags: 0,
+            encrypted_reported: false,
+        };
+        if let Err(problem) = walk.pfx(bytes) {
+            walk.col.error(format!("PKCS#12: {problem}"));
+        }
+    }
+
+    struct Walk<'c> {
+        col: &'c mut Collector,
+        bags: usize,
+        encrypted_reported: bool,
+    }
+
+    impl Walk<'_> {
+        fn pfx(&mut self, bytes: &[u8]) -> Result<(), String> {
+            let (_, pfx) = Any::from_ber(bytes).map_err(|e| format!("PFX: {}", problem(&e)))?;
+            let mut items = Elements::of(&pfx, "PFX")?;
+            items.next_required("version")?;
+            let auth_safe = items.next_required("authSafe")?;
+            let (content_type, content) = content_info(&auth_safe, "authSafe")?;
+            match content_type {
+                OID_DATA => {
+                    let octets = explicit_octets(content, "authSafe")?;
+                    self.authenticated_safe(&octets)
+                }
+                OID_SIGNED_DATA => {
+                    Err("public-key integrity mode (signedData) not supported".to_owned())
+                }
+                other => Err(format!(
+                    "authSafe content type {} not supported",
+                    oid_name(other)
+                )),
+            }
+        }
+
+        /// AuthenticatedSafe ::= SEQUENCE OF ContentInfo. A broken ContentInfo is reported
+        /// and the next one still read: each is delimited by its own length.
+        fn authenticated_safe(&mut self, bytes: &[u8]) -> Result<(), String> {
+            let (_, seq) =
+                Any::from_ber(bytes).map_err(|e| format!("AuthenticatedSafe: {}", problem(&e)))?;
+            for (index, item) in Elements::of(&seq, "AuthenticatedSafe")?.enumerate() {
+                if let Err(problem) = item.and_then(|ci| self.safe_contents_info(&ci)) {
+                    self.col
+                        .error(format!("PKCS#12 ContentInfo {}: {problem}", index + 1));
+                }
+            }
+            Ok(())
+        }
+
+        fn safe_contents_info(&mut self, ci: &Any<'_>) -> Result<(), String> {
+            let (content_type, content) = content_info(ci, "ContentInfo")?;
+            match content_type {
+                OID_DATA => {
+                    let octets = explicit_octets(content, "SafeContents")?;
+                    let (_, seq) = Any::from_ber(&octets)
+                        .map_err(|e| format!("SafeContents: {}", problem(&e)))?;
+                    self.safe_contents(&seq, 0)
+                }
+                // One line for the whole store: a password opens all of its parts or none.
+                OID_ENCRYPTED_DATA => {
+                    if !self.encrypted_reported {
+                        self.encrypted_reported = true;
+                        self.col.error(ENCRYPTED_SKIPPED.to_owned());
+                    }
+                    Ok(())
+                }
+                OID_ENVELOPED_DATA => {
+                    Err("enveloped contents skipped (recipient's private key needed)".to_owned())
+                }
+                other => Err(format!("content type {} skipped", oid_name(other))),
+            }
+        }
+
+        /// SafeContents ::= SEQUENCE OF SafeBag.
+        fn safe_contents(&mut self, seq: &Any<'_>, depth: usize) -> Result<(), String> {
+            for bag in Elements::of(seq, "SafeContents")? {
+                self.bags += 1;
+                let number = self.bags;
+                if let Err(problem) = bag.and_then(|bag| self.safe_bag(&bag, number, depth)) {
+                    self.col.error(format!("PKCS#12 bag {number}: {problem}"));
+                }
+            }
+            Ok(())
+        }
+
+        /// SafeBag ::= SEQUENCE { bagId OID, bagValue [0] EXPLICIT ANY, bagAttributes … }.
+        /// Key bags are left undecoded; CRL and secret bags hold no certificates.
+        fn safe_bag(&mut self, bag: &Any<'_>, number: usize, depth: usize) -> Result<(), String> {
+            let mut items = Elements::of(bag, "SafeBag")?;
+            let bag_id = expect_oid(&items.next_required("bagId")?, "bagId")?;
+            match bag_id {
+                OID_CERT_BAG => {
+                    let value = explicit(&items.next_required("bagValue")?, "bagValue")?;
+                    self.cert_bag(&value, number)
+                }
+                OID_SAFE_CONTENTS_BAG if depth < MAX_NESTING => {
+                    let value = explicit(&items.next_required("bagValue")?, "bagValue")?;
+                    self.safe_contents(&value, depth + 1)
+                }
+                OID_SAFE_CONTENTS_BAG => Err("safeContentsBag nested too deeply".to_owned()),
+                _ => Ok(()),
+            }
+        }
+
+        /// CertBag ::= SEQUENCE { certId OID, certValue [0] EXPLICIT OCTET STRING }.
+        fn cert_bag(&mut self, value: &Any<'_>, number: usize) -> Result<(), String> {
+            let mut items = Elements::of(value, "CertBag")?;
+            let cert_id = expect_oid(&items.next_required("certId")?, "certId")?;
+            let n = self.col.next_ordinal();
+            let whence = format!("PKCS#12 bag {number}");
+            if cert_id != OID_X509_CERTIFICATE {
+                self.col.cert_error(
+                    n,
+                    whence,
+                    format!("type {} is not X.509", oid_name(cert_id)),
+                );
+                return Ok(());
+            }
+            let cert_value = items.next_required("certValue")?;
+            match explicit(&cert_value, "certValue").and_then(|v| octets(&v, "certValue", 0)) {
+                Ok(der) => self.col.add_certificate(n, &der, whence),
+                Err(problem) => self.col.cert_error(n, whence, problem),
+            }
+            Ok(())
+        }
+    }
+
+    /// The elements of a constructed value, in order; stops after the first unreadable one.
+    struct Elements<'a> {
+        rest: &'a [u8],
+        what: &'static str,
+    }
+
+    impl<'a> Elements<'a> {
+        fn of(any: &Any<'a>, what: &'static str) -> Result<Self, String> {
+            if !is_universal(&any.header, Tag::Sequence) {
+                return Err(format!("{what}: not a SEQUENCE"));
+            }
+            Ok(Elements {
+                rest: any.data,
+                what,
+            })
+        }
+
+        fn next_required(&mut self, field: &str) -> Result<Any<'a>, String> {
+            self.next()
+                .unwrap_or_else(|| Err(format!("{}: {field} missing", self.what)))
+        }
+    }
+
+    impl<'a> Iterator for Elements<'a> {
+        type Item = Result<Any<'a>, String>;
+
+        fn next(&mut self) -> Option<Self::Item> {
+            if self.rest.is_empty() {
+                return None;
+            }
+            match Any::from_ber(self.rest) {
+                Ok((rest, any)) => {
+                    self.rest = rest;
+                    Some(Ok(any))
+                }
+                Err(e) => {
+                    self.rest = &[];
+                    Some(Err(format!("{}: {}", self.what, problem(&e))))
+                }
+            }
+        }
+    }
+
+    /// ContentInfo ::= SEQUENCE { contentType OID, content [0] EXPLICIT ANY OPTIONAL }.
+    fn content_info<'a>(
+        ci: &Any<'a>,
+        what: &'static str,
+    ) -> Result<(&'a [u8], Option<Any<'a>>), String> {
+        let mut items = Elements::of(ci, what)?;
+        let content_type = expect_oid(&items.next_required("contentType")?, what)?;
+        let content = match items.next() {
+            Some(item) => Some(explicit(&item?, what)?),
+            None => None,
+        };
+        Ok((content_type, content))
+    }
+
+    fn explicit_octets<'a>(
+        content: Option<Any<'a>>,
+        what: &'static str,
+    ) -> Result<Cow<'a, [u8]>, String> {
+        let content = content.ok_or_else(|| format!("{what}: content missing"))?;
+        octets(&content, what, 0)
+    }
+
+    /// The value inside a [0] EXPLICIT tag.
+    fn explicit<'a>(tagged: &Any<'a>, what: &str) -> Result<Any<'a>, String> {
+        let h = &tagged.header;
+        if h.class() != Class::ContextSpecific || h.tag() != Tag(0) || !h.is_constructed() {
+            return Err(format!("{what}: expected [0]"));
+        }
+        Any::from_ber(tagged.data)
+            .map(|(_, inner)| inner)
+            .map_err(|e| format!("{what}: {}", problem(&e)))
+    }
+
+    /// BER allows an OCTET STRING to arrive in constructed chunks; they are joined.
+    fn octets<'a>(any: &Any<'a>, what: &str, depth: usize) -> Result<Cow<'a, [u8]>, String> {
+        if any.header.class() != Class::Universal || any.header.tag() != Tag::OctetString {
+            return Err(format!("{what}: not an OCTET STRING"));
+        }
+        if !any.header.is_constructed() {
+            return Ok(Cow::Borrowed(any.data));
+        }
+        if depth >= MAX_NESTING {
+            return Err(format!("{what}: OCTET STRING chunks nested too deeply"));
+        }
+        let mut joined = Vec::new();
+        let mut rest = any.data;
+        while !rest.is_empty() {
+            let (next, chunk) =
+                Any::from_ber(rest).map_err(|e| format!("{what}: {}", problem(&e)))?;
+            joined.extend_from_slice(&octets(&chunk, what, depth + 1)?);
+            rest = next;
+        }
+        Ok(Cow::Owned(joined))
+    }
+
+    fn expect_oid<'a>(any: &Any<'a>, what: &str) -> Result<&'a [u8], String> {
+        if is_universal(&any.header, Tag::Oid) {
+            Ok(any.data)
+        } else {
+            Err(format!("{what}: not an OBJECT IDENTIFIER"))
+        }
+    }
+
+    fn is_universal(h: &Header<'_>, tag: Tag) -> bool {
+        h.class() == Class::Universal && h.tag() == tag
+    }
+
+    pub(super) fn oid_name(raw: &[u8]) -> String {
+        if raw.len() > 32 {
+            return "(overlong OID)".to_owned();
+        }
+        Oid::new(Cow::Borrowed(raw)).to_id_string()
+    }
+
+    fn problem(e: &asn1_rs::Err<asn1_rs::Error>) -> String {
+        match e {
+            asn1_rs::Err::Incomplete(_) => "truncated".to_owned(),
+            asn1_rs::Err::Error(e) | asn1_rs::Err::Failure(e) => e.to_string(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    /// The daemon crate's fixtures; STORE_FORMAT_FIXTURES points elsewhere when this file
+    /// is compiled by another crate.
+    fn fixture_path(name: &str) -> PathBuf {
+        let dir = std::env::var_os("STORE_FORMAT_FIXTURES").map_or_else(
+            || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/store_format"),
+            PathBuf::from,
+        );
+        dir.join(name)
+    }
+
+    fn fixture(name: &str) -> Vec<u8> {
+        let path = fixture_path(name);
+        std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    fn concat(parts: &[&[u8]]) -> Vec<u8> {
+        parts.concat()
+    }
+
+    // `openssl x509 -in ca.pem -noout -fingerprint -sha256`, lowercased, colons removed.
+    const CA_SHA256: &str = "ad375889d790ce8f15253138a737ebdcda08bbae6b427ae61171b5db46ea2e30";
+    // `openssl x509 -in leaf.pem -noout -fingerprint -sha256`, lowercased, colons removed.
+    const LEAF_SHA256: &str = "be5b5af6f6d3dd23a9741901e5bdcd34e69ac8a49b1721ee2d68e8f0d57fb4b6";
+    // `openssl x509 -in v1-root.pem -noout -fingerprint -sha256`, lowercased, colons removed.
+    const V1_SHA256: &str = "6ef4d49f6a6898865f80da833e75b4cec1d9ce0e42654ea2842f324e578c9b98";
+    // `keytool -list -v -keystore test-only-throwaway-keypair.jks -storepass changeit`,
+    // "SHA256:" line, lowercased, colons removed.
+    const KEYPAIR_SHA256: &str = "421c21063d498b284cfff4487acaf635fc7b5782800a45008c57c42d9d07f557";
+
+    fn shas(parsed: &Parsed) -> Vec<&str> {
+        parsed.certs.iter().map(|c| c.sha256.as_str()).collect()
+    }
+
+    #[test]
+    fn pem_bundle_of_ca_and_leaf() {
+        let bundle = concat(&[
+            b"# trustdrift test CA\n",
+            &fixture("ca.pem"),
+            b"\nsome text between blocks\n\n",
+            &fixture("leaf.pem"),
+            b"trailing text\n",
+        ]);
+        let parsed = parse(&bundle);
+        assert_eq!(parsed.kind, ContentKind::PemBundle);
+        assert_eq!(parsed.errors, Vec::<String>::new());
+        assert_eq!(parsed.certs.len(), 2);
+        let (ca, leaf) = (&parsed.certs[0], &parsed.certs[1]);
+
+        assert_eq!(ca.sha256, CA_SHA256);
+        // `openssl x509 -noout -serial` printed serial=7D1C2B3A4F5E6D01.
+        assert_eq!(ca.serial, "7d1c2b3a4f5e6d01");
+        // `date -u -d "$(openssl x509 -noout -enddate | cut -d= -f2)" +%s` (Oct 30 17:55:16 2126 GMT).
+        assert_eq!(ca.not_after, 4_949_056_516);
+        assert_eq!(ca.subject, "O=trustdrift, CN=trustdrift test CA");
+        assert_eq!(ca.issuer, ca.subject);
+        assert!(ca.is_ca);
+
+        assert_eq!(leaf.sha256, LEAF_SHA256);
+        // serial=C0FFEE (set with -set_serial 0x00c0ffee: the leading zero is not kept).
+        assert_eq!(leaf.serial, "c0ffee");
+        // notAfter=Nov 20 17:55:16 2036 GMT, notBefore=Nov 23 17:55:16 2026 GMT.
+        assert_eq!(leaf.not_after, 2_110_816_516);
+        assert_eq!(leaf.not_before, 1_795_456_516);
+        assert_eq!(leaf.subject, "O=trustdrift, CN=leaf.trustdrift.test");
+        assert_eq!(leaf.issuer, ca.subject);
+        assert!(!leaf.is_ca);
+    }
+
+    #[test]
+    fn duplicate_certificates_are_kept_once() {
+        let ca = fixture("ca.pem");
+        let parsed = parse(&concat(&[&ca, &fixture("leaf.pem"), &ca]));
+        assert_eq!(shas(&parsed), [CA_SHA256, LEAF_SHA256]);
+        assert!(parsed.errors.is_empty());
+    }
+
+    #[test]
+    fn v1_self_signed_root_counts_as_ca() {
+        let parsed = parse(&fixture("v1-root.pem"));
+        assert_eq!(shas(&parsed), [V1_SHA256]);
+        assert_eq!(parsed.certs[0].serial, "01");
+        assert!(parsed.certs[0].is_ca);
+    }
+
+    #[test]
+    fn system_bundle() {
+        let path = "/etc/ssl/certs/ca-certificates.crt";
+        let Ok(bytes) = std::fs::read(path) else {
+            eprintln!("{path} absent: skipped");
+            return;
+        };
+        let parsed = parse(&bytes);
+        assert_eq!(parsed.kind, ContentKind::PemBundle);
+        assert_eq!(parsed.errors, Vec::<String>::new());
+        assert!(
+            parsed.certs.len() > 100,
+            "{} certificates",
+            parsed.certs.len()
+        );
+        let not_ca: Vec<_> = parsed.certs.iter().filter(|c| !c.is_ca).collect();
+        assert!(not_ca.is_empty(), "{not_ca:#?}");
+    }
+
+    #[test]
+    fn system_java_cacerts() {
+        let path = "/etc/ssl/certs/java/cacerts";
+        let Ok(bytes) = std::fs::read(path) else {
+            eprintln!("{path} absent: skipped");
+            return;
+        };
+        let parsed = parse(&bytes);
+        assert!(matches!(
+            parsed.kind,
+            ContentKind::Jks | ContentKind::Pkcs12
+        ));
+        assert_eq!(parsed.errors, Vec::<String>::new());
+        assert!(
+            parsed.certs.len() > 100,
+            "{} certificates",
+            parsed.certs.len()
+        );
+        assert!(parsed.certs.iter().all(|c| c.is_ca));
+    }
+
+    /// Replaces the first occurrence of `from` in `bytes`.
+    fn replace_once(bytes: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
+        let at = bytes
+            .windows(from.len())
+            .position(|w| w == from)
+            .expect("pattern present");
+        concat(&[&bytes[..at], to, &bytes[at + from.len()..]])
+    }
+
+    fn without_end_line(pem: &[u8]) -> Vec<u8> {
+        let text = std::str::from_utf8(pem).unwrap();
+        let kept: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with("-----END "))
+            .collect();
+        format!("{}\n", kept.join("\n")).into_bytes()
+    }
+
+    #[test]
+    fn corrupted_and_truncated_blocks_are_reported_and_the_rest_read() {
+        let leaf = fixture("leaf.pem");
+        // The leaf's second line, broken with a character base64 does not have.
+        let second_line: Vec<u8> = leaf.split(|&b| b == b'\n').nth(1).unwrap().to_vec();
+        let mut broken_line = second_line.clone();
+        broken_line[10] = b'!';
+        let corrupted_leaf = replace_once(&leaf, &second_line, &broken_line);
+        let bundle = concat(&[
+            &fixture("ca.pem"),
+            &corrupted_leaf,
+            &fixture("v1-root.pem"),
+            &without_end_line(&leaf),
+        ]);
+        let parsed = parse(&bundle);
+        assert_eq!(parsed.kind, ContentKind::PemBundle);
+        assert_eq!(shas(&parsed), [CA_SHA256, V1_SHA256]);
+        let ca_lines = fixture("ca.pem").split(|&b| b == b'\n').count() - 1;
+        let leaf_lines = leaf.split(|&b| b == b'\n').count() - 1;
+        let v1_lines = fixture("v1-root.pem").split(|&b| b == b'\n').count() - 1;
+        let leaf_begin = ca_lines + 1;
+        let truncated_begin = ca_lines + leaf_lines + v1_lines + 1;
+        assert_eq!(
+            parsed.errors,
+            [
+                format!(
+                    "certificate 2 (PEM block at line {leaf_begin}): bad base64 at line {}",
+                    leaf_begin + 1
+                ),
+                format!("certificate 4 (PEM block at line {truncated_begin}): no END line"),
+            ]
+        );
+    }
+
+    #[test]
+    fn block_with_bad_der_is_reported() {
+        // Valid base64 of bytes that are no certificate.
+        let bundle = concat(&[
+            b"-----BEGIN CERTIFICATE-----\nMIIBAgMEBQ==\n-----END CERTIFICATE-----\n",
+            &fixture("leaf.pem"),
+        ]);
+        let parsed = parse(&bundle);
+        assert_eq!(shas(&parsed), [LEAF_SHA256]);
+        assert_eq!(parsed.errors.len(), 1);
+        assert!(
+            parsed.errors[0].starts_with("certificate 1 (PEM block at line 1): malformed: "),
+            "{:?}",
+            parsed.errors
+        );
+    }
+
+    #[test]
+    fn mismatched_end_line_is_reported() {
+        let ca = fixture("ca.pem");
+        let bad = replace_once(&ca, b"-----END CERTIFICATE-----", b"-----END X509 CRL-----");
+        let parsed = parse(&concat(&[&bad, &fixture("leaf.pem")]));
+        assert_eq!(shas(&parsed), [LEAF_SHA256]);
+        assert_eq!(
+            parsed.errors,
+            [format!(
+                "certificate 1 (PEM block at line 1): ends with END \"X509 CRL\" at line {}",
+                ca.split(|&b| b == b'\n').count() - 1
+            )]
+        );
+    }
+
+    #[test]
+    fn trusted_certificate_block() {
+        let parsed = parse(&fixture("ca-trusted.pem"));
+        assert_eq!(parsed.kind, ContentKind::PemBundle);
+        assert!(parsed.errors.is_empty(), "{:?}", parsed.errors);
+        assert_eq!(shas(&parsed), [CA_SHA256]);
+        assert!(parsed.certs[0].is_ca);
+    }
+
+    #[test]
+    fn crlf_line_endings() {
+        let lf = concat(&[&fixture("ca.pem"), &fixture("leaf.pem")]);
+        let crlf = String::from_utf8(lf.clone())
+            .unwrap()
+            .replace('\n', "\r\n")
+            .into_bytes();
+        let parsed = parse(&crlf);
+        assert_eq!(parsed, parse(&lf));
+        assert_eq!(shas(&parsed), [CA_SHA256, LEAF_SHA256]);
+        assert!(parsed.errors.is_empty());
+    }
+
+    #[test]
+    fn crl_blocks_are_skipped_silently() {
+        let crl = fixture("ca.crl.pem");
+        let parsed = parse(&concat(&[&crl, b"\n", &fixture("leaf.pem")]));
+        assert_eq!(parsed.kind, ContentKind::PemBundle);
+        assert_eq!(shas(&parsed), [LEAF_SHA256]);
+        assert!(parsed.errors.is_empty(), "{:?}", parsed.errors);
+
+        let only_crl = parse(&crl);
+        assert_eq!(only_crl.kind, ContentKind::PemBundle);
+        assert!(only_crl.certs.is_empty() && only_crl.errors.is_empty());
+    }
+
+    /// Every base64 line of a key file, to check that none reaches an error.
+    fn key_body_lines(key: &[u8]) -> Vec<String> {
+        std::str::from_utf8(key)
+            .unwrap()
+            .lines()
+            .filter(|l| !l.starts_with("-----"))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    #[test]
+    fn key_only_pem_is_a_private_key() {
+        // PKCS#8 "PRIVATE KEY" then the same throwaway key as "EC PRIVATE KEY".
+        let key = fixture("test-only-throwaway.key");
+        let parsed = parse(&key);
+        assert_eq!(
+            parsed,
+            Parsed {
+                kind: ContentKind::PrivateKey,
+                certs: vec![],
+                errors: vec![]
+            }
+        );
+        for label in [
+            "RSA PRIVATE KEY",
+            "ENCRYPTED PRIVATE KEY",
+            "OPENSSH PRIVATE KEY",
+        ] {
+            let relabelled = String::from_utf8(key.clone())
+                .unwrap()
+                .replace("EC PRIVATE KEY", label);
+            assert_eq!(parse(relabelled.as_bytes()).kind, ContentKind::PrivateKey);
+        }
+    }
+
+    #[test]
+    fn broken_key_blocks_never_leak_key_material() {
+        let key = fixture("test-only-throwaway.key");
+        let body = key_body_lines(&key);
+        let broken = without_end_line(&key);
+        let mismatched = replace_once(&key, b"-----END PRIVATE KEY-----", b"-----END FOO-----");
+        for input in [
+            broken,
+            mismatched,
+            concat(&[&fixture("leaf.pem"), &without_end_line(&key)]),
+        ] {
+            let parsed = parse(&input);
+            assert!(!parsed.errors.is_empty());
+            for error in &parsed.errors {
+                for line in &body {
+                    for window in line.as_bytes().windows(8) {
+                        let window = std::str::from_utf8(window).unwrap();
+                        assert!(
+                            !error.contains(window),
+                            "{error:?} holds key bytes {window:?}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn certificate_and_key_pem_is_a_bundle() {
+        let parsed = parse(&concat(&[
+            &fixture("leaf.pem"),
+            &fixture("test-only-throwaway.key"),
+        ]));
+        assert_eq!(parsed.kind, ContentKind::PemBundle);
+        assert_eq!(shas(&parsed), [LEAF_SHA256]);
+        assert!(parsed.errors.is_empty());
+    }
+
+    #[test]
+    fn jks_trusted_certificates() {
+        let parsed = parse(&fixture("trusted-certs.jks"));
+        assert_eq!(parsed.kind, ContentKind::Jks);
+        assert!(parsed.errors.is_empty(), "{:?}", parsed.errors);
+        // Java writes entries in its hash table's order, not import order.
+        let mut got = shas(&parsed);
+        got.sort_unstable();
+        assert_eq!(got, [V1_SHA256, CA_SHA256]);
+        assert!(parsed.certs.iter().all(|c| c.is_ca));
+    }
+
+    #[test]
+    fn jks_private_key_entry_yields_its_chain() {
+        let parsed = parse(&fixture("test-only-throwaway-keypair.jks"));
+        assert_eq!(parsed.kind, ContentKind::Jks);
+        assert!(parsed.errors.is_empty(), "{:?}", parsed.errors);
+        assert_eq!(shas(&parsed), [KEYPAIR_SHA256]);
+        // keytool -list -v: "Serial number: 1590c98ab7fd5779".
+        assert_eq!(parsed.certs[0].serial, "1590c98ab7fd5779");
+        assert_eq!(
+            parsed.certs[0].subject,
+            // keytool's -dname is RFC 2253, most significant RDN last.
+            "CN=trustdrift test keypair, O=trustdrift"
+        );
+    }
+
+    /// Every prefix of a keystore: no panic, the certificates read are a prefix of the
+    /// whole store's, and an error is reported unless only the trailing hash is missing.
+    fn check_every_prefix(name: &str, hash_len: usize) {
+        let full_bytes = fixture(name);
+        let full = parse(&full_bytes);
+        assert!(full.errors.is_empty());
+        let mut last = 0;
+        for len in 0..=full_bytes.len() {
+            let parsed = parse(&full_bytes[..len]);
+            assert!(
+                parsed.certs.len() >= last,
+                "{name}[..{len}] lost certificates"
+            );
+            last = parsed.certs.len();
+            assert_eq!(parsed.certs[..], full.certs[..parsed.certs.len()]);
+            if len < 4 {
+                assert_eq!(parsed.kind, ContentKind::Unknown, "{name}[..{len}]");
+            } else {
+                assert_eq!(parsed.kind, full.kind, "{name}[..{len}]");
+                let complete = len + hash_len >= full_bytes.len();
+                assert_eq!(
+                    parsed.errors.is_empty(),
+                    complete,
+                    "{name}[..{len}]: {:?}",
+                    parsed.errors
+                );
+            }
+        }
+        assert_eq!(last, full.certs.len());
+    }
+
+    #[test]
+    fn jks_truncated_at_every_offset() {
+        // The keystore ends with a 20-byte SHA-1, which is ignored.
+        check_every_prefix("trusted-certs.jks", 20);
+        check_every_prefix("test-only-throwaway-keypair.jks", 20);
+    }
+
+    #[test]
+    fn jks_truncated_inside_entry_reports_where() {
+        let bytes = fixture("trusted-certs.jks");
+        let parsed = parse(&bytes[..100]);
+        assert_eq!(parsed.certs.len(), 0);
+        assert_eq!(parsed.errors.len(), 1);
+        assert!(
+            parsed.errors[0].starts_with("JKS entry 1 of 2 (alias \"")
+                && parsed.errors[0].contains("truncated: certificate at offset"),
+            "{:?}",
+            parsed.errors
+        );
+    }
+
+    /// Offset of the first entry's certificate length in a v2 JKS with a trusted entry
+    /// first: header, tag, alias, timestamp, type "X.509".
+    fn first_cert_length_offset(jks: &[u8]) -> usize {
+        let alias_len = usize::from(u16::from_be_bytes([jks[16], jks[17]]));
+        let type_at = 18 + alias_len + 8;
+        let type_len = usize::from(u16::from_be_bytes([jks[type_at], jks[type_at + 1]]));
+        type_at + 2 + type_len
+    }
+
+    #[test]
+    fn jks_lying_lengths() {
+        let bytes = fixture("trusted-certs.jks");
+
+        let mut huge_cert = bytes.clone();
+        let at = first_cert_length_offset(&huge_cert);
+        huge_cert[at..at + 4].copy_from_slice(&0xffff_fff0_u32.to_be_bytes());
+        let parsed = parse(&huge_cert);
+        assert_eq!(parsed.kind, ContentKind::Jks);
+        assert!(parsed.certs.is_empty());
+        assert_eq!(parsed.errors.len(), 1);
+        assert!(
+            parsed.errors[0].contains("needs 4294967280 bytes"),
+            "{:?}",
+            parsed.errors
+        );
+
+        let mut huge_count = bytes.clone();
+        huge_count[8..12].copy_from_slice(&u32::MAX.to_be_bytes());
+        let parsed = parse(&huge_count);
+        assert_eq!(parsed.certs.len(), 2);
+        assert_eq!(parsed.errors.len(), 1, "{:?}", parsed.errors);
+
+        let mut huge_alias = bytes.clone();
+        huge_alias[16..18].copy_from_slice(&u16::MAX.to_be_bytes());
+        let parsed = parse(&huge_alias);
+        assert!(parsed.certs.is_empty());
+        assert!(
+            parsed.errors[0].contains("truncated: alias"),
+            "{:?}",
+            parsed.errors
+        );
+
+        // The key entry's chain length: after the protected key's bytes.
+        let keypair = fixture("test-only-throwaway-keypair.jks");
+        let alias_len = usize::from(u16::from_be_bytes([keypair[16], keypair[17]]));
+        let key_len_at = 18 + alias_len + 8;
+        let key_len = u32::from_be_bytes(keypair[key_len_at..key_len_at + 4].try_into().unwrap());
+        let chain_at = key_len_at + 4 + key_len as usize;
+        let mut huge_chain = keypair.clone();
+        huge_chain[chain_at..chain_at + 4].copy_from_slice(&u32::MAX.to_be_bytes());
+        let parsed = parse(&huge_chain);
+        assert_eq!(shas(&parsed), [KEYPAIR_SHA256]);
+        assert_eq!(parsed.errors.len(), 1, "{:?}", parsed.errors);
+
+        let mut huge_key = keypair;
+        huge_key[key_len_at..key_len_at + 4].copy_from_slice(&u32::MAX.to_be_bytes());
+        let parsed = parse(&huge_key);
+        assert!(parsed.certs.is_empty());
+        assert!(
+            parsed.errors[0].contains("protected key"),
+            "{:?}",
+            parsed.errors
+        );
+
+        let mut bad_version = bytes;
+        bad_version[4..8].copy_from_slice(&7_u32.to_be_bytes());
+        assert_eq!(parse(&bad_version).errors, ["JKS version 7 not supported"]);
+    }
+
+    #[test]
+    fn pkcs12_unencrypted_certificates() {
+        // keytool, as OpenJDK builds its PKCS#12 cacerts: no cert encryption, no MAC.
+        let parsed = parse(&fixture("trusted-certs-unencrypted.p12"));
+        assert_eq!(parsed.kind, ContentKind::Pkcs12);
+        assert!(parsed.errors.is_empty(), "{:?}", parsed.errors);
+        let mut got = shas(&parsed);
+        got.sort_unstable();
+        assert_eq!(got, [CA_SHA256, LEAF_SHA256]);
+
+        // openssl pkcs12 -export -nokeys -certpbe NONE -nomac.
+        let parsed = parse(&fixture("openssl-nokeys-unencrypted.p12"));
+        assert_eq!(parsed.kind, ContentKind::Pkcs12);
+        assert!(parsed.errors.is_empty(), "{:?}", parsed.errors);
+        assert_eq!(shas(&parsed), [LEAF_SHA256, CA_SHA256]);
+    }
+
+    #[test]
+    fn pkcs12_encrypted_needs_a_password() {
+        let parsed = parse(&fixture("trusted-certs-encrypted.p12"));
+        assert_eq!(parsed.kind, ContentKind::Pkcs12);
+        assert!(parsed.certs.is_empty());
+        assert_eq!(parsed.errors, [pkcs12::ENCRYPTED_SKIPPED]);
+    }
+
+    #[test]
+    fn pkcs12_truncated_at_every_offset() {
+        let bytes = fixture("trusted-certs-unencrypted.p12");
+        for len in 0..bytes.len() {
+            let parsed = parse(&bytes[..len]);
+            if parsed.kind == ContentKind::Pkcs12 {
+                assert!(!parsed.errors.is_empty(), "[..{len}]");
+            }
+        }
+        let bytes = fixture("trusted-certs-encrypted.p12");
+        for len in 0..bytes.len() {
+            parse(&bytes[..len]);
+        }
+    }
+
+    #[test]
+    fn pkcs12_in_indefinite_length_ber() {
+        // Re-encodes the unencrypted store's outer PFX, ContentInfo and [0] with
+        // indefinite lengths, as some Windows and NSS exports do.
+        let der = fixture("trusted-certs-unencrypted.p12");
+        let (_, pfx) = Any::from_ber(&der).unwrap();
+        let (rest, _version) = Any::from_ber(pfx.data).unwrap();
+        let version_len = pfx.data.len() - rest.len();
+        let (_, auth_safe) = Any::from_ber(rest).unwrap();
+        let (rest, _oid) = Any::from_ber(auth_safe.data).unwrap();
+        let oid_len = auth_safe.data.len() - rest.len();
+        let (_, explicit) = Any::from_ber(rest).unwrap();
+        let ber = concat(&[
+            &[0x30, 0x80],
+            &pfx.data[..version_len],
+            &[0x30, 0x80],
+            &auth_safe.data[..oid_len],
+            &[0xa0, 0x80],
+            explicit.data,
+            &[0, 0, 0, 0, 0, 0],
+        ]);
+        let parsed = parse(&ber);
+        assert_eq!(parsed.kind, ContentKind::Pkcs12);
+        assert!(parsed.errors.is_empty(), "{:?}", parsed.errors);
+        assert_eq!(parsed.certs, parse(&der).certs);
+    }
+
+    #[test]
+    fn pkcs12_oids() {
+        for (raw, dotted) in [
+            (pkcs12::OID_DATA, "1.2.840.113549.1.7.1"),
+            (pkcs12::OID_SIGNED_DATA, "1.2.840.113549.1.7.2"),
+            (pkcs12::OID_ENVELOPED_DATA, "1.2.840.113549.1.7.3"),
+            (pkcs12::OID_ENCRYPTED_DATA, "1.2.840.113549.1.7.6"),
+            (pkcs12::OID_CERT_BAG, "1.2.840.113549.1.12.10.1.3"),
+            (pkcs12::OID_SAFE_CONTENTS_BAG, "1.2.840.113549.1.12.10.1.6"),
+            (pkcs12::OID_X509_CERTIFICATE, "1.2.840.113549.1.9.22.1"),
+        ] {
+            assert_eq!(pkcs12::oid_name(raw), dotted);
+        }
+    }
+
+    #[test]
+    fn der_certificate() {
+        let der = fixture("ca.der");
+        let parsed = parse(&der);
+        assert_eq!(parsed.kind, ContentKind::DerCertificate);
+        assert!(parsed.errors.is_empty());
+        assert_eq!(shas(&parsed), [CA_SHA256]);
+
+        let truncated = parse(&der[..der.len() - 10]);
+        assert_eq!(truncated.kind, ContentKind::DerCertificate);
+        assert!(truncated.certs.is_empty());
+        assert_eq!(truncated.errors.len(), 1);
+        assert!(
+            truncated.errors[0].starts_with("certificate 1 (DER file): malformed: "),
+            "{:?}",
+            truncated.errors
+        );
+
+        let trailing = parse(&concat(&[&der, b"xyz"]));
+        assert_eq!(shas(&trailing), [CA_SHA256]);
+        assert_eq!(
+            trailing.errors,
+            ["DER file: 3 bytes after the certificate ignored"]
+        );
+    }
+
+    #[test]
+    fn unknown_content() {
+        let cnf = b"# OpenSSL configuration\nHOME = .\nopenssl_conf = openssl_init\n\n\
+                    [openssl_init]\nproviders = provider_sect\n\n[ req ]\ndefault_bits = 2048\n";
+        let empty = Parsed {
+            kind: ContentKind::Unknown,
+            certs: vec![],
+            errors: vec![],
+        };
+        assert_eq!(parse(cnf), empty);
+        assert_eq!(parse(b""), empty);
+        if let Ok(real) = std::fs::read("/etc/ssl/openssl.cnf") {
+            assert_eq!(parse(&real), empty);
+        }
+        // A DER CRL looks like a certificate from outside, and CRLs are skipped.
+        assert_eq!(parse(&fixture("ca.crl.der")), empty);
+    }
+
+    #[test]
+    fn errors_are_capped() {
+        let mut input = Vec::new();
+        for _ in 0..500 {
+            input.extend_from_slice(
+                b"-----BEGIN CERTIFICATE-----\n!!!!\n-----END CERTIFICATE-----\n",
+            );
+        }
+        let parsed = parse(&input);
+        assert_eq!(parsed.errors.len(), MAX_ERRORS + 1);
+        assert_eq!(
+            parsed.errors[MAX_ERRORS],
+            format!("{} further problems not listed", 500 - MAX_ERRORS)
+        );
+    }
+
+    #[test]
+    fn content_kind_serialises_in_snake_case() {
+        assert_eq!(
+            serde_json::to_string(&ContentKind::DerCertificate).unwrap(),
+            "\"der_certificate\""
+        );
+        assert_eq!(
+            serde_json::to_string(&ContentKind::Pkcs12).unwrap(),
+            "\"pkcs12\""
+        );
+    }
+
+    struct XorShift(u64);
+
+    impl XorShift {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+
+        fn bytes(&mut self, len: usize) -> Vec<u8> {
+            (0..len).map(|_| self.next() as u8).collect()
+        }
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
+        let prefixes: [&[u8]; 7] = [
+            b"",
+            &[0xfe, 0xed, 0xfe, 0xed, 0, 0, 0, 2],
+            &[0xce, 0xce, 0xce, 0xce, 0, 0, 0, 2],
+            &[0x30, 0x82, 0x01, 0x00, 0x30, 0x82],
+            &[0x30, 0x80, 0x02, 0x01, 0x03, 0x30, 0x80, 0x06, 0x09],
+            b"-----BEGIN CERTIFICATE-----\n",
+            b"-----BEGIN TRUSTED CERTIFICATE-----\nMIIB",
+        ];
+        for round in 0..3000 {
+            let len = (rng.next() % 600) as usize;
+            let input = concat(&[prefixes[round % prefixes.len()], &rng.bytes(len)]);
+            parse(&input);
+        }
+    }
+
+    #[test]
+    fn mutated_fixtures_never_panic() {
+        let mut rng = XorShift(0x2545_f491_4f6c_dd1d);
+        let names = [
+            "ca.pem",
+            "ca.der",
+            "ca-trusted.pem",
+            "trusted-certs.jks",
+            "test-only-throwaway-keypair.jks",
+            "trusted-certs-unencrypted.p12",
+            "trusted-certs-encrypted.p12",
+            "openssl-nokeys-unencrypted.p12",
+        ];
+        for name in names {
+            let original = fixture(name);
+            for _ in 0..300 {
+                let mut bytes = original.clone();
+                for _ in 0..=(rng.next() % 4) {
+                    let at = (rng.next() as usize) % bytes.len();
+                    bytes[at] = rng.next() as u8;
+                }
+                parse(&bytes);
+            }
+        }
+    }
+}
