@@ -1,64 +1,137 @@
-//! The HTTP API: what the daemon knows, as JSON. Read-only; every answer comes from the
-//! latest published snapshot, so requests never wait on the engine.
+//! The HTTP API: what the daemon knows, as JSON, and its metrics. Read-only and bounded:
+//! every answer comes from the latest published snapshot (requests never wait on the
+//! engine), requests carry no body, query strings are short, a limited number run at
+//! once and each has a deadline. Errors are JSON: `{"error": ..., "reason": ...}`.
 
-use std::sync::Arc;
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};
 use axum::{
     Json, Router,
-    extract::{Path, Query, State},
-    http::StatusCode,
+    extract::{Path, RawQuery, Request, State},
+    http::{Method, StatusCode, header},
+    middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::get,
 };
-use serde::Deserialize;
-use tokio::sync::watch;
+use serde::Serialize;
+use tokio::sync::{Semaphore, watch};
 
-use crate::{engine::Snapshot, report::ProcessView, verdict::Verdict};
+use crate::{
+    config::Listen,
+    engine::Snapshot,
+    metrics,
+    report::{CertView, ProcessView, StoreView},
+    verdict::Verdict,
+};
 
-type Shared = watch::Receiver<Arc<Snapshot>>;
+/// Longest query string accepted.
+const MAX_QUERY: usize = 2048;
+
+#[derive(Clone)]
+struct AppState {
+    snapshot: watch::Receiver<Arc<Snapshot>>,
+}
 
 fn error(status: StatusCode, reason: impl Into<String>) -> Response {
     (
         status,
-        Json(serde_json::json!({ "error": status.canonical_reason(), "reason": reason.into() })),
+        Json(serde_json::json!({
+            "error": status.canonical_reason().unwrap_or("error"),
+            "reason": reason.into(),
+        })),
     )
         .into_response()
 }
 
-#[derive(Deserialize)]
-struct Filters {
-    verdict: Option<String>,
+/// `key=value&...`, decoded; a repeated key is an error.
+fn parse_query(raw: Option<&str>) -> Result<BTreeMap<String, String>, String> {
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(raw.unwrap_or_default())
+        .map_err(|e| format!("unreadable query string: {e}"))?;
+    let mut out = BTreeMap::new();
+    for (k, v) in pairs {
+        if out.insert(k.clone(), v).is_some() {
+            return Err(format!("filter {k:?} given twice"));
+        }
+    }
+    Ok(out)
 }
 
-async fn processes(State(rx): State<Shared>, Query(f): Query<Filters>) -> Response {
-    let wanted = match f.verdict.as_deref().map(|v| (v, Verdict::parse(v))) {
-        Some((raw, None)) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!(
-                    "unknown verdict {raw:?}: use fresh, stale, expired_in_memory or unverified"
-                ),
-            );
+/// The filters of `GET /processes`.
+struct Filters {
+    verdict: Option<Verdict>,
+    container: Option<String>,
+    namespace: Option<String>,
+    pod: Option<String>,
+    comm: Option<String>,
+}
+
+impl Filters {
+    fn parse(query: Option<&str>) -> Result<Self, String> {
+        let mut q = parse_query(query)?;
+        let verdict = match q.remove("verdict") {
+            None => None,
+            Some(v) => Some(Verdict::parse(&v).ok_or_else(|| {
+                format!("unknown verdict {v:?}: use fresh, stale, expired_in_memory or unverified")
+            })?),
+        };
+        let filters = Self {
+            verdict,
+            container: q.remove("container"),
+            namespace: q.remove("namespace"),
+            pod: q.remove("pod"),
+            comm: q.remove("comm"),
+        };
+        if let Some(unknown) = q.keys().next() {
+            return Err(format!(
+                "unknown filter {unknown:?}: use verdict, container, namespace, pod or comm"
+            ));
         }
-        Some((_, v)) => v,
-        None => None,
+        Ok(filters)
+    }
+
+    fn matches(&self, p: &ProcessView) -> bool {
+        let a = &p.attribution;
+        let container_matches = |want: &str| {
+            a.container.as_deref() == Some(want)
+                || a.container_id
+                    .as_deref()
+                    .is_some_and(|id| want.len() >= 4 && id.starts_with(want))
+        };
+        self.verdict.is_none_or(|v| p.verdict == v)
+            && self.container.as_deref().is_none_or(container_matches)
+            && self
+                .namespace
+                .as_deref()
+                .is_none_or(|n| a.namespace.as_deref() == Some(n))
+            && self
+                .pod
+                .as_deref()
+                .is_none_or(|n| a.pod.as_deref() == Some(n))
+            && self.comm.as_deref().is_none_or(|c| p.comm == c)
+    }
+}
+
+async fn processes(State(s): State<AppState>, RawQuery(query): RawQuery) -> Response {
+    let filters = match Filters::parse(query.as_deref()) {
+        Ok(f) => f,
+        Err(reason) => return error(StatusCode::BAD_REQUEST, reason),
     };
-    let snapshot = rx.borrow().clone();
+    let snapshot = s.snapshot.borrow().clone();
     let list: Vec<&ProcessView> = snapshot
         .processes
         .iter()
         .map(Arc::as_ref)
-        .filter(|p| wanted.is_none_or(|w| p.verdict == w))
+        .filter(|p| filters.matches(p))
         .collect();
     Json(list).into_response()
 }
 
-async fn process(State(rx): State<Shared>, Path(pid): Path<String>) -> Response {
+async fn process(State(s): State<AppState>, Path(pid): Path<String>) -> Response {
     let Ok(pid) = pid.parse::<u32>() else {
         return error(StatusCode::BAD_REQUEST, format!("{pid:?} is not a pid"));
     };
-    let snapshot = rx.borrow().clone();
+    let snapshot = s.snapshot.borrow().clone();
     // The newest process with this pid (a reused pid's predecessor may linger, exited).
     match snapshot
         .processes
@@ -74,18 +147,245 @@ async fn process(State(rx): State<Shared>, Path(pid): Path<String>) -> Response 
     }
 }
 
-pub fn router(rx: Shared) -> Router {
+#[derive(Serialize)]
+struct Reference {
+    loaded_at: String,
+    certificates: Vec<CertView>,
+    errors: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct Stores<'a> {
+    /// What a process started on the host now would trust (rustls-native-certs).
+    host_reference: Option<Reference>,
+    stores: Vec<&'a StoreView>,
+}
+
+async fn stores(State(s): State<AppState>, RawQuery(query): RawQuery) -> Response {
+    let mut q = match parse_query(query.as_deref()) {
+        Ok(q) => q,
+        Err(reason) => return error(StatusCode::BAD_REQUEST, reason),
+    };
+    let root = q.remove("root");
+    if let Some(unknown) = q.keys().next() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("unknown filter {unknown:?}: use root (host, or a root id)"),
+        );
+    }
+    let snapshot = s.snapshot.borrow().clone();
+    let body = Stores {
+        host_reference: snapshot.host_reference.as_ref().map(|r| Reference {
+            loaded_at: crate::clock::rfc3339(r.loaded_at),
+            certificates: r
+                .certs
+                .values()
+                .map(|c| CertView::from(c.as_ref()))
+                .collect(),
+            errors: r.errors.clone(),
+        }),
+        stores: snapshot
+            .store_views
+            .iter()
+            .filter(|v| root.as_deref().is_none_or(|r| v.root == r))
+            .collect(),
+    };
+    Json(body).into_response()
+}
+
+async fn healthz() -> Response {
+    Json(serde_json::json!({"status": "ok"})).into_response()
+}
+
+async fn readyz(State(s): State<AppState>) -> Response {
+    if s.snapshot.borrow().ready {
+        Json(serde_json::json!({"ready": true})).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({
+                "ready": false,
+                "reason": "the probe is not attached yet or the start-up scan is running",
+            })),
+        )
+            .into_response()
+    }
+}
+
+/// OpenMetrics for scrapers that ask for it (Prometheus does), the classic text format
+/// for everyone else (curl, promtool), as node_exporter does.
+async fn metrics_text(State(s): State<AppState>, headers: axum::http::HeaderMap) -> Response {
+    let snapshot = s.snapshot.borrow().clone();
+    let openmetrics = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("application/openmetrics-text"));
+    let text = metrics::render(&snapshot);
+    if openmetrics {
+        (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response()
+    } else {
+        (
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            metrics::to_prometheus_text(&text),
+        )
+            .into_response()
+    }
+}
+
+async fn not_found(request: Request) -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        format!(
+            "no such endpoint {}: see /processes, /stores, /metrics, /healthz, /readyz",
+            request.uri().path()
+        ),
+    )
+}
+
+/// Bounds every request: GET only, no body, a short query, a slot among the limited
+/// concurrent requests, and a deadline.
+async fn bounded(
+    State((slots, timeout)): State<(Arc<Semaphore>, Duration)>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if request.method() != Method::GET && request.method() != Method::HEAD {
+        return error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "the API is read-only: use GET",
+        );
+    }
+    let headers = request.headers();
+    let has_body = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .is_some_and(|n| n > 0)
+        || headers.contains_key(header::TRANSFER_ENCODING);
+    if has_body {
+        return error(StatusCode::PAYLOAD_TOO_LARGE, "requests carry no body");
+    }
+    if request.uri().query().is_some_and(|q| q.len() > MAX_QUERY) {
+        return error(
+            StatusCode::URI_TOO_LONG,
+            format!("query strings are limited to {MAX_QUERY} bytes"),
+        );
+    }
+    let Ok(_slot) = slots.try_acquire() else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many requests in flight: retry shortly",
+        );
+    };
+    match tokio::time::timeout(timeout, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => error(StatusCode::GATEWAY_TIMEOUT, "the request took too long"),
+    }
+}
+
+pub fn router(
+    snapshot: watch::Receiver<Arc<Snapshot>>,
+    max_concurrent: usize,
+    timeout: Duration,
+) -> Router {
+    let limits = (Arc::new(Semaphore::new(max_concurrent)), timeout);
     Router::new()
         .route("/processes", get(processes))
         .route("/processes/{pid}", get(process))
-        .with_state(rx)
+        .route("/stores", get(stores))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .fallback(not_found)
+        .with_state(AppState { snapshot })
+        .layer(middleware::from_fn_with_state(limits, bounded))
 }
 
-pub async fn serve(listener: tokio::net::TcpListener, rx: Shared) -> Result<()> {
-    if let Ok(addr) = listener.local_addr() {
-        tracing::info!("API listening on http://{addr}");
+/// Listeners bound before the probe attaches, so a busy port is reported at once.
+pub enum Bound {
+    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener, std::path::PathBuf),
+}
+
+pub async fn bind(listen: &Listen) -> Result<Bound> {
+    match listen {
+        Listen::Tcp(addr) => Ok(Bound::Tcp(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("listening on {addr}"))?,
+        )),
+        Listen::Unix(path) => {
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)
+                    .with_context(|| format!("creating {}", parent.display()))?;
+            }
+            // A socket left by a previous run would make bind fail.
+            if std::fs::symlink_metadata(path)
+                .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
+            {
+                let _ = std::fs::remove_file(path);
+            }
+            let listener = tokio::net::UnixListener::bind(path)
+                .with_context(|| format!("listening on unix:{}", path.display()))?;
+            Ok(Bound::Unix(listener, path.clone()))
+        }
     }
-    axum::serve(listener, router(rx))
-        .await
-        .context("serving the API")
+}
+
+pub async fn serve(bound: Vec<Bound>, router: Router) -> Result<()> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for b in bound {
+        let app = router.clone();
+        match b {
+            Bound::Tcp(l) => {
+                if let Ok(addr) = l.local_addr() {
+                    tracing::info!("API listening on http://{addr}");
+                }
+                tasks.spawn(async move { axum::serve(l, app).await });
+            }
+            Bound::Unix(l, path) => {
+                tracing::info!("API listening on unix:{}", path.display());
+                tasks.spawn(async move { axum::serve(l, app).await });
+            }
+        }
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.context("API task")?.context("serving the API")?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_strings_decode_and_refuse_repeats() {
+        let q = parse_query(Some("comm=python3&container=agent%2D1&x=a+b")).unwrap();
+        assert_eq!(q["comm"], "python3");
+        assert_eq!(q["container"], "agent-1");
+        assert_eq!(q["x"], "a b");
+        assert!(parse_query(Some("comm=a&comm=b")).is_err());
+        // Invalid UTF-8 is decoded lossily, never a panic.
+        assert!(parse_query(Some("comm=%ff%fe")).is_ok());
+    }
+
+    #[test]
+    fn filters_name_what_is_wrong() {
+        assert!(Filters::parse(Some("verdict=stale&comm=envoy")).is_ok());
+        let e = Filters::parse(Some("verdict=bad")).err().unwrap();
+        assert!(e.contains("unknown verdict"));
+        let e = Filters::parse(Some("pid=4")).err().unwrap();
+        assert!(e.contains("unknown filter \"pid\""));
+    }
 }

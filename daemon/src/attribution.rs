@@ -1,14 +1,132 @@
-//! Who a process belongs to, read from its cgroup path: container id (containerd, CRI-O,
-//! docker, podman), Kubernetes pod UID, systemd unit.
+//! Who a process belongs to: from its cgroup path, the container id (containerd, CRI-O,
+//! docker, podman), Kubernetes pod UID and systemd unit; from the container runtime's
+//! OCI bundle annotations, the Kubernetes namespace, pod and container names (no API
+//! server needed on the node).
 
-use serde::Serialize;
+use std::{
+    collections::HashMap,
+    fs,
+    path::{Path, PathBuf},
+};
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Attribution {
     pub cgroup: String,
     pub container_id: Option<String>,
     pub pod_uid: Option<String>,
     pub unit: Option<String>,
+    pub namespace: Option<String>,
+    pub pod: Option<String>,
+    pub container: Option<String>,
+}
+
+/// Where runtimes keep a container's OCI bundle (`<dir>/<id>/config.json`, or
+/// `<dir>/<id>/userdata/config.json` for CRI-O).
+pub const BUNDLE_DIRS: &[&str] = &[
+    "/run/containerd/io.containerd.runtime.v2.task/k8s.io",
+    "/run/containerd/io.containerd.runtime.v2.task/moby",
+    "/run/containers/storage/overlay-containers",
+    "/run/docker/containerd/daemon/io.containerd.runtime.v2.task/moby",
+];
+
+/// (namespace, pod, container) of one container, as far as they are known.
+type K8sNames = (Option<String>, Option<String>, Option<String>);
+
+/// Kubernetes names of containers, by container id, read once.
+pub struct Names {
+    bundle_dirs: Vec<PathBuf>,
+    known: HashMap<String, K8sNames>,
+}
+
+impl Default for Names {
+    fn default() -> Self {
+        Self::new(BUNDLE_DIRS.iter().map(PathBuf::from).collect())
+    }
+}
+
+fn annotation(config: &serde_json::Value, keys: &[&str]) -> Option<String> {
+    let annotations = config.get("annotations")?;
+    keys.iter()
+        .find_map(|k| annotations.get(*k)?.as_str().map(str::to_owned))
+}
+
+impl Names {
+    pub fn new(bundle_dirs: Vec<PathBuf>) -> Self {
+        Self {
+            bundle_dirs,
+            known: HashMap::new(),
+        }
+    }
+
+    /// (namespace, pod, container) from the container's OCI bundle annotations.
+    fn lookup(&mut self, id: &str) -> K8sNames {
+        if let Some(hit) = self.known.get(id) {
+            return hit.clone();
+        }
+        let found = self
+            .bundle_dirs
+            .iter()
+            .flat_map(|d| {
+                [
+                    d.join(id).join("config.json"),
+                    d.join(id).join("userdata/config.json"),
+                ]
+            })
+            .find_map(|p| {
+                let text = fs::read_to_string(p).ok()?;
+                serde_json::from_str::<serde_json::Value>(&text).ok()
+            })
+            .map(|config| {
+                (
+                    annotation(
+                        &config,
+                        &[
+                            "io.kubernetes.cri.sandbox-namespace",
+                            "io.kubernetes.pod.namespace",
+                        ],
+                    ),
+                    annotation(
+                        &config,
+                        &["io.kubernetes.cri.sandbox-name", "io.kubernetes.pod.name"],
+                    ),
+                    annotation(
+                        &config,
+                        &[
+                            "io.kubernetes.cri.container-name",
+                            "io.kubernetes.container.name",
+                        ],
+                    ),
+                )
+            })
+            .unwrap_or_default();
+        if self.known.len() > 4096 {
+            self.known.clear();
+        }
+        self.known.insert(id.to_owned(), found.clone());
+        found
+    }
+
+    /// Fills the Kubernetes names of `a` (a process of root `root_path`, e.g.
+    /// `/proc/<pid>/root`), when it runs in a container.
+    pub fn enrich(&mut self, a: &mut Attribution, root_path: &Path) {
+        let Some(id) = a.container_id.clone() else {
+            return;
+        };
+        let (namespace, pod, container) = self.lookup(&id);
+        a.namespace = namespace.or_else(|| {
+            // Without runtime annotations, a pod's service-account mount still names it.
+            fs::read_to_string(
+                root_path.join("var/run/secrets/kubernetes.io/serviceaccount/namespace"),
+            )
+            .ok()
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+        });
+        a.pod = pod;
+        a.container = container;
+    }
 }
 
 fn is_container_id(s: &str) -> bool {
@@ -113,5 +231,48 @@ mod tests {
         assert_eq!(unit.unit.as_deref(), Some("nginx.service"));
         assert_eq!(unit.container_id, None);
         assert_eq!(from_cgroup_path("/").short(), "/");
+    }
+
+    #[test]
+    fn kubernetes_names_come_from_the_runtime_bundle() {
+        let base = std::env::temp_dir().join(format!("trustdrift-names-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&base);
+        let containerd = base.join("containerd");
+        let crio = base.join("crio");
+        fs::create_dir_all(containerd.join(ID)).unwrap();
+        fs::write(
+            containerd.join(ID).join("config.json"),
+            r#"{"annotations": {"io.kubernetes.cri.sandbox-namespace": "payments",
+                "io.kubernetes.cri.sandbox-name": "agent-7f9c", "io.kubernetes.cri.container-name": "agent"}}"#,
+        )
+        .unwrap();
+        let other = "f".repeat(64);
+        fs::create_dir_all(crio.join(&other).join("userdata")).unwrap();
+        fs::write(
+            crio.join(&other).join("userdata/config.json"),
+            r#"{"annotations": {"io.kubernetes.pod.namespace": "edge", "io.kubernetes.pod.name": "envoy-1",
+                "io.kubernetes.container.name": "envoy"}}"#,
+        )
+        .unwrap();
+        let mut names = Names::new(vec![containerd, crio]);
+        let mut a = from_cgroup_path(&format!(
+            "/kubepods/pod5f2b8a1e-3c4d-4e5f-8a9b-0c1d2e3f4a5b/{ID}"
+        ));
+        names.enrich(&mut a, Path::new("/nonexistent"));
+        assert_eq!(
+            (
+                a.namespace.as_deref(),
+                a.pod.as_deref(),
+                a.container.as_deref()
+            ),
+            (Some("payments"), Some("agent-7f9c"), Some("agent"))
+        );
+        let mut b = from_cgroup_path(&format!("/system.slice/crio-{other}.scope"));
+        names.enrich(&mut b, Path::new("/nonexistent"));
+        assert_eq!(b.container.as_deref(), Some("envoy"));
+        let mut host = from_cgroup_path("/system.slice/nginx.service");
+        names.enrich(&mut host, Path::new("/"));
+        assert_eq!(host.namespace, None);
+        let _ = fs::remove_dir_all(&base);
     }
 }

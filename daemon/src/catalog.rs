@@ -21,7 +21,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::{
@@ -31,7 +31,7 @@ use crate::{
 };
 
 /// Identity of what a process sees as `/`: its mount namespace and root directory.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct RootKey {
     pub mnt_ns: u32,
     pub dev: u64,
@@ -53,7 +53,7 @@ pub struct FileKey {
 
 /// What `stat` says about a file; a change here without a content change (a touch, an
 /// identical rewrite) is not a new version.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct FileIdentity {
     pub dev: u64,
     pub ino: u64,
@@ -324,6 +324,15 @@ impl Catalog {
         }
     }
 
+    /// New bounds (configuration reload); what is over them goes as it is next touched.
+    pub fn set_limits(&mut self, limits: Limits) {
+        self.limits = limits;
+    }
+
+    pub fn cached_contents(&self) -> usize {
+        self.contents.len()
+    }
+
     /// The daemon's own root, always reachable.
     pub fn host_root(&mut self) -> Option<RootKey> {
         if self.host.is_none() {
@@ -450,6 +459,30 @@ impl Catalog {
 
     pub fn last_error(&self, file: &FileKey) -> Option<String> {
         self.files.get(file)?.last_error.clone()
+    }
+
+    /// Every file and its versions, for persistence.
+    pub fn export(&self) -> impl Iterator<Item = (&FileKey, &VecDeque<Arc<Version>>)> {
+        self.files.iter().map(|(k, f)| (k, &f.versions))
+    }
+
+    /// Restores a file's history saved by an earlier run; the next check appends to it.
+    pub fn import(&mut self, file: FileKey, versions: Vec<Arc<Version>>) {
+        if self.files.len() >= self.limits.max_files {
+            self.counters.files_evicted += 1;
+            return;
+        }
+        if let Some(max) = versions.iter().map(|v| v.id).max() {
+            self.next_version = self.next_version.max(max + 1);
+        }
+        self.files.insert(
+            file,
+            TrustFile {
+                versions: versions.into(),
+                last_error: None,
+                watched_dirs: BTreeSet::new(),
+            },
+        );
     }
 
     /// Every file the catalog knows.

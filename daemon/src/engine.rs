@@ -18,13 +18,19 @@ use crate::{
     attribution,
     catalog::{self, Catalog, FileKey, RootKey},
     clock,
+    config::Config,
     events::{self, Access, Event, Task},
     ledger::{Ledger, LedgerLimits, Origin, ProcKey, ProcessInfo, TrustRead},
+    pinning::PinStatus,
+    probe::{Capacities, MapFill, Mode, ProgramStats, Programs},
     probe::{Probe, ProbeOptions},
     procfs,
+    reference::{self, Reference},
+    report::StoreView,
     report::{self, ProcessView},
     resolution::Resolver,
     seed,
+    state::StateDir,
     trust_paths::TrustPaths,
     verdict,
     watch::{Change, Watcher},
@@ -44,6 +50,8 @@ pub const DEFAULT_CA_STORES: &[&str] = &[
     "/etc/pki/ca-trust/extracted/java/cacerts",
 ];
 
+/// The engine's knobs, from the configuration.
+#[derive(Clone, Debug)]
 pub struct EngineOptions {
     pub probe: ProbeOptions,
     pub catalog: catalog::Limits,
@@ -54,6 +62,87 @@ pub struct EngineOptions {
     /// How often the kernel aggregates of processes with a stale verdict are polled (a
     /// re-read makes them fresh again); the others are polled 8 times less often.
     pub poll: Duration,
+    pub state_dir: Option<PathBuf>,
+    pub save_interval: Duration,
+    pub unpin_on_exit: bool,
+    pub metrics: MetricsOptions,
+}
+
+impl EngineOptions {
+    pub fn from_config(c: &Config) -> Self {
+        let non_empty = |s: &str| (!s.trim().is_empty()).then(|| PathBuf::from(s.trim()));
+        Self {
+            probe: ProbeOptions {
+                mode: if c.probe.mode == "lean" {
+                    Mode::Lean
+                } else {
+                    Mode::Full
+                },
+                programs: Programs::Probe,
+                paths: c.trust_paths(),
+                capacities: Capacities {
+                    accesses: c.probe.max_accesses,
+                    fds: c.probe.max_fds,
+                    procs: c.probe.max_processes,
+                    ringbuf_bytes: c.probe.ring_buffer_bytes,
+                },
+                pin_dir: non_empty(&c.state.pin_dir),
+                bpf_stats: c.metrics.bpf_stats,
+            },
+            catalog: catalog::Limits {
+                max_file_bytes: c.catalog.max_file_bytes,
+                max_files: c.catalog.max_files,
+                ..catalog::Limits::default()
+            },
+            ledger: LedgerLimits {
+                exit_grace: Config::duration_of(&c.ledger.exit_grace),
+                max_processes: c.ledger.max_processes,
+                ..LedgerLimits::default()
+            },
+            max_watches: 8192,
+            rescan: Config::duration_of(&c.catalog.rescan_interval),
+            poll: Config::duration_of(&c.ledger.poll_interval),
+            state_dir: non_empty(&c.state.dir),
+            save_interval: Config::duration_of(&c.state.save_interval),
+            unpin_on_exit: c.state.unpin_on_exit,
+            metrics: MetricsOptions {
+                per_process: c.metrics.per_process,
+                container_stores: c.metrics.container_stores,
+            },
+        }
+    }
+}
+
+/// What the metrics may show beyond the bounded default.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MetricsOptions {
+    pub per_process: bool,
+    pub container_stores: bool,
+}
+
+/// One store for the metrics: its label and current figures.
+#[derive(Clone, Debug)]
+pub struct StoreFigures {
+    pub store: String,
+    pub certificates: usize,
+    pub changed_at: SystemTime,
+    pub sha256: String,
+}
+
+/// The daemon's own health, for `/metrics`.
+#[derive(Clone, Debug, Default)]
+pub struct Health {
+    pub events: BTreeMap<String, u64>,
+    pub lost: BTreeMap<String, u64>,
+    pub scan_errors: BTreeMap<String, u64>,
+    pub parse_errors: u64,
+    pub contents_hashed: u64,
+    pub probe_attached: bool,
+    pub pinned: bool,
+    pub programs: Vec<ProgramStats>,
+    pub maps: Vec<MapFill>,
+    pub tracked: BTreeMap<String, u64>,
+    pub last_save: Option<SystemTime>,
 }
 
 /// What the API serves.
@@ -62,16 +151,31 @@ pub struct Snapshot {
     pub processes: Vec<Arc<ProcessView>>,
     /// The probe is attached and the start-up scan of /proc is done.
     pub ready: bool,
+    pub options: MetricsOptions,
+    pub stores: Arc<Vec<StoreFigures>>,
+    pub store_views: Arc<Vec<StoreView>>,
+    pub host_reference: Option<Arc<Reference>>,
+    pub health: Health,
 }
 
 #[derive(Default)]
 struct Counters {
-    events: u64,
+    events: BTreeMap<String, u64>,
     undecodable: u64,
 }
 
 pub struct Engine {
+    options: EngineOptions,
     probe: Probe,
+    names: attribution::Names,
+    state: Option<StateDir>,
+    state_dirty: bool,
+    last_save: Option<SystemTime>,
+    stores: Arc<Vec<StoreFigures>>,
+    store_views: Arc<Vec<StoreView>>,
+    stores_dirty: bool,
+    host_reference: Option<Arc<Reference>>,
+    map_fill: Vec<MapFill>,
     catalog: Catalog,
     ledger: Ledger,
     watcher: Watcher,
@@ -114,15 +218,25 @@ fn start_time(ticks: u64) -> SystemTime {
 impl Engine {
     fn new(
         probe: Probe,
-        paths: TrustPaths,
-        options: &EngineOptions,
+        options: EngineOptions,
+        state: Option<StateDir>,
         publish: watch::Sender<Arc<Snapshot>>,
     ) -> Result<(Self, inotify::Inotify)> {
         let (watcher, inotify) =
             Watcher::new(options.max_watches).context("initialising inotify")?;
+        let paths = options.probe.paths.clone();
         Ok((
             Self {
                 probe,
+                names: attribution::Names::default(),
+                state,
+                state_dirty: false,
+                last_save: None,
+                stores: Arc::default(),
+                store_views: Arc::default(),
+                stores_dirty: true,
+                host_reference: None,
+                map_fill: Vec::new(),
                 catalog: Catalog::new(options.catalog),
                 ledger: Ledger::new(options.ledger),
                 watcher,
@@ -135,6 +249,7 @@ impl Engine {
                 publish,
                 counters: Counters::default(),
                 ready: false,
+                options,
             },
             inotify,
         ))
@@ -182,13 +297,22 @@ impl Engine {
             .max()
     }
 
-    fn process_info(&self, task: &Task, key: &ProcKey, root: Option<RootKey>) -> ProcessInfo {
-        let alive = procfs::start_ticks(key.pid).ok() == Some(key.start_ticks);
-        let attribution = alive
-            .then(|| procfs::cgroup_path(key.pid))
-            .flatten()
+    fn attribution_of(&mut self, pid: u32) -> attribution::Attribution {
+        let mut a = procfs::cgroup_path(pid)
             .map(|p| attribution::from_cgroup_path(&p))
             .unwrap_or_default();
+        self.names
+            .enrich(&mut a, &PathBuf::from(format!("/proc/{pid}/root")));
+        a
+    }
+
+    fn process_info(&mut self, task: &Task, key: &ProcKey, root: Option<RootKey>) -> ProcessInfo {
+        let alive = procfs::start_ticks(key.pid).ok() == Some(key.start_ticks);
+        let attribution = if alive {
+            self.attribution_of(key.pid)
+        } else {
+            attribution::Attribution::default()
+        };
         ProcessInfo {
             comm: task.comm.clone(),
             exe: alive
@@ -207,7 +331,13 @@ impl Engine {
     }
 
     fn on_event(&mut self, event: Event) {
-        self.counters.events += 1;
+        let kind = match &event {
+            Event::Access(_) => "access",
+            Event::Exec(_) => "exec",
+            Event::Exit(_) => "exit",
+        };
+        *self.counters.events.entry(kind.into()).or_default() += 1;
+        self.state_dirty = true;
         match event {
             Event::Access(access) => self.on_access(access),
             Event::Exec(task) => {
@@ -302,6 +432,7 @@ impl Engine {
                 self.readers.entry(f).or_default().insert(key);
             }
         }
+        self.stores_dirty = true;
         self.dirty.insert(key);
     }
 
@@ -377,6 +508,8 @@ impl Engine {
     }
 
     fn mark_readers(&mut self, file: &FileKey) {
+        self.stores_dirty = true;
+        self.state_dirty = true;
         if let Some(readers) = self.readers.get(file) {
             self.dirty.extend(readers.iter().copied());
         }
@@ -384,6 +517,9 @@ impl Engine {
             .default_stores
             .get(&file.root)
             .is_some_and(|s| s.contains(file));
+        if is_default_store && Some(file.root) == self.catalog.host_root() {
+            self.host_reference = Some(Arc::new(reference::load()));
+        }
         if is_default_store {
             let capable: Vec<ProcKey> = self
                 .ledger
@@ -445,6 +581,175 @@ impl Engine {
             readers.contains_key(f) || defaults.get(&f.root).is_some_and(|s| s.contains(f))
         });
         self.dirty.extend(self.ledger.processes().map(|p| p.key));
+        self.map_fill = self.probe.map_fill();
+        self.stores_dirty = true;
+    }
+
+    /// After a restore: restored processes that are alive are ways back into their roots
+    /// again, and the files they read are watched and re-checked (they may have changed
+    /// while the daemon was down).
+    fn after_restore(&mut self) {
+        let alive: Vec<(ProcKey, Option<RootKey>)> = self
+            .ledger
+            .processes()
+            .filter(|p| p.exited_at.is_none())
+            .map(|p| (p.key, p.info.root))
+            .collect();
+        for (key, _) in &alive {
+            self.catalog.root_of(key.pid, key.start_ticks);
+        }
+        for p in self.ledger.processes() {
+            for r in &p.reads {
+                if let Some(f) = &r.file {
+                    self.readers.entry(f.clone()).or_default().insert(p.key);
+                }
+            }
+        }
+        let files: Vec<FileKey> = self.readers.keys().cloned().collect();
+        for file in files {
+            if self.catalog.root_reachable(&file.root) {
+                self.catalog.refresh(&file, &mut self.watcher);
+            }
+        }
+        self.dirty.extend(self.ledger.processes().map(|p| p.key));
+    }
+
+    /// Persists the ledger when it changed since the last save.
+    fn save(&mut self, force: bool) {
+        let Some(state) = &self.state else {
+            return;
+        };
+        if !self.state_dirty && !force {
+            return;
+        }
+        match state.save(&self.ledger, &self.catalog) {
+            Ok(_) => {
+                self.state_dirty = false;
+                self.last_save = Some(SystemTime::now());
+            }
+            Err(e) => tracing::warn!("saving the ledger: {e:#}"),
+        }
+    }
+
+    /// Applies a reloaded configuration: the kernel filter, limits, intervals and metric
+    /// options change in place; keys that need a restart are named.
+    fn reconfigure(&mut self, old: &Config, new: &Config) {
+        for (key, (was, now)) in old.restart_needed(new) {
+            tracing::warn!("{key} changed from {was:?} to {now:?}: takes effect after a restart");
+        }
+        let options = EngineOptions::from_config(new);
+        if options.probe.paths != self.paths {
+            match self.probe.set_paths(&options.probe.paths) {
+                Ok(()) => {
+                    tracing::info!(
+                        prefixes = options.probe.paths.prefixes.len(),
+                        suffixes = options.probe.paths.suffixes.len(),
+                        "trust paths reloaded into the kernel filter"
+                    );
+                    self.paths = options.probe.paths.clone();
+                }
+                Err(e) => tracing::warn!("keeping the previous trust paths: {e:#}"),
+            }
+        }
+        self.catalog.set_limits(options.catalog);
+        self.ledger.set_limits(options.ledger);
+        // What is fixed until a restart stays as the probe was built.
+        let probe = ProbeOptions {
+            paths: self.paths.clone(),
+            ..self.options.probe.clone()
+        };
+        self.options = EngineOptions {
+            probe,
+            state_dir: self.options.state_dir.clone(),
+            ..options
+        };
+        self.stores_dirty = true;
+        self.dirty.extend(self.ledger.processes().map(|p| p.key));
+    }
+
+    /// Trust stores for `/stores` and the store metrics: every file the catalog knows
+    /// (the host's; containers' too with `metrics.container_stores` for the metrics).
+    fn refresh_stores(&mut self) {
+        if !self.stores_dirty {
+            return;
+        }
+        self.stores_dirty = false;
+        let host = self.catalog.host_root();
+        let mut figures = Vec::new();
+        let mut views = Vec::new();
+        for (key, versions) in self.catalog.export() {
+            let Some(current) = versions.back() else {
+                continue;
+            };
+            let readers = self.readers.get(key).map_or(0, BTreeSet::len);
+            views.push(report::store_view(
+                key,
+                versions,
+                readers,
+                Some(key.root) == host,
+            ));
+            let Some(content) = current.content.as_deref() else {
+                continue;
+            };
+            let label = if Some(key.root) == host {
+                key.path.to_string_lossy().into_owned()
+            } else if self.options.metrics.container_stores {
+                format!("{}:{}", key.root, key.path.display())
+            } else {
+                continue;
+            };
+            figures.push(StoreFigures {
+                store: label,
+                certificates: content.certificates().len(),
+                changed_at: current.seen_at,
+                sha256: content.sha256_hex(),
+            });
+        }
+        self.stores = Arc::new(figures);
+        self.store_views = Arc::new(views);
+    }
+
+    fn health(&self) -> Health {
+        let mut lost: BTreeMap<String, u64> = self
+            .probe
+            .losses()
+            .iter()
+            .map(|(l, n)| (l.name().to_owned(), *n))
+            .collect();
+        let c = &self.catalog.counters;
+        let l = &self.ledger.counters;
+        for (reason, n) in [
+            ("undecodable_record", self.counters.undecodable),
+            ("ledger_processes_evicted", l.processes_evicted),
+            ("ledger_reads_evicted", l.reads_evicted),
+            ("catalog_files_evicted", c.files_evicted),
+            ("catalog_versions_dropped", c.versions_dropped),
+            ("watch_failed", self.watcher.failures),
+        ] {
+            lost.insert(reason.to_owned(), n);
+        }
+        let tracked = [
+            ("processes", self.ledger.len() as u64),
+            ("files", self.catalog.files().count() as u64),
+            ("watches", self.watcher.watch_count() as u64),
+            ("contents_cached", self.catalog.cached_contents() as u64),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        Health {
+            events: self.counters.events.clone(),
+            lost,
+            scan_errors: c.read_errors.clone(),
+            parse_errors: c.parse_errors,
+            contents_hashed: c.contents_hashed,
+            probe_attached: true,
+            pinned: matches!(self.probe.pinning, PinStatus::Active { .. }),
+            programs: self.probe.program_stats(),
+            maps: self.map_fill.clone(),
+            tracked,
+            last_save: self.last_save,
+        }
     }
 
     /// Processes that were running before the probe attached.
@@ -471,9 +776,7 @@ impl Engine {
                 cmdline: found.cmdline.clone(),
                 uid: found.uid,
                 cgroup_id: 0,
-                attribution: procfs::cgroup_path(key.pid)
-                    .map(|p| attribution::from_cgroup_path(&p))
-                    .unwrap_or_default(),
+                attribution: self.attribution_of(key.pid),
                 mnt_ns: procfs::mount_namespace_of(key.pid).unwrap_or(0),
                 root: Some(root),
                 start_time: Some(start_time(key.start_ticks)),
@@ -507,14 +810,16 @@ impl Engine {
                     self.readers.entry(file).or_default().insert(key);
                 }
             }
+            self.stores_dirty = true;
             self.dirty.insert(key);
         }
     }
 
-    fn publish(&mut self) {
-        if self.dirty.is_empty() && self.publish.borrow().ready == self.ready {
+    fn publish(&mut self, force: bool) {
+        if !force && self.dirty.is_empty() && self.publish.borrow().ready == self.ready {
             return;
         }
+        self.refresh_stores();
         let now = SystemTime::now();
         for key in std::mem::take(&mut self.dirty) {
             let Some(entry) = self.ledger.get(&key) else {
@@ -535,69 +840,113 @@ impl Engine {
         let snapshot = Snapshot {
             processes: self.views.values().cloned().collect(),
             ready: self.ready,
+            options: self.options.metrics,
+            stores: Arc::clone(&self.stores),
+            store_views: Arc::clone(&self.store_views),
+            host_reference: self.host_reference.clone(),
+            health: self.health(),
         };
         self.publish.send_replace(Arc::new(snapshot));
     }
 }
 
-/// Runs the daemon until SIGINT or SIGTERM. `serve` is handed the snapshot receiver (the
-/// API) once the probe is attached.
-pub async fn run<F, Fut>(options: EngineOptions, paths: TrustPaths, serve: F) -> Result<()>
+/// Runs the daemon until SIGINT or SIGTERM; SIGHUP reloads the configuration through
+/// `reload`. `serve` gets the snapshot receiver (the API) at once and answers `/readyz`
+/// with 503 until the probe is attached and the start-up scan is done.
+pub async fn run<F, Fut>(
+    config: Config,
+    mut reload: impl FnMut() -> Result<Config>,
+    serve: F,
+) -> Result<()>
 where
     F: FnOnce(watch::Receiver<Arc<Snapshot>>) -> Fut,
     Fut: std::future::Future<Output = Result<()>> + Send + 'static,
 {
     let mut interrupt = tokio::signal::unix::signal(SignalKind::interrupt())?;
     let mut terminate = tokio::signal::unix::signal(SignalKind::terminate())?;
+    let mut hangup = tokio::signal::unix::signal(SignalKind::hangup())?;
     let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
     let server = tokio::spawn(serve(rx));
+    let options = EngineOptions::from_config(&config);
+    let state = options
+        .state_dir
+        .as_deref()
+        .map(StateDir::open)
+        .transpose()?;
 
-    let mut probe = Probe::attach(ProbeOptions {
-        mode: options.probe.mode,
-        programs: options.probe.programs,
-        paths: paths.clone(),
-        capacities: options.probe.capacities,
-    })?;
+    let mut probe = Probe::attach(options.probe.clone())?;
     let ring = probe.take_events()?;
     // SAFETY: the ring buffer owns its fd for as long as the AsyncFd owns the ring buffer,
     // and always reports that same fd.
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
         .map_err(|e| anyhow::anyhow!("watching the ring buffer: {e}"))?;
-    let (mut engine, inotify) = Engine::new(probe, paths, &options, tx)?;
+    let (mut engine, inotify) = Engine::new(probe, options, state, tx)?;
     let mut changes = inotify
         .into_event_stream(vec![0u8; 64 * 1024])
         .context("watching trust directories")?;
-    tracing::info!(mode = ?engine.probe.mode, "probe attached");
+    tracing::info!(mode = ?engine.probe.mode, pinning = ?engine.probe.pinning, "probe attached");
 
+    if let Some(state) = &engine.state {
+        let restored = state.restore(&mut engine.ledger, &mut engine.catalog);
+        if restored > 0 {
+            tracing::info!(
+                processes = restored,
+                "ledger restored from the state directory"
+            );
+        }
+    }
+    engine.after_restore();
     if let Some(host) = engine.catalog.host_root() {
         engine.track_default_stores(host);
     }
+    engine.host_reference = Some(Arc::new(reference::load()));
     engine.seed();
+    engine.map_fill = engine.probe.map_fill();
     engine.ready = true;
-    engine.publish();
+    engine.publish(true);
+    engine.save(true);
     tracing::info!(
         processes = engine.ledger.len(),
         "start-up scan done; serving verdicts"
     );
 
-    let mut poll_stale = tokio::time::interval(options.poll);
-    let mut poll_all = tokio::time::interval(options.poll * 8);
-    let mut rescan = tokio::time::interval(options.rescan);
+    let mut config = config;
+    let mut poll_stale = tokio::time::interval(engine.options.poll);
+    let mut poll_all = tokio::time::interval(engine.options.poll * 8);
+    let mut rescan = tokio::time::interval(engine.options.rescan);
     let mut housekeeping = tokio::time::interval(Duration::from_secs(5));
     let mut debounce = tokio::time::interval(Duration::from_millis(20));
+    let mut save = tokio::time::interval(engine.options.save_interval);
     for t in [
         &mut poll_stale,
         &mut poll_all,
         &mut rescan,
         &mut housekeeping,
         &mut debounce,
+        &mut save,
     ] {
         t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     }
     loop {
+        let mut force = false;
         tokio::select! {
             _ = interrupt.recv() => break,
             _ = terminate.recv() => break,
+            _ = hangup.recv() => {
+                match reload() {
+                    Ok(new) => {
+                        tracing::info!("SIGHUP: configuration reloaded");
+                        engine.reconfigure(&config, &new);
+                        poll_stale = tokio::time::interval(engine.options.poll);
+                        poll_all = tokio::time::interval(engine.options.poll * 8);
+                        rescan = tokio::time::interval(engine.options.rescan);
+                        save = tokio::time::interval(engine.options.save_interval);
+                        config = new;
+                        force = true;
+                    }
+                    Err(e) => tracing::error!("SIGHUP: keeping the running configuration: {e:#}"),
+                }
+            }
             guard = ring.readable_mut() => {
                 let mut guard = guard.context("waiting on the ring buffer")?;
                 let mut decoded = Vec::new();
@@ -629,11 +978,23 @@ where
             _ = poll_stale.tick() => engine.poll(true),
             _ = poll_all.tick() => engine.poll(false),
             _ = rescan.tick() => engine.rescan(),
-            _ = housekeeping.tick() => engine.housekeeping(),
+            _ = housekeeping.tick() => { engine.housekeeping(); force = true; }
+            _ = save.tick() => engine.save(false),
         }
-        engine.publish();
+        engine.publish(force);
     }
     server.abort();
-    tracing::info!(events = engine.counters.events, "detaching the probe");
+    engine.save(true);
+    if engine.options.unpin_on_exit {
+        engine.probe.unpin();
+        tracing::info!("probe unpinned: it detaches as the daemon exits");
+    } else if let PinStatus::Active { dir, .. } = &engine.probe.pinning {
+        tracing::info!(
+            dir = %dir.display(),
+            "the probe stays pinned and keeps recording until the next start"
+        );
+    }
+    let events: u64 = engine.counters.events.values().sum();
+    tracing::info!(events, "daemon stopped");
     Ok(())
 }

@@ -11,7 +11,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use trustdrift_common::AccessKey;
 
 use crate::{
@@ -21,14 +21,14 @@ use crate::{
 
 /// A process image: the pid and its start time in clock ticks (as /proc/<pid>/stat has
 /// it), so a reused pid is a different key.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct ProcKey {
     pub pid: u32,
     pub start_ticks: u64,
 }
 
 /// How the daemon knows about a process.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Origin {
     /// The probe saw it read trust files.
@@ -40,7 +40,7 @@ pub enum Origin {
     TlsCapable,
 }
 
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct ProcessInfo {
     pub comm: String,
     pub exe: Option<String>,
@@ -130,6 +130,11 @@ impl Ledger {
         }
     }
 
+    /// New bounds (configuration reload).
+    pub fn set_limits(&mut self, limits: LedgerLimits) {
+        self.limits = limits;
+    }
+
     pub fn get(&self, key: &ProcKey) -> Option<&ProcessEntry> {
         self.processes.get(key)
     }
@@ -144,6 +149,18 @@ impl Ledger {
 
     pub fn len(&self) -> usize {
         self.processes.len()
+    }
+
+    /// Puts back a process saved by an earlier run.
+    pub fn restore(&mut self, entry: ProcessEntry) {
+        if self.processes.len() >= self.limits.max_processes {
+            self.counters.processes_evicted += 1;
+            return;
+        }
+        for access in entry.reads.iter().filter_map(|r| r.access_key) {
+            self.by_access.insert(access, entry.key);
+        }
+        self.processes.insert(entry.key, entry);
     }
 
     /// The process holding a kernel aggregate.

@@ -4,18 +4,24 @@
 mod api;
 mod attribution;
 mod catalog;
+mod client;
 mod clock;
+mod config;
 mod engine;
 mod events;
 mod kernel_layout;
 mod ledger;
+mod metrics;
+mod pinning;
 mod privileges;
 mod probe;
 mod procfs;
+mod reference;
 mod report;
 mod resolution;
 mod rootfs;
 mod seed;
+mod state;
 mod store_format;
 mod trace;
 mod tracefs;
@@ -23,54 +29,66 @@ mod trust_paths;
 mod verdict;
 mod watch;
 
-use std::time::Duration;
+use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::Result;
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
+use tracing_subscriber::{EnvFilter, layer::SubscriberExt, reload, util::SubscriberInitExt};
 
 use crate::{
+    config::{Config, Override},
     probe::{Capacities, Mode, ProbeOptions, Programs},
-    trust_paths::TrustPaths,
 };
 
 #[derive(Parser)]
 #[command(
     version,
-    about = "Catch TLS trust drift: processes that trust what is no longer on disk"
+    about = "Catch TLS trust drift: processes that trust what is no longer on disk",
+    after_help = "Configuration: built-in defaults < the TOML file (--config, default \
+                  /etc/trustdrift/config.toml if present) < TRUSTDRIFT_<SECTION>_<KEY> \
+                  environment variables < flags (--set section.key=value for any key).\n\
+                  `trustdrift config` prints the effective configuration."
 )]
 struct Cli {
-    /// Log format on stderr.
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human, env = "TRUSTDRIFT_LOG_FORMAT")]
-    log_format: LogFormat,
-    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `trustdrift=debug`.
-    #[arg(long, global = true, default_value = "info", env = "TRUSTDRIFT_LOG")]
-    log: String,
+    /// Configuration file.
+    #[arg(long, global = true, env = "TRUSTDRIFT_CONFIG", value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// Override any configuration key, e.g. --set catalog.rescan_interval=10s (repeatable).
+    #[arg(long = "set", global = true, value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Log format on stderr: human or json (log.format).
+    #[arg(long, global = true)]
+    log_format: Option<String>,
+    /// Log filter, e.g. `info` or `trustdrift=debug` (log.level).
+    #[arg(long, global = true)]
+    log: Option<String>,
     #[command(subcommand)]
     command: Option<Command>,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Human,
-    Json,
-}
-
 #[derive(Subcommand)]
 enum Command {
-    /// Run the daemon: follow trust reads, judge each process against the disk, serve the
-    /// verdicts over HTTP.
+    /// Run the daemon (the default): follow trust reads, judge each process against the
+    /// disk, serve verdicts and metrics over HTTP.
     Run(RunArgs),
+    /// List processes with trust reads, from the running daemon.
+    Processes(ProcessesArgs),
+    /// Explain the verdict on one process, in words, from the running daemon.
+    Explain(ExplainArgs),
     /// Print live trust-file accesses: who opened and read which trust file, and when.
     Trace(TraceArgs),
+    /// Print the effective configuration (defaults, file, environment and flags merged).
+    Config,
     /// Attach the probe (or the empty floor programs) and wait for SIGINT/SIGTERM.
     /// Used by `cargo xtask bench`.
     #[command(hide = true)]
     Attach(AttachArgs),
 }
 
-#[derive(Args)]
+#[derive(Args, Default)]
 struct FilterArgs {
-    /// Also treat paths under this prefix as trust material (repeatable).
+    /// Also treat paths under this prefix as trust material (repeatable; adds to
+    /// paths.prefixes).
     #[arg(long = "prefix", value_name = "PATH")]
     prefixes: Vec<String>,
     /// Also treat paths ending with this suffix as trust material (repeatable).
@@ -82,27 +100,46 @@ struct FilterArgs {
     /// Start from an empty filter instead of the built-in store locations.
     #[arg(long)]
     no_default_paths: bool,
-    /// `full` follows opens and reads; `lean` follows opens only, at lower cost.
-    #[arg(long, value_enum, default_value_t = Mode::Full)]
-    mode: Mode,
+    /// `full` follows opens and reads; `lean` follows opens only, at lower cost
+    /// (probe.mode).
+    #[arg(long)]
+    mode: Option<String>,
 }
 
-impl FilterArgs {
-    fn paths(&self) -> TrustPaths {
-        let mut paths = if self.no_default_paths {
-            TrustPaths {
-                prefixes: vec![],
-                suffixes: vec![],
-                excludes: vec![],
-            }
-        } else {
-            TrustPaths::defaults()
-        };
-        paths.prefixes.extend(self.prefixes.iter().cloned());
-        paths.suffixes.extend(self.suffixes.iter().cloned());
-        paths.excludes.extend(self.excludes.iter().cloned());
-        paths
-    }
+#[derive(Args)]
+struct RunArgs {
+    /// Where the API listens: host:port and/or unix:/path, comma-separated (api.listen).
+    #[arg(long)]
+    listen: Option<String>,
+    /// Where the ledger is persisted; "" disables persistence (state.dir).
+    #[arg(long)]
+    state_dir: Option<String>,
+    /// bpffs directory for the pinned probe; "" disables pinning (state.pin_dir).
+    #[arg(long)]
+    pin_dir: Option<String>,
+    #[command(flatten)]
+    filter: FilterArgs,
+}
+
+#[derive(Args)]
+struct ProcessesArgs {
+    /// The API's JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Only processes with this verdict: fresh, stale, expired_in_memory, unverified.
+    #[arg(long)]
+    verdict: Option<String>,
+    /// The daemon's API address (default: the first of api.listen).
+    #[arg(long)]
+    api: Option<String>,
+}
+
+#[derive(Args)]
+struct ExplainArgs {
+    pid: u32,
+    /// The daemon's API address (default: the first of api.listen).
+    #[arg(long)]
+    api: Option<String>,
 }
 
 #[derive(Args)]
@@ -113,27 +150,6 @@ struct TraceArgs {
     /// How often aggregated reads are checked for changes, in milliseconds.
     #[arg(long, default_value_t = 250)]
     interval_ms: u64,
-    #[command(flatten)]
-    filter: FilterArgs,
-}
-
-#[derive(Args)]
-struct RunArgs {
-    /// Address of the HTTP API.
-    #[arg(long, default_value = "127.0.0.1:9477")]
-    listen: std::net::SocketAddr,
-    /// Largest trust file read and parsed, in bytes.
-    #[arg(long, default_value_t = 16 << 20)]
-    max_file_bytes: u64,
-    /// How long an exited process stays listed, in seconds.
-    #[arg(long, default_value_t = 300)]
-    exit_grace_secs: u64,
-    /// How often every trust file is re-checked behind inotify, in seconds.
-    #[arg(long, default_value_t = 30)]
-    rescan_secs: u64,
-    /// How often stale processes' kernel aggregates are polled for re-reads, in ms.
-    #[arg(long, default_value_t = 250)]
-    poll_ms: u64,
     #[command(flatten)]
     filter: FilterArgs,
 }
@@ -150,31 +166,121 @@ struct AttachArgs {
     filter: FilterArgs,
 }
 
-fn init_logging(format: LogFormat, filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Human => builder.init(),
-        LogFormat::Json => builder.json().init(),
+/// Everything the command line says about the configuration, re-applied on reload.
+struct FlagOverrides {
+    file: Option<PathBuf>,
+    scalars: Vec<Override>,
+    filter: FilterArgs,
+}
+
+impl FlagOverrides {
+    fn load(&self) -> Result<Config, config::ConfigError> {
+        let mut all = config::env_overrides(std::env::vars());
+        all.extend(self.scalars.iter().cloned());
+        let mut c = Config::load(self.file.as_deref(), &all)?;
+        let f = &self.filter;
+        if f.no_default_paths {
+            c.paths.defaults = false;
+        }
+        c.paths.prefixes.extend(f.prefixes.iter().cloned());
+        c.paths.suffixes.extend(f.suffixes.iter().cloned());
+        c.paths.excludes.extend(f.excludes.iter().cloned());
+        c.check("command-line flags")?;
+        Ok(c)
     }
 }
 
-async fn attach(args: AttachArgs) -> Result<()> {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let probe = probe::Probe::attach(ProbeOptions {
-        mode: args.filter.mode,
-        programs: if args.floor {
-            Programs::Floor
+fn flag(origin: &str, key: &str, value: Option<&String>) -> Option<Override> {
+    value.map(|v| Override {
+        origin: origin.to_owned(),
+        key: key.to_owned(),
+        value: v.clone(),
+    })
+}
+
+fn init_logging(config: &Config) -> reload::Handle<EnvFilter, tracing_subscriber::Registry> {
+    let filter = EnvFilter::try_new(&config.log.level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let (filter, handle) = reload::Layer::new(filter);
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let json = config.log.format == "json";
+    let human_layer = (!json).then(|| {
+        tracing_subscriber::fmt::layer()
+            .with_ansi(ansi)
+            .with_writer(std::io::stderr)
+    });
+    let json_layer = json.then(|| {
+        tracing_subscriber::fmt::layer()
+            .json()
+            .with_writer(std::io::stderr)
+    });
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(human_layer)
+        .with(json_layer)
+        .init();
+    handle
+}
+
+fn probe_options(config: &Config, programs: Programs) -> ProbeOptions {
+    ProbeOptions {
+        mode: if config.probe.mode == "lean" {
+            Mode::Lean
         } else {
-            Programs::Probe
+            Mode::Full
         },
-        paths: args.filter.paths(),
+        programs,
+        paths: config.trust_paths(),
         capacities: Capacities::default(),
-    })?;
+        pin_dir: None,
+        bpf_stats: false,
+    }
+}
+
+fn api_address(config: &Config, flag: Option<&String>) -> Result<config::Listen> {
+    match flag {
+        Some(a) => a.parse().map_err(|e| anyhow::anyhow!("--api {a:?}: {e}")),
+        None => config
+            .listen()
+            .map_err(|e| anyhow::anyhow!(e))?
+            .into_iter()
+            .next()
+            .ok_or_else(|| anyhow::anyhow!("api.listen names no address")),
+    }
+}
+
+async fn run(
+    config: Config,
+    flags: FlagOverrides,
+    log: reload::Handle<EnvFilter, tracing_subscriber::Registry>,
+) -> Result<()> {
+    // Bind before attaching: a port in use is reported at once, not after the probe.
+    let mut bound = Vec::new();
+    for listen in config.listen().map_err(|e| anyhow::anyhow!(e))? {
+        bound.push(api::bind(&listen).await?);
+    }
+    let timeout = Config::duration_of(&config.api.request_timeout);
+    let concurrency = config.api.max_concurrent_requests;
+    let reload = move || {
+        let new = flags.load()?;
+        if let Ok(filter) = EnvFilter::try_new(&new.log.level) {
+            let _ = log.modify(|f| *f = filter);
+        }
+        Ok(new)
+    };
+    engine::run(config, reload, move |rx| {
+        api::serve(bound, api::router(rx, concurrency, timeout))
+    })
+    .await
+}
+
+async fn attach(args: AttachArgs, config: &Config) -> Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let programs = if args.floor {
+        Programs::Floor
+    } else {
+        Programs::Probe
+    };
+    let probe = probe::Probe::attach(probe_options(config, programs))?;
     println!("attached");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
@@ -189,54 +295,89 @@ async fn attach(args: AttachArgs) -> Result<()> {
     Ok(())
 }
 
-async fn run(args: RunArgs) -> Result<()> {
-    // Bind before attaching: a port in use is reported at once, not after the probe.
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("listening on {}: {e}", args.listen))?;
-    let paths = args.filter.paths();
-    let options = engine::EngineOptions {
-        probe: ProbeOptions {
-            mode: args.filter.mode,
-            programs: Programs::Probe,
-            paths: paths.clone(),
-            capacities: Capacities::default(),
-        },
-        catalog: catalog::Limits {
-            max_file_bytes: args.max_file_bytes,
-            ..catalog::Limits::default()
-        },
-        ledger: ledger::LedgerLimits {
-            exit_grace: Duration::from_secs(args.exit_grace_secs),
-            ..ledger::LedgerLimits::default()
-        },
-        max_watches: 8192,
-        rescan: Duration::from_secs(args.rescan_secs.max(1)),
-        poll: Duration::from_millis(args.poll_ms.max(10)),
-    };
-    engine::run(options, paths, move |rx| api::serve(listener, rx)).await
-}
-
 #[tokio::main(flavor = "current_thread")]
-async fn main() -> std::process::ExitCode {
-    let mut cli = Cli::parse();
-    if cli.command.is_none() {
-        // No subcommand: trace with defaults (global flags still apply).
-        cli = Cli::parse_from(std::env::args_os().chain(["trace".into()]));
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let command = cli.command.unwrap_or(Command::Run(RunArgs {
+        listen: None,
+        state_dir: None,
+        pin_dir: None,
+        filter: FilterArgs::default(),
+    }));
+    let mut scalars: Vec<Override> = Vec::new();
+    for s in &cli.set {
+        match config::parse_set(s) {
+            Ok(o) => scalars.push(o),
+            Err(e) => {
+                eprintln!("trustdrift: {e}");
+                return ExitCode::from(2);
+            }
+        }
     }
-    init_logging(cli.log_format, &cli.log);
-    let Some(command) = cli.command else {
-        unreachable!("a subcommand was just supplied");
+    scalars.extend(flag("--log-format", "log.format", cli.log_format.as_ref()));
+    scalars.extend(flag("--log", "log.level", cli.log.as_ref()));
+    let filter = match &command {
+        Command::Run(a) => {
+            scalars.extend(flag("--listen", "api.listen", a.listen.as_ref()));
+            scalars.extend(flag("--state-dir", "state.dir", a.state_dir.as_ref()));
+            scalars.extend(flag("--pin-dir", "state.pin_dir", a.pin_dir.as_ref()));
+            Some(&a.filter)
+        }
+        Command::Trace(a) => Some(&a.filter),
+        Command::Attach(a) => Some(&a.filter),
+        _ => None,
     };
+    if let Some(f) = filter {
+        scalars.extend(flag("--mode", "probe.mode", f.mode.as_ref()));
+    }
+    let flags = FlagOverrides {
+        file: cli.config.clone(),
+        scalars,
+        filter: filter
+            .map(|f| FilterArgs {
+                prefixes: f.prefixes.clone(),
+                suffixes: f.suffixes.clone(),
+                excludes: f.excludes.clone(),
+                no_default_paths: f.no_default_paths,
+                mode: None,
+            })
+            .unwrap_or_default(),
+    };
+    let config = match flags.load() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("trustdrift: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let log = init_logging(&config);
     let result = match command {
+        Command::Run(_) => run(config, flags, log).await,
+        Command::Processes(args) => api_address(&config, args.api.as_ref()).and_then(|api| {
+            let path = match &args.verdict {
+                Some(v) => format!("/processes?verdict={v}"),
+                None => "/processes".to_owned(),
+            };
+            let body = client::get(&api, &path)?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&body)?);
+            } else {
+                println!("{}", client::table(&body));
+            }
+            Ok(())
+        }),
+        Command::Explain(args) => api_address(&config, args.api.as_ref()).and_then(|api| {
+            let body = client::get(&api, &format!("/processes/{}", args.pid))?;
+            println!("{}", client::explain(&body));
+            Ok(())
+        }),
+        Command::Config => {
+            print!("{}", config.to_toml());
+            Ok(())
+        }
         Command::Trace(args) => {
             trace::run(trace::TraceOptions {
-                probe: ProbeOptions {
-                    mode: args.filter.mode,
-                    programs: Programs::Probe,
-                    paths: args.filter.paths(),
-                    capacities: Capacities::default(),
-                },
+                probe: probe_options(&config, Programs::Probe),
                 format: if args.json {
                     trace::Format::Json
                 } else {
@@ -246,14 +387,13 @@ async fn main() -> std::process::ExitCode {
             })
             .await
         }
-        Command::Attach(args) => attach(args).await,
-        Command::Run(args) => run(args).await,
+        Command::Attach(args) => attach(args, &config).await,
     };
     match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("trustdrift: {e:#}");
-            std::process::ExitCode::FAILURE
+            ExitCode::FAILURE
         }
     }
 }

@@ -1,19 +1,31 @@
 //! Loading, configuring and attaching the kernel probe, and reading what it keeps in maps.
 //! Dropping a [`Probe`] detaches every program.
 
-use std::path::Path;
+use std::{
+    os::fd::OwnedFd,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Context, Result, anyhow, bail};
 use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf, lpm_trie::Key},
-    programs::{BtfTracePoint, ProgramError, TracePoint},
+    programs::{
+        BtfTracePoint, ProgramError, TracePoint,
+        links::{FdLink, PinnedLink},
+    },
 };
 use trustdrift_common::{
-    AccessKey, AccessStats, FilterTable, KernelOffsets, LOSS_REASONS, Loss, PREFIX_CAP,
+    AccessKey, AccessStats, FdKey, FilterTable, KernelOffsets, LOSS_REASONS, Loss, PATH_CAP,
+    PREFIX_CAP, PendingOpen, ProcState,
 };
 
-use crate::{kernel_layout, privileges, tracefs, trust_paths::TrustPaths};
+use crate::{
+    kernel_layout,
+    pinning::{self, PinStatus},
+    privileges, tracefs,
+    trust_paths::TrustPaths,
+};
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/probe.o"));
 
@@ -53,11 +65,45 @@ impl Default for Capacities {
     }
 }
 
+#[derive(Clone, Debug)]
 pub struct ProbeOptions {
     pub mode: Mode,
     pub programs: Programs,
     pub paths: TrustPaths,
     pub capacities: Capacities,
+    /// bpffs directory to pin maps and links in, so the probe outlives the daemon.
+    pub pin_dir: Option<PathBuf>,
+    /// Turn on the kernel's per-program run-time accounting while the probe lives.
+    pub bpf_stats: bool,
+}
+
+/// Every map of the probe, by the name it has in the object.
+const MAPS: &[&str] = &[
+    "EVENTS",
+    "LOSSES",
+    "PREFIXES",
+    "FILTER",
+    "ACCESSES",
+    "FDS",
+    "PROCS",
+    "PENDING",
+    "PREFILTER",
+    "COUNTERS",
+    "SCRATCH",
+];
+
+/// Fill of one bounded map, for the metrics.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct MapFill {
+    pub map: &'static str,
+    pub entries: u64,
+    pub capacity: u64,
+}
+
+/// A link that keeps a program attached: owned by this process, or pinned in bpffs.
+enum Attachment {
+    Owned(#[expect(dead_code, reason = "held so that dropping it detaches")] FdLink),
+    Pinned(PinnedLink),
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -73,7 +119,15 @@ pub struct Probe {
     ebpf: Ebpf,
     accesses: HashMap<MapData, AccessKey, AccessStats>,
     losses: PerCpuArray<MapData, u64>,
+    procs: HashMap<MapData, u32, ProcState>,
+    counters: Array<MapData, u64>,
+    filter: Filter,
+    capacities: Capacities,
+    attachments: Vec<Attachment>,
+    plan: Option<pinning::Plan>,
+    _stats: Option<OwnedFd>,
     pub mode: Mode,
+    pub pinning: PinStatus,
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &str) -> Result<T>
@@ -105,44 +159,86 @@ fn explain(program: &str, err: ProgramError) -> anyhow::Error {
     }
 }
 
-fn attach_btf(ebpf: &mut Ebpf, btf: &Btf, program: &str, tracepoint: &str) -> Result<()> {
+fn attach_btf(
+    ebpf: &mut Ebpf,
+    btf: &Btf,
+    program: &str,
+    tracepoint: &str,
+) -> Result<Vec<(String, FdLink)>> {
     let prog: &mut BtfTracePoint = ebpf
         .program_mut(program)
         .ok_or_else(|| anyhow!("the probe object has no program {program}"))?
         .try_into()?;
     prog.load(tracepoint, btf)
         .map_err(|e| explain(program, e))?;
-    prog.attach()
+    let id = prog
+        .attach()
         .with_context(|| format!("attaching {program} to the raw tracepoint {tracepoint}"))?;
-    Ok(())
+    let link = FdLink::from(prog.take_link(id)?);
+    Ok(vec![(program.to_owned(), link)])
+}
+
+fn attach_classic(
+    ebpf: &mut Ebpf,
+    program: &str,
+    points: &[(&str, &str)],
+    why: &str,
+) -> Result<Vec<(String, FdLink)>> {
+    let prog: &mut TracePoint = ebpf
+        .program_mut(program)
+        .ok_or_else(|| anyhow!("the probe object has no program {program}"))?
+        .try_into()?;
+    prog.load().map_err(|e| explain(program, e))?;
+    let mut links = Vec::new();
+    for (category, name) in points {
+        let id = prog
+            .attach(category, name)
+            .with_context(|| format!("attaching to tracepoint {category}/{name}: {why}"))?;
+        let link = FdLink::try_from(prog.take_link(id)?)
+            .with_context(|| format!("tracepoint {category}/{name} has no bpf_link"))?;
+        links.push((format!("{program}-{name}"), link));
+    }
+    Ok(links)
 }
 
 /// Lean mode's hooks: the classic entry tracepoint of every open syscall this
 /// architecture has that can open for reading (open exists on x86_64, not on arm64).
 /// creat(2) always opens for writing, which the filter drops by construction, so it is
 /// not hooked at all.
-fn attach_open_tracepoints(ebpf: &mut Ebpf, tracefs: &Path, program: &str) -> Result<()> {
-    let prog: &mut TracePoint = ebpf
-        .program_mut(program)
-        .ok_or_else(|| anyhow!("the probe object has no program {program}"))?
-        .try_into()?;
-    prog.load().map_err(|e| explain(program, e))?;
-    for (name, required) in [
+fn open_tracepoints(tracefs: &Path) -> Vec<(&'static str, &'static str)> {
+    [
         ("sys_enter_openat", true),
         ("sys_enter_openat2", false),
         ("sys_enter_open", false),
-    ] {
-        if !required && !tracefs.join("events/syscalls").join(name).exists() {
-            continue;
-        }
-        prog.attach("syscalls", name).with_context(|| {
-            format!(
-                "attaching to tracepoint syscalls/{name}: lean mode needs the syscall \
-                 tracepoints (CONFIG_FTRACE_SYSCALLS)"
-            )
-        })?;
-    }
-    Ok(())
+    ]
+    .into_iter()
+    .filter(|(name, required)| *required || tracefs.join("events/syscalls").join(name).exists())
+    .map(|(name, _)| ("syscalls", name))
+    .collect()
+}
+
+/// A name for the maps' layout: any change to a key or value type, or to a capacity,
+/// gives a different directory, so pinned maps are never reused with a wrong layout.
+fn layout_name(caps: &Capacities) -> String {
+    let description = format!(
+        "{}:{}:{}:{}:{}:{}:{}:{}:{}:{}:{}:{}",
+        std::mem::size_of::<AccessKey>(),
+        std::mem::size_of::<AccessStats>(),
+        std::mem::size_of::<FdKey>(),
+        std::mem::size_of::<ProcState>(),
+        std::mem::size_of::<PendingOpen>(),
+        std::mem::size_of::<FilterTable>(),
+        PATH_CAP,
+        LOSS_REASONS,
+        caps.accesses,
+        caps.fds,
+        caps.procs,
+        caps.ringbuf_bytes,
+    );
+    let hash = description.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    format!("layout-{hash:016x}")
 }
 
 impl Probe {
@@ -180,9 +276,29 @@ impl Probe {
         }
 
         let caps = options.capacities;
+        let (plan, pinning) = match &options.pin_dir {
+            None => (None, PinStatus::Disabled),
+            Some(dir) => match pinning::prepare(dir, &layout_name(&caps)) {
+                Ok(plan) => {
+                    let status = PinStatus::Active {
+                        dir: plan.dir.clone(),
+                        reused: plan.reused,
+                    };
+                    (Some(plan), status)
+                }
+                Err(reason) => {
+                    tracing::warn!(
+                        "the probe cannot be pinned ({reason}): reads made while the daemon \
+                         is down will not be known after it restarts"
+                    );
+                    (None, PinStatus::Unavailable(reason))
+                }
+            },
+        };
         let self_tgid = std::process::id();
         let fds_capacity = u64::from(caps.fds);
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        loader
             .btf(Some(&kernel_btf))
             .override_global("SELF_TGID", &self_tgid, true)
             .override_global("OFFSETS", &offsets, true)
@@ -190,7 +306,13 @@ impl Probe {
             .map_max_entries("ACCESSES", caps.accesses)
             .map_max_entries("FDS", caps.fds)
             .map_max_entries("PROCS", caps.procs)
-            .map_max_entries("EVENTS", caps.ringbuf_bytes)
+            .map_max_entries("EVENTS", caps.ringbuf_bytes);
+        if let Some(plan) = &plan {
+            for name in MAPS {
+                loader.map_pin_path(name, plan.maps.join(name));
+            }
+        }
+        let mut ebpf = loader
             .load(OBJECT)
             .context("loading the eBPF object (is BPF enabled in this kernel?)")?;
 
@@ -200,47 +322,137 @@ impl Probe {
         };
         filter.write(&options.paths)?;
 
-        match options.mode {
+        let mut links = match options.mode {
             Mode::Full => {
                 let (enter, exit) = match options.programs {
                     Programs::Probe => ("sys_enter", "sys_exit"),
                     Programs::Floor => ("floor_sys_enter", "floor_sys_exit"),
                 };
-                attach_btf(&mut ebpf, &kernel_btf, enter, "sys_enter")?;
-                attach_btf(&mut ebpf, &kernel_btf, exit, "sys_exit")?;
+                let mut links = attach_btf(&mut ebpf, &kernel_btf, enter, "sys_enter")?;
+                links.extend(attach_btf(&mut ebpf, &kernel_btf, exit, "sys_exit")?);
+                links
             }
             Mode::Lean => {
                 let program = match options.programs {
                     Programs::Probe => "open_enter",
                     Programs::Floor => "floor_open_enter",
                 };
-                attach_open_tracepoints(&mut ebpf, tracefs, program)?;
+                attach_classic(
+                    &mut ebpf,
+                    program,
+                    &open_tracepoints(tracefs),
+                    "lean mode needs the syscall tracepoints (CONFIG_FTRACE_SYSCALLS)",
+                )?
             }
-        }
+        };
         if options.programs == Programs::Probe {
             for name in ["sched_process_exec", "sched_process_exit"] {
-                let prog: &mut TracePoint = ebpf
-                    .program_mut(name)
-                    .ok_or_else(|| anyhow!("the probe object has no program {name}"))?
-                    .try_into()?;
-                prog.load().map_err(|e| explain(name, e))?;
-                prog.attach("sched", name).with_context(|| {
-                    format!(
-                        "attaching to tracepoint sched/{name}: trustdrift needs it to follow \
-                         process exec and exit"
-                    )
-                })?;
+                links.extend(attach_classic(
+                    &mut ebpf,
+                    name,
+                    &[("sched", name)],
+                    "trustdrift needs it to follow process exec and exit",
+                )?);
             }
         }
+        let mut attachments = Vec::new();
+        for (name, link) in links {
+            attachments.push(match &plan {
+                Some(plan) => {
+                    Attachment::Pinned(plan.pin_link(&name, link).map_err(|e| anyhow!(e))?)
+                }
+                None => Attachment::Owned(link),
+            });
+        }
+        if let Some(plan) = &plan {
+            let retired = plan.retire_previous_links();
+            if retired > 0 || plan.reused {
+                tracing::info!(
+                    dir = %plan.dir.display(),
+                    retired,
+                    "took over the pinned probe of a previous run: what it recorded meanwhile \
+                     is kept"
+                );
+            }
+        }
+        let stats = if options.bpf_stats {
+            match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
+                Ok(fd) => Some(fd),
+                Err(e) => {
+                    tracing::warn!("cannot enable BPF run-time statistics: {e}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
 
         let accesses = take(&mut ebpf, "ACCESSES")?;
         let losses = take(&mut ebpf, "LOSSES")?;
+        let procs = take(&mut ebpf, "PROCS")?;
+        let counters = take(&mut ebpf, "COUNTERS")?;
         Ok(Self {
             ebpf,
             accesses,
             losses,
+            procs,
+            counters,
+            filter,
+            capacities: caps,
+            attachments,
+            plan,
+            _stats: stats,
             mode: options.mode,
+            pinning,
         })
+    }
+
+    /// Replaces the kernel filter (config reload) without detaching anything.
+    pub fn set_paths(&mut self, paths: &TrustPaths) -> Result<()> {
+        paths.validate().context("invalid trust paths")?;
+        self.filter.write(paths)
+    }
+
+    /// How full each bounded map is. Counts hash maps by walking their keys: call it
+    /// now and then, not per request.
+    pub fn map_fill(&self) -> Vec<MapFill> {
+        let counter = |i: u32| self.counters.get(&i, 0).unwrap_or(0);
+        vec![
+            MapFill {
+                map: "accesses",
+                entries: self.accesses.keys().count() as u64,
+                capacity: u64::from(self.capacities.accesses),
+            },
+            MapFill {
+                map: "procs",
+                entries: self.procs.keys().count() as u64,
+                capacity: u64::from(self.capacities.procs),
+            },
+            MapFill {
+                map: "fds",
+                entries: counter(1),
+                capacity: u64::from(self.capacities.fds),
+            },
+            MapFill {
+                map: "pending",
+                entries: counter(0),
+                capacity: 4096,
+            },
+        ]
+    }
+
+    /// Leaves nothing behind: unpins maps and links (they go when this process exits).
+    pub fn unpin(&mut self) {
+        for a in self.attachments.drain(..) {
+            if let Attachment::Pinned(link) = a {
+                let _ = link.unpin();
+            }
+        }
+        if let Some(plan) = self.plan.take() {
+            if let Err(e) = plan.remove() {
+                tracing::warn!("removing {}: {e}", plan.dir.display());
+            }
+        }
     }
 
     /// The ring buffer of new accesses, execs and exits (can be taken once).
@@ -294,15 +506,38 @@ struct Filter {
 }
 
 impl Filter {
-    /// Writes the filter for `paths` into the probe's maps.
+    /// Makes the maps say `paths`, whatever they held (a previous run's pinned filter, the
+    /// configuration before a reload). While the update is in flight the bitmaps are the
+    /// union of old and new and both prefix sets are in the trie, so no path both
+    /// versions accept is dropped.
     fn write(&mut self, paths: &TrustPaths) -> Result<()> {
-        for (key, value) in paths.prefix_entries() {
+        let wanted = paths.prefix_entries();
+        let table = paths.filter_table();
+        if let Ok(old) = self.table.get(&0, 0) {
+            self.table
+                .set(0, TrustPaths::union_bitmaps(&old, &table), 0)
+                .context("widening the kernel filter")?;
+        }
+        for (key, value) in &wanted {
             self.prefixes
                 .insert(&Key::new(key.prefixlen, key.data), value, 0)
                 .context("writing a trust prefix into the kernel filter")?;
         }
+        let stale: Vec<Key<[u8; PREFIX_CAP]>> = self
+            .prefixes
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| {
+                !wanted
+                    .iter()
+                    .any(|(w, _)| w.prefixlen == k.prefix_len() && w.data == k.data())
+            })
+            .collect();
+        for key in stale {
+            let _ = self.prefixes.remove(&key);
+        }
         self.table
-            .set(0, paths.filter_table(), 0)
+            .set(0, table, 0)
             .context("writing the kernel filter")?;
         Ok(())
     }

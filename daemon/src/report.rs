@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use crate::{
     attribution::Attribution,
-    catalog::{Content, Version},
+    catalog::{Content, FileKey, Version},
     clock,
     ledger::{Origin, ProcessEntry, TrustRead},
     store_format::CertInfo,
@@ -77,6 +77,52 @@ impl From<&Version> for VersionView {
             certificates: content.map_or(0, |c| c.certificates().len()),
             errors: content.map(Content::errors).unwrap_or_default(),
         }
+    }
+}
+
+/// One trust store (a file or directory as one root sees it) for `GET /stores`.
+#[derive(Clone, Debug, Serialize)]
+pub struct StoreView {
+    pub path: String,
+    /// `host`, or the root's identity (mount namespace and root inode).
+    pub root: String,
+    /// Processes (live or recently exited) that read it.
+    pub readers: usize,
+    pub current: Option<VersionView>,
+    pub certificates: Vec<CertView>,
+    /// Every version kept, oldest first.
+    pub versions: Vec<VersionView>,
+}
+
+pub fn store_view(
+    key: &FileKey,
+    versions: &std::collections::VecDeque<Arc<Version>>,
+    readers: usize,
+    host: bool,
+) -> StoreView {
+    let current = versions.back();
+    StoreView {
+        path: key.path.to_string_lossy().into_owned(),
+        root: if host {
+            "host".into()
+        } else {
+            key.root.to_string()
+        },
+        readers,
+        current: current.map(|v| VersionView::from(v.as_ref())),
+        certificates: current
+            .and_then(|v| v.content.as_deref())
+            .map(|c| {
+                c.certificates()
+                    .values()
+                    .map(|c| CertView::from(c.as_ref()))
+                    .collect()
+            })
+            .unwrap_or_default(),
+        versions: versions
+            .iter()
+            .map(|v| VersionView::from(v.as_ref()))
+            .collect(),
     }
 }
 

@@ -9,7 +9,7 @@ use std::borrow::Cow;
 use std::collections::HashSet;
 use std::fmt::Display;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use x509_parser::asn1_rs::{self, Any, Class, FromBer, FromDer, Header, Length, Oid, Tag};
 use x509_parser::certificate::X509Certificate;
@@ -18,7 +18,7 @@ use x509_parser::revocation_list::CertificateRevocationList;
 use x509_parser::x509::X509Version;
 
 /// What a trust file holds.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ContentKind {
     PemBundle,
@@ -29,7 +29,7 @@ pub enum ContentKind {
     Unknown,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CertInfo {
     /// x509-parser's Display of the subject (RFC 4514-like).
     pub subject: String,

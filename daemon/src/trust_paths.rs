@@ -183,6 +183,19 @@ impl TrustPaths {
         table
     }
 
+    /// A table whose bitmaps let through whatever `table` or `other` lets through, so a
+    /// filter update never rejects, even for an instant, a path both versions accept.
+    pub fn union_bitmaps(table: &FilterTable, other: &FilterTable) -> FilterTable {
+        let mut merged = *table;
+        for (a, b) in merged.heads.iter_mut().zip(&other.heads) {
+            *a |= b;
+        }
+        for (a, b) in merged.tails.iter_mut().zip(&other.tails) {
+            *a |= b;
+        }
+        merged
+    }
+
     /// The kernel filter's semantics in userspace, for what the daemon finds without the
     /// probe (files held open before it started): an exclusion at least as long as the
     /// matching prefix vetoes; suffixes compare ASCII case-insensitively.

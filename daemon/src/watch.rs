@@ -63,6 +63,10 @@ impl Watcher {
         Ok((watcher, inotify))
     }
 
+    pub fn watch_count(&self) -> usize {
+        self.by_wd.len()
+    }
+
     /// Interprets one inotify event.
     pub fn interpret(&mut self, event: &inotify::Event<std::ffi::OsString>) -> Vec<Change> {
         if event.mask.contains(inotify::EventMask::Q_OVERFLOW) {

@@ -297,6 +297,21 @@ pub struct Daemon {
     child: Guarded,
     pub port: u16,
     stderr: Arc<Mutex<String>>,
+    /// Its state directory (removed on drop unless the test provided it).
+    _state: Option<TempDir>,
+}
+
+/// Where a test daemon keeps its state and pins its probe.
+#[derive(Default)]
+pub struct DaemonSetup<'a> {
+    /// `None`: a private temporary state dir.
+    pub state_dir: Option<&'a Path>,
+    /// `None`: no pinning (parallel test daemons must not share pins).
+    pub pin_dir: Option<&'a Path>,
+    /// Extra environment for the daemon.
+    pub env: Vec<(&'a str, String)>,
+    /// Another address to listen on besides the test's loopback port (a unix socket).
+    pub also_listen: Option<String>,
 }
 
 fn free_port() -> u16 {
@@ -310,15 +325,34 @@ impl Daemon {
     /// Starts the daemon with `args` and waits until it serves verdicts; `None` (a skip)
     /// when the probe cannot be loaded outside CI.
     pub fn start(args: &[&str]) -> Option<Self> {
+        Self::start_with(args, DaemonSetup::default())
+    }
+
+    pub fn start_with(args: &[&str], setup: DaemonSetup<'_>) -> Option<Self> {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
             return probe_unavailable("not running as root");
         }
         let port = free_port();
+        let own_state = setup.state_dir.is_none().then(|| TempDir::new("state"));
+        let state_dir = setup
+            .state_dir
+            .map(Path::to_path_buf)
+            .or_else(|| own_state.as_ref().map(|t| t.path().to_path_buf()))
+            .expect("a state dir");
         let mut cmd = Command::new(trustdrift_bin());
+        let mut listen = format!("127.0.0.1:{port}");
+        if let Some(extra) = &setup.also_listen {
+            listen = format!("{listen},{extra}");
+        }
         cmd.args(["--log", "info", "run", "--listen"])
-            .arg(format!("127.0.0.1:{port}"))
+            .arg(listen)
+            .arg("--state-dir")
+            .arg(&state_dir)
+            .arg("--pin-dir")
+            .arg(setup.pin_dir.map_or(PathBuf::new(), Path::to_path_buf))
             .args(args)
+            .envs(setup.env)
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         let mut child = Guarded::spawn(&mut cmd);
@@ -336,6 +370,7 @@ impl Daemon {
             child,
             port,
             stderr,
+            _state: own_state,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -384,11 +419,11 @@ impl Daemon {
             }
             thread::sleep(Duration::from_millis(50));
         }
+        let log = self.log();
         panic!(
-            "process {pid} never became {what}; last seen as:\n{}\ndaemon log:\n{}",
+            "process {pid} never became {what}; last seen as:\n{}\ndaemon log:\n{log}",
             last.map(|v| serde_json::to_string_pretty(&v).unwrap_or_default())
                 .unwrap_or_else(|| "(not listed)".into()),
-            self.stderr.lock().unwrap()
         );
     }
 
@@ -397,11 +432,38 @@ impl Daemon {
     }
 }
 
+impl Daemon {
+    pub fn pid(&self) -> u32 {
+        self.child.pid()
+    }
+
+    /// Sends `signal` to the daemon.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: signalling a child we own.
+        unsafe { libc::kill(self.child.pid() as i32, signal) };
+    }
+
+    /// SIGKILL, as a crash or an OOM kill: no chance to save or clean up.
+    pub fn kill(mut self) {
+        let _ = self.child.0.kill();
+        let _ = self.child.0.wait();
+    }
+
+    /// The text of `/metrics`.
+    pub fn metrics(&self) -> String {
+        let (status, body) = self.get("/metrics");
+        assert_eq!(status, 200);
+        body.as_str().unwrap_or_default().to_owned()
+    }
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
-        // SAFETY: signalling a child we own.
-        unsafe { libc::kill(self.child.pid() as i32, libc::SIGTERM) };
-        let _ = self.child.wait(Duration::from_secs(20));
+        // Only signal a daemon still running: a reaped pid may belong to someone else.
+        if let Ok(None) = self.child.0.try_wait() {
+            self.signal(libc::SIGTERM);
+            let _ = self.child.wait(Duration::from_secs(20));
+        }
     }
 }
 

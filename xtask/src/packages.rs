@@ -10,6 +10,8 @@ const NEEDED: &[(&str, &str)] = &[
     ("python3", "python3"),
     ("openssl", "openssl"),
     ("curl", "curl"),
+    // promtool checks the /metrics exposition and the alert rules.
+    ("promtool", "prometheus"),
 ];
 
 fn present(program: &str) -> bool {

@@ -1,0 +1,410 @@
+//! `/metrics`: the Prometheus exposition, built per scrape from the published snapshot.
+//!
+//! Names follow x509-certificate-exporter and cert-manager: absolute times are
+//! `*_timestamp_seconds`, labels that do not apply are `""`. Cardinality is bounded by
+//! default: processes are grouped by (kind, confidence, namespace, pod, container, comm);
+//! no pid, path or command line labels unless `metrics.per_process` asks for them.
+
+use std::{collections::BTreeMap, time::SystemTime};
+
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+
+use crate::{
+    engine::{Snapshot, StoreFigures},
+    report::{Confidence, ProcessView},
+    verdict::{TrustKind, Verdict},
+};
+
+type Labels = Vec<(String, String)>;
+
+fn seconds(t: SystemTime) -> f64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+fn parse_stamp(s: &str) -> Option<SystemTime> {
+    humantime::parse_rfc3339(s).ok()
+}
+
+fn gauge_family(registry: &mut Registry, name: &str, help: &str) -> Family<Labels, Gauge> {
+    let family = Family::<Labels, Gauge>::default();
+    registry.register(name, help, family.clone());
+    family
+}
+
+fn float_family(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+) -> Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>> {
+    let family = Family::<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+    registry.register(name, help, family.clone());
+    family
+}
+
+fn counter_family(registry: &mut Registry, name: &str, help: &str) -> Family<Labels, Counter> {
+    let family = Family::<Labels, Counter>::default();
+    registry.register(name, help, family.clone());
+    family
+}
+
+fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+/// The grouping labels of a process, plus `kind` and `confidence`.
+fn group(p: &ProcessView, kind: TrustKind, confidence: Confidence) -> Labels {
+    let a = &p.attribution;
+    let container = a
+        .container
+        .clone()
+        .or_else(|| {
+            a.container_id
+                .as_ref()
+                .map(|id| id[..id.len().min(12)].to_owned())
+        })
+        .unwrap_or_default();
+    labels(&[
+        (
+            "kind",
+            match kind {
+                TrustKind::Ca => "ca",
+                TrustKind::Identity => "identity",
+            },
+        ),
+        (
+            "confidence",
+            match confidence {
+                Confidence::Observed => "observed",
+                Confidence::Unverified => "unverified",
+            },
+        ),
+        ("namespace", a.namespace.as_deref().unwrap_or("")),
+        ("pod", a.pod.as_deref().unwrap_or("")),
+        ("container", &container),
+        ("comm", &p.comm),
+    ])
+}
+
+/// Rewrites OpenMetrics text as the classic Prometheus text format (0.0.4), for scrapers
+/// and tools that do not ask for OpenMetrics: counter families take their `_total` name,
+/// and the OpenMetrics-only `# UNIT` and `# EOF` lines go.
+pub fn to_prometheus_text(openmetrics: &str) -> String {
+    let counters: std::collections::BTreeSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        out.push_str(renamed.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
+}
+
+/// The exposition text (OpenMetrics) for `snapshot`.
+pub fn render(snapshot: &Snapshot) -> String {
+    let mut registry = Registry::default();
+    let stale = gauge_family(
+        &mut registry,
+        "trustdrift_stale_processes",
+        "Processes whose in-memory trust material is older than the files on disk",
+    );
+    let stale_since = float_family(
+        &mut registry,
+        "trustdrift_stale_since_timestamp_seconds",
+        "When the oldest stale process of the group became stale",
+    );
+    let expired = gauge_family(
+        &mut registry,
+        "trustdrift_expired_in_memory_processes",
+        "Processes holding a certificate that expired while a newer one is on disk",
+    );
+    let removed = gauge_family(
+        &mut registry,
+        "trustdrift_removed_ca_trusted_processes",
+        "Processes that still trust a CA removed from disk",
+    );
+    let by_verdict = gauge_family(
+        &mut registry,
+        "trustdrift_processes",
+        "Processes with trust reads, by verdict",
+    );
+    let per_process = snapshot.options.per_process.then(|| {
+        gauge_family(
+            &mut registry,
+            "trustdrift_process_verdict",
+            "One series per process (opt-in: metrics.per_process)",
+        )
+    });
+
+    let mut counts: BTreeMap<Verdict, i64> = [
+        Verdict::Fresh,
+        Verdict::Stale,
+        Verdict::ExpiredInMemory,
+        Verdict::Unverified,
+    ]
+    .into_iter()
+    .map(|v| (v, 0))
+    .collect();
+    let mut oldest: BTreeMap<Labels, f64> = BTreeMap::new();
+    for p in &snapshot.processes {
+        if p.exited_at.is_some() {
+            continue;
+        }
+        *counts.entry(p.verdict).or_default() += 1;
+        if let Some(family) = &per_process {
+            family
+                .get_or_create(&labels(&[
+                    ("pid", &p.pid.to_string()),
+                    ("comm", &p.comm),
+                    ("exe", p.exe.as_deref().unwrap_or("")),
+                    ("verdict", p.verdict.as_str()),
+                ]))
+                .set(1);
+        }
+        if p.verdict == Verdict::Unverified {
+            stale
+                .get_or_create(&group(p, TrustKind::Ca, Confidence::Unverified))
+                .inc();
+            continue;
+        }
+        if p.verdict < Verdict::Stale {
+            continue;
+        }
+        let kinds: std::collections::BTreeSet<TrustKind> = p
+            .files
+            .iter()
+            .filter(|f| f.verdict >= Verdict::Stale)
+            .map(|f| f.kind)
+            .collect();
+        for kind in kinds {
+            let l = group(p, kind, Confidence::Observed);
+            stale.get_or_create(&l).inc();
+            if let Some(since) = p
+                .files
+                .iter()
+                .filter(|f| f.kind == kind && f.verdict >= Verdict::Stale)
+                .filter_map(|f| f.stale_since.as_deref().and_then(parse_stamp))
+                .min()
+            {
+                let s = seconds(since);
+                let e = oldest.entry(l.clone()).or_insert(s);
+                *e = e.min(s);
+            }
+            if p.files
+                .iter()
+                .any(|f| f.kind == kind && f.verdict == Verdict::ExpiredInMemory)
+            {
+                expired.get_or_create(&l).inc();
+            }
+            if p.files
+                .iter()
+                .any(|f| f.kind == kind && !f.removed_cas_trusted.is_empty())
+            {
+                removed.get_or_create(&l).inc();
+            }
+        }
+    }
+    for (l, s) in oldest {
+        stale_since.get_or_create(&l).set(s);
+    }
+    for (v, n) in counts {
+        by_verdict
+            .get_or_create(&labels(&[("verdict", v.as_str())]))
+            .set(n);
+    }
+
+    stores(&mut registry, &snapshot.stores);
+    health(&mut registry, snapshot);
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = encode(&mut out, &registry);
+    out
+}
+
+fn stores(registry: &mut Registry, stores: &[StoreFigures]) {
+    let certs = gauge_family(
+        registry,
+        "trustdrift_store_certificates",
+        "Certificates in a trust store on disk now",
+    );
+    let changed = float_family(
+        registry,
+        "trustdrift_store_last_change_timestamp_seconds",
+        "When a trust store's content last changed",
+    );
+    let info = gauge_family(
+        registry,
+        "trustdrift_store_info",
+        "The content a trust store has on disk now (value 1)",
+    );
+    for s in stores {
+        let l = labels(&[("store", &s.store)]);
+        certs.get_or_create(&l).set(s.certificates as i64);
+        changed.get_or_create(&l).set(seconds(s.changed_at));
+        info.get_or_create(&labels(&[("store", &s.store), ("sha256", &s.sha256)]))
+            .set(1);
+    }
+}
+
+fn health(registry: &mut Registry, snapshot: &Snapshot) {
+    let h = &snapshot.health;
+    let events = counter_family(
+        registry,
+        "trustdrift_events",
+        "Probe records received, by kind",
+    );
+    for (kind, n) in &h.events {
+        events.get_or_create(&labels(&[("kind", kind)])).inc_by(*n);
+    }
+    let lost = counter_family(
+        registry,
+        "trustdrift_events_lost",
+        "Observations that could not be kept, by reason (kernel and daemon side)",
+    );
+    for (reason, n) in &h.lost {
+        lost.get_or_create(&labels(&[("reason", reason)]))
+            .inc_by(*n);
+    }
+    let scan = counter_family(
+        registry,
+        "trustdrift_scan_errors",
+        "Trust files that could not be read or hashed, by reason",
+    );
+    for (reason, n) in &h.scan_errors {
+        scan.get_or_create(&labels(&[("reason", reason)]))
+            .inc_by(*n);
+    }
+    let parse = Counter::<u64>::default();
+    registry.register(
+        "trustdrift_parse_errors",
+        "Problems found while parsing trust files (malformed certificates, truncated stores)",
+        parse.clone(),
+    );
+    parse.inc_by(h.parse_errors);
+    let hashed = Counter::<u64>::default();
+    registry.register(
+        "trustdrift_files_hashed",
+        "Trust file contents read and hashed (cache misses)",
+        hashed.clone(),
+    );
+    hashed.inc_by(h.contents_hashed);
+
+    let attached = Gauge::<i64>::default();
+    registry.register(
+        "trustdrift_probe_attached",
+        "1 while the eBPF probe is attached",
+        attached.clone(),
+    );
+    attached.set(i64::from(h.probe_attached));
+    let pinned = Gauge::<i64>::default();
+    registry.register(
+        "trustdrift_probe_pinned",
+        "1 when the probe's maps and links are pinned and survive a daemon restart",
+        pinned.clone(),
+    );
+    pinned.set(i64::from(h.pinned));
+    let ready = Gauge::<i64>::default();
+    registry.register(
+        "trustdrift_ready",
+        "1 once the probe is attached and the start-up scan is done",
+        ready.clone(),
+    );
+    ready.set(i64::from(snapshot.ready));
+
+    let run_time = Family::<Labels, Counter<f64, std::sync::atomic::AtomicU64>>::default();
+    registry.register(
+        "trustdrift_bpf_program_run_time_seconds",
+        "Kernel-accounted run time of each probe program (needs metrics.bpf_stats)",
+        run_time.clone(),
+    );
+    let runs = counter_family(
+        registry,
+        "trustdrift_bpf_program_runs",
+        "Kernel-accounted invocations of each probe program (needs metrics.bpf_stats)",
+    );
+    for p in &h.programs {
+        let l = labels(&[("program", &p.name)]);
+        run_time
+            .get_or_create(&l)
+            .inc_by(p.run_time_ns as f64 / 1e9);
+        runs.get_or_create(&l).inc_by(p.run_count);
+    }
+    let entries = gauge_family(
+        registry,
+        "trustdrift_bpf_map_entries",
+        "Entries in a probe map",
+    );
+    let capacity = gauge_family(
+        registry,
+        "trustdrift_bpf_map_capacity",
+        "Capacity (max_entries) of a probe map",
+    );
+    for m in &h.maps {
+        let l = labels(&[("map", m.map)]);
+        entries.get_or_create(&l).set(m.entries as i64);
+        capacity.get_or_create(&l).set(m.capacity as i64);
+    }
+    let tracked = gauge_family(
+        registry,
+        "trustdrift_tracked",
+        "What the daemon holds in memory, by kind (processes, files, watches)",
+    );
+    for (what, n) in &h.tracked {
+        tracked
+            .get_or_create(&labels(&[("what", what)]))
+            .set(*n as i64);
+    }
+    let saved = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+    registry.register(
+        "trustdrift_state_last_save_timestamp_seconds",
+        "When the ledger was last persisted to the state directory (0: never)",
+        saved.clone(),
+    );
+    saved.set(h.last_save.map_or(0.0, seconds));
+    let build = gauge_family(
+        registry,
+        "trustdrift_build_info",
+        "Build information (value 1)",
+    );
+    build
+        .get_or_create(&labels(&[("version", env!("CARGO_PKG_VERSION"))]))
+        .set(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_are_renamed_for_the_classic_text_format() {
+        let om = "# HELP x_events Events.\n# TYPE x_events counter\nx_events_total{kind=\"a\"} 3\n\
+                  # HELP x_up Up.\n# TYPE x_up gauge\n# UNIT x_up seconds\nx_up 1\n# EOF\n";
+        let text = to_prometheus_text(om);
+        assert_eq!(
+            text,
+            "# HELP x_events_total Events.\n# TYPE x_events_total counter\n\
+             x_events_total{kind=\"a\"} 3\n# HELP x_up Up.\n# TYPE x_up gauge\nx_up 1\n"
+        );
+    }
+}

@@ -1,0 +1,33 @@
+//! The host's reference view: the CA store a process started now would load, as
+//! rustls-native-certs finds it (SSL_CERT_FILE / SSL_CERT_DIR, else the distribution's
+//! own locations). Reloaded when one of the host's default stores changes.
+
+use std::{collections::BTreeMap, sync::Arc, time::SystemTime};
+
+use crate::store_format::{self, CertInfo};
+
+#[derive(Clone, Debug)]
+pub struct Reference {
+    pub loaded_at: SystemTime,
+    /// By SHA-256 fingerprint.
+    pub certs: BTreeMap<String, Arc<CertInfo>>,
+    pub errors: Vec<String>,
+}
+
+pub fn load() -> Reference {
+    let found = rustls_native_certs::load_native_certs();
+    let mut certs = BTreeMap::new();
+    let mut errors: Vec<String> = found.errors.iter().map(|e| e.to_string()).collect();
+    for der in &found.certs {
+        let parsed = store_format::parse(der.as_ref());
+        errors.extend(parsed.errors);
+        for c in parsed.certs {
+            certs.insert(c.sha256.clone(), Arc::new(c));
+        }
+    }
+    Reference {
+        loaded_at: SystemTime::now(),
+        certs,
+        errors,
+    }
+}

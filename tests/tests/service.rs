@@ -1,0 +1,660 @@
+//! The daemon as a service: its API contract, its metrics, its configuration, reload on
+//! SIGHUP, and restarts that lose nothing.
+
+use std::{
+    fs,
+    io::{BufRead, BufReader, Read, Write},
+    net::TcpStream,
+    path::Path,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use trustdrift_e2e::{Cert, Daemon, DaemonSetup, Guarded, SOON, TempDir, Value, trustdrift_bin};
+
+/// A process that reads `path` once and then stays, like a service that loaded its
+/// trust store at start. Returns once it has read.
+fn reader(path: &Path) -> Guarded {
+    let script = format!(
+        "import sys\nopen({:?}, 'rb').read()\nprint('read', flush=True)\nsys.stdin.read()",
+        path.to_str().unwrap()
+    );
+    let mut child = Guarded::spawn(
+        Command::new("/usr/bin/python3")
+            .args(["-I", "-c", &script])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped()),
+    );
+    let mut line = String::new();
+    BufReader::new(child.0.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "read");
+    child
+}
+
+fn bundle(certs: &[&Cert]) -> String {
+    certs.iter().map(|c| c.pem.as_str()).collect()
+}
+
+/// A raw request, for what a well-behaved client would never send.
+fn raw(port: u16, request: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn is_json_error(body: &Value) -> bool {
+    body["error"].is_string() && body["reason"].is_string()
+}
+
+#[test]
+fn the_api_serves_a_documented_schema_with_filters_and_json_errors() {
+    let dir = TempDir::new("api");
+    let path = dir.join("bundle.pem");
+    fs::write(&path, bundle(&[&Cert::ca("API Root")])).unwrap();
+    let Some(daemon) = Daemon::start(&[]) else {
+        return;
+    };
+    assert_eq!(daemon.get("/readyz").0, 200);
+    assert_eq!(daemon.get("/healthz").1["status"], "ok");
+    let agent = reader(&path);
+    let pid = agent.pid();
+    let p = daemon.wait_for("fresh", pid, |p| p["verdict"] == "fresh");
+    for key in [
+        "pid",
+        "start_time",
+        "comm",
+        "exe",
+        "cmdline",
+        "uid",
+        "cgroup",
+        "container_id",
+        "pod_uid",
+        "unit",
+        "namespace",
+        "pod",
+        "container",
+        "origin",
+        "confidence",
+        "verdict",
+        "stale_since",
+        "exited_at",
+        "files",
+    ] {
+        assert!(p.get(key).is_some(), "process field {key} missing: {p}");
+    }
+    let f = &p["files"][0];
+    for key in [
+        "path",
+        "resolved",
+        "kind",
+        "verdict",
+        "stale_since",
+        "first_open",
+        "last_open",
+        "last_read",
+        "bytes_read",
+        "opens",
+        "reads",
+        "read_version",
+        "read_at",
+        "current_version",
+        "missing_cas",
+        "removed_cas_trusted",
+        "expired_in_memory",
+    ] {
+        assert!(f.get(key).is_some(), "file field {key} missing: {f}");
+    }
+    assert_eq!(f["read_version"]["sha256"], f["current_version"]["sha256"]);
+    assert!(
+        p["cmdline"].as_str().unwrap().len() <= 260,
+        "cmdline is truncated"
+    );
+
+    let listed = |query: &str| -> Vec<u64> {
+        let (status, body) = daemon.get(&format!("/processes?{query}"));
+        assert_eq!(status, 200, "{query}: {body}");
+        body.as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|p| p["pid"].as_u64())
+            .collect()
+    };
+    let pid64 = u64::from(pid);
+    assert!(listed("verdict=fresh").contains(&pid64));
+    assert!(!listed("verdict=stale").contains(&pid64));
+    assert!(listed("comm=python3").contains(&pid64));
+    assert!(!listed("comm=envoy").contains(&pid64));
+    assert!(!listed("container=0123456789ab").contains(&pid64));
+    assert!(!listed("namespace=payments").contains(&pid64));
+
+    for (path, status) in [
+        ("/processes?verdict=purple", 400),
+        ("/processes?pid=1", 400),
+        ("/processes?comm=a&comm=b", 400),
+        ("/processes/not-a-pid", 400),
+        ("/processes/4000000000", 404),
+        ("/no/such/endpoint", 404),
+        ("/stores?bogus=1", 400),
+    ] {
+        let (got, body) = daemon.get(path);
+        assert_eq!(got, status, "{path}: {body}");
+        assert!(is_json_error(&body), "{path}: {body}");
+    }
+    assert_eq!(daemon.get(&format!("/processes/{pid}")).1["pid"], pid);
+
+    // No bodies, no writes, no endless query strings.
+    let (status, body) = raw(
+        daemon.port,
+        "POST /processes HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(status, 405, "{body}");
+    let (status, _) = raw(
+        daemon.port,
+        "GET /processes HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
+    );
+    assert_eq!(status, 413);
+    let long = format!("/processes?comm={}", "a".repeat(5000));
+    assert_eq!(daemon.get(&long).0, 414);
+
+    let (status, stores) = daemon.get("/stores");
+    assert_eq!(status, 200);
+    let store = stores["stores"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["path"] == path.to_str().unwrap())
+        .unwrap_or_else(|| panic!("{} not in /stores", path.display()));
+    assert_eq!(store["root"], "host");
+    assert_eq!(store["certificates"][0]["subject"], "CN=API Root");
+    assert!(
+        stores["host_reference"]["certificates"]
+            .as_array()
+            .is_some()
+    );
+}
+
+/// A TLS server (python3 `ssl`) that loads its certificate and key once.
+fn server(cert: &Path, key: &Path) -> Guarded {
+    let script = format!(
+        "import ssl, sys\nctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)\n\
+         ctx.load_cert_chain({:?}, {:?})\nprint('read', flush=True)\nsys.stdin.read()",
+        cert.to_str().unwrap(),
+        key.to_str().unwrap()
+    );
+    let mut child = Guarded::spawn(
+        Command::new("/usr/bin/python3")
+            .args(["-I", "-c", &script])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped()),
+    );
+    let mut line = String::new();
+    BufReader::new(child.0.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    child
+}
+
+#[test]
+fn the_metrics_are_valid_prometheus_and_carry_every_family() {
+    let dir = TempDir::new("metrics");
+    let path = dir.join("ca.pem");
+    let (kept, dropped) = (Cert::ca("Metrics Root"), Cert::ca("Dropped Root"));
+    fs::write(&path, bundle(&[&kept, &dropped])).unwrap();
+    let doomed = dir.join("doomed.pem");
+    fs::write(&doomed, bundle(&[&kept])).unwrap();
+    let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
+    let leaf = kept.leaf("metrics.internal", Duration::from_secs(4));
+    fs::write(&cert, &leaf.pem).unwrap();
+    fs::write(&key, &leaf.key_pem).unwrap();
+    let Some(daemon) = Daemon::start(&["--set", "metrics.bpf_stats=true"]) else {
+        return;
+    };
+    let agent = reader(&path);
+    let witness = reader(&doomed);
+    let tls = server(&cert, &key);
+    for p in [&agent, &witness, &tls] {
+        daemon.wait_for("fresh", p.pid(), |p| p["verdict"] == "fresh");
+    }
+    // A CA removed (still trusted in memory), a file gone (a scan error), a certificate
+    // renewed on disk whose old version then expires in memory.
+    fs::write(&path, bundle(&[&kept, &Cert::ca("Added Root")])).unwrap();
+    fs::remove_file(&doomed).unwrap();
+    let renewed = kept.leaf("metrics.internal", Duration::from_secs(86400));
+    fs::write(&cert, &renewed.pem).unwrap();
+    daemon.wait_for("stale", agent.pid(), |p| p["verdict"] == "stale");
+    daemon.wait_for("expired", tls.pid(), |p| {
+        p["verdict"] == "expired_in_memory"
+    });
+    // The engine publishes its own health every 5 s; wait for a scrape that has it all.
+    let deadline = Instant::now() + SOON;
+    let mut text = daemon.metrics();
+    while !(text.contains("trustdrift_bpf_map_entries{") && text.contains("not_found"))
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(200));
+        text = daemon.metrics();
+    }
+
+    // A real Prometheus parser accepts it.
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus; cargo xtask setup installs it)");
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    let report =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "promtool rejects the exposition: {report}\n{text}"
+    );
+
+    let series = |name: &str| -> Vec<&str> {
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+            .collect()
+    };
+    let stale = series("trustdrift_stale_processes");
+    let ours = stale
+        .iter()
+        .find(|l| l.contains("comm=\"python3\"") && l.contains("kind=\"ca\""))
+        .unwrap_or_else(|| panic!("no stale series for the agent:\n{text}"));
+    for label in [
+        "confidence=\"observed\"",
+        "namespace=\"\"",
+        "pod=\"\"",
+        "container=\"\"",
+    ] {
+        assert!(ours.contains(label), "{label} in {ours}");
+    }
+    for forbidden in ["pid=", "cmdline=", "exe="] {
+        assert!(
+            !text.contains(forbidden),
+            "unbounded label {forbidden} exported"
+        );
+    }
+    for family in [
+        "trustdrift_stale_processes",
+        "trustdrift_stale_since_timestamp_seconds",
+        "trustdrift_expired_in_memory_processes",
+        "trustdrift_removed_ca_trusted_processes",
+        "trustdrift_store_certificates",
+        "trustdrift_store_last_change_timestamp_seconds",
+        "trustdrift_store_info",
+        "trustdrift_events_total",
+        "trustdrift_events_lost_total",
+        "trustdrift_probe_attached",
+        "trustdrift_bpf_program_run_time_seconds_total",
+        "trustdrift_bpf_program_runs_total",
+        "trustdrift_bpf_map_entries",
+        "trustdrift_bpf_map_capacity",
+        "trustdrift_scan_errors_total",
+        "trustdrift_build_info",
+        "trustdrift_processes",
+    ] {
+        assert!(!series(family).is_empty(), "no {family} series:\n{text}");
+    }
+    assert!(
+        series("trustdrift_expired_in_memory_processes")
+            .iter()
+            .any(|l| l.contains("kind=\"identity\"")),
+        "{text}"
+    );
+    assert!(
+        series("trustdrift_scan_errors_total")
+            .iter()
+            .any(|l| l.contains("reason=\"not_found\"")),
+        "{text}"
+    );
+    let store = series("trustdrift_store_certificates")
+        .into_iter()
+        .find(|l| l.contains(path.to_str().unwrap()))
+        .unwrap_or_else(|| panic!("no store series for the bundle:\n{text}"));
+    assert!(store.ends_with(" 2"), "{store}");
+    assert!(series("trustdrift_probe_attached")[0].ends_with(" 1"));
+    assert!(
+        series("trustdrift_bpf_program_runs_total")
+            .iter()
+            .any(|l| l.contains("program=\"sys_enter\"") && !l.ends_with(" 0")),
+        "kernel accounting is on: {text}"
+    );
+    for reason in [
+        "ringbuf_full",
+        "access_table_full",
+        "fd_table_evicted",
+        "path_truncated",
+    ] {
+        assert!(
+            series("trustdrift_events_lost_total")
+                .iter()
+                .any(|l| l.contains(&format!("reason=\"{reason}\""))),
+            "loss reason {reason} exported"
+        );
+    }
+    // Prometheus itself asks for OpenMetrics, and gets it.
+    let (_, om) = {
+        let mut s = TcpStream::connect(("127.0.0.1", daemon.port)).unwrap();
+        s.write_all(
+            b"GET /metrics HTTP/1.1\r\nHost: x\r\nAccept: application/openmetrics-text;version=1.0.0\r\nConnection: close\r\n\r\n",
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        (0, out)
+    };
+    assert!(om.contains("application/openmetrics-text") && om.trim_end().ends_with("# EOF"));
+}
+
+#[test]
+fn an_invalid_configuration_is_a_clear_error_naming_key_and_value() {
+    let dir = TempDir::new("config");
+    let cases = [
+        (
+            "[catalog]\nmax_file_bytes = \"big\"\n",
+            "catalog.max_file_bytes",
+            "big",
+        ),
+        (
+            "[api]\nlisten = \"everywhere\"\n",
+            "api.listen",
+            "everywhere",
+        ),
+        ("[probe]\nmod = \"lean\"\n", "probe.mod", ""),
+        ("[paths]\nsuffixes = [\"\"]\n", "paths.suffixes", ""),
+    ];
+    for (i, (text, key, value)) in cases.into_iter().enumerate() {
+        let file = dir.join(format!("bad-{i}.toml"));
+        fs::write(&file, text).unwrap();
+        let out = Command::new(trustdrift_bin())
+            .args(["--config", file.to_str().unwrap(), "run"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(err.contains(key) && err.contains(value), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    let out = Command::new(trustdrift_bin())
+        .arg("config")
+        .env("TRUSTDRIFT_LEDGER_EXIT_GRACE", "forever")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        err.contains("TRUSTDRIFT_LEDGER_EXIT_GRACE") && err.contains("forever"),
+        "{err}"
+    );
+    // The effective configuration, merged in the documented order.
+    let file = dir.join("good.toml");
+    fs::write(
+        &file,
+        "[api]\nlisten = \"127.0.0.1:1111\"\n[catalog]\nmax_file_bytes = 5\n",
+    )
+    .unwrap();
+    let out = Command::new(trustdrift_bin())
+        .args([
+            "--config",
+            file.to_str().unwrap(),
+            "config",
+            "--set",
+            "catalog.max_file_bytes=7",
+        ])
+        .env("TRUSTDRIFT_API_LISTEN", "127.0.0.1:2222")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("listen = \"127.0.0.1:2222\""),
+        "env over file: {text}"
+    );
+    assert!(
+        text.contains("max_file_bytes = 7"),
+        "flag over file: {text}"
+    );
+}
+
+#[test]
+fn sighup_reloads_the_trust_paths_into_the_kernel_without_dropping_observations() {
+    let dir = TempDir::new("reload");
+    let custom = dir.join("identity");
+    fs::create_dir_all(&custom).unwrap();
+    // No certificate suffix: trust material only once its folder is configured.
+    let material = custom.join("service.bundle");
+    fs::write(&material, bundle(&[&Cert::ca("Reload Root")])).unwrap();
+    let known = dir.join("known.pem");
+    fs::write(&known, bundle(&[&Cert::ca("Known Root")])).unwrap();
+    let config = dir.join("trustdrift.toml");
+    fs::write(&config, "[log]\nlevel = \"info\"\n").unwrap();
+    let Some(daemon) = Daemon::start(&["--config", config.to_str().unwrap()]) else {
+        return;
+    };
+    let before = reader(&known);
+    daemon.wait_for("listed", before.pid(), |p| p["verdict"] == "fresh");
+    let unseen = reader(&material);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        daemon.process(unseen.pid()).is_none(),
+        "not trust material yet"
+    );
+
+    fs::write(
+        &config,
+        format!(
+            "[log]\nlevel = \"info\"\n[paths]\nprefixes = [\"{}/\"]\n",
+            custom.display()
+        ),
+    )
+    .unwrap();
+    daemon.signal(libc::SIGHUP);
+    let deadline = Instant::now() + SOON;
+    while !daemon.log().contains("trust paths reloaded") {
+        assert!(Instant::now() < deadline, "no reload:\n{}", daemon.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let after = reader(&material);
+    let p = daemon.wait_for("listed", after.pid(), |p| p["verdict"] == "fresh");
+    assert!(
+        p["files"][0]["path"]
+            .as_str()
+            .unwrap()
+            .ends_with("service.bundle")
+    );
+    // What was observed before the reload is still there.
+    assert!(daemon.process(before.pid()).is_some());
+    // A broken configuration on SIGHUP keeps the running one.
+    fs::write(&config, "[paths]\nprefixes = [\"relative/\"]\n").unwrap();
+    daemon.signal(libc::SIGHUP);
+    let deadline = Instant::now() + SOON;
+    while !daemon.log().contains("keeping the running configuration") {
+        assert!(Instant::now() < deadline, "{}", daemon.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(daemon.log().contains("paths.prefixes"));
+    assert_eq!(daemon.get("/healthz").0, 200);
+}
+
+/// A bpffs directory of the test's own, removed (which detaches what is pinned there)
+/// even when the test fails.
+struct PinDir(std::path::PathBuf);
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = Command::new("rm").arg("-rf").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_restart_loses_nothing_a_process_read_before_or_during_it() {
+    let dir = TempDir::new("restart");
+    let state = dir.join("state");
+    let pins = PinDir(std::path::PathBuf::from(format!(
+        "/sys/fs/bpf/trustdrift-e2e-{}-{}",
+        std::process::id(),
+        dir.path().file_name().unwrap().to_string_lossy().len()
+    )));
+    let setup = || DaemonSetup {
+        state_dir: Some(&state),
+        pin_dir: Some(&pins.0),
+        ..DaemonSetup::default()
+    };
+    let path = dir.join("bundle.pem");
+    let first_ca = Cert::ca("Before Restart");
+    fs::write(&path, bundle(&[&first_ca])).unwrap();
+    let Some(daemon) = Daemon::start_with(&[], setup()) else {
+        return;
+    };
+    let agent = reader(&path);
+    let pid = agent.pid();
+    let seen = daemon.wait_for("fresh", pid, |p| p["verdict"] == "fresh");
+    let read_at = seen["files"][0]["read_at"].clone();
+    // Wait until a save made after the daemon listed it is on disk, then crash.
+    let listed_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let deadline = Instant::now() + SOON;
+    loop {
+        let saved = daemon
+            .metrics()
+            .lines()
+            .find(|l| l.starts_with("trustdrift_state_last_save_timestamp_seconds "))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        if saved > listed_at {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the ledger was never saved (last save {saved}, listed {listed_at}):\n{}",
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    daemon.kill();
+
+    // While the daemon is down, another process reads the bundle: the pinned probe
+    // records it.
+    let during = reader(&path);
+    let restarted = Daemon::start_with(&[], setup()).expect("the daemon restarts");
+    let p = restarted.wait_for("restored", pid, |p| p["verdict"] == "fresh");
+    assert_eq!(
+        p["files"][0]["read_at"], read_at,
+        "the original read time is kept"
+    );
+    restarted.wait_for("recorded while down", during.pid(), |p| {
+        p["verdict"] == "fresh"
+    });
+
+    // The store changes after the restart: the agent is stale, since its original read.
+    fs::write(&path, bundle(&[&first_ca, &Cert::ca("After Restart")])).unwrap();
+    let p = restarted.wait_for("stale", pid, |p| p["verdict"] == "stale");
+    assert_eq!(p["files"][0]["read_at"], read_at);
+    assert_eq!(
+        p["files"][0]["missing_cas"][0]["subject"],
+        "CN=After Restart"
+    );
+    assert!(
+        restarted.log().contains("took over the pinned probe"),
+        "{}",
+        restarted.log()
+    );
+}
+
+#[test]
+fn the_cli_lists_and_explains_from_the_running_daemon() {
+    let dir = TempDir::new("cli");
+    let path = dir.join("bundle.pem");
+    let ca = Cert::ca("CLI Root");
+    fs::write(&path, bundle(&[&ca])).unwrap();
+    let socket = dir.join("api.sock");
+    let setup = DaemonSetup {
+        also_listen: Some(format!("unix:{}", socket.display())),
+        ..DaemonSetup::default()
+    };
+    let Some(daemon) = Daemon::start_with(&[], setup) else {
+        return;
+    };
+    let agent = reader(&path);
+    daemon.wait_for("fresh", agent.pid(), |p| p["verdict"] == "fresh");
+    fs::write(&path, bundle(&[&ca, &Cert::ca("Newer Root")])).unwrap();
+    daemon.wait_for("stale", agent.pid(), |p| p["verdict"] == "stale");
+    let api = format!("unix:{}", socket.display());
+    let run = |args: &[&str]| {
+        let out = Command::new(trustdrift_bin()).args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let table = run(&["processes", "--api", &api]);
+    let row = table
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(&agent.pid().to_string()))
+        .unwrap_or_else(|| panic!("{table}"));
+    assert!(
+        row.contains("stale") && row.contains("1/1 drifted"),
+        "{row}"
+    );
+    let json: Value = serde_json::from_str(&run(&["processes", "--api", &api, "--json"])).unwrap();
+    assert!(
+        json.as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["pid"] == agent.pid())
+    );
+    let words = run(&["explain", &agent.pid().to_string(), "--api", &api]);
+    assert!(words.contains("Verdict: STALE since"), "{words}");
+    assert!(words.contains("CN=Newer Root"), "{words}");
+    assert!(words.contains("What to do"), "{words}");
+    let out = Command::new(trustdrift_bin())
+        .args(["explain", "4000000000", "--api", &api])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("HTTP 404"));
+}
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let Some(daemon) = Daemon::start(&["--log-format", "json"]) else {
+        return;
+    };
+    let log = daemon.log();
+    let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(!lines.is_empty());
+    for line in lines {
+        let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(v["level"].is_string() && v["fields"].is_object(), "{line}");
+    }
+}
