@@ -104,6 +104,13 @@ pub struct AccessEvent {
     pub dirfd: i32,
     /// The fd the open returned; -1 in lean mode (not observed).
     pub fd: i32,
+    /// Inode number of the file the open returned (0 when unknown: lean mode, or a
+    /// kernel layout the daemon could not read), so the daemon knows which version of
+    /// the file the process got even if the path has been replaced since.
+    pub ino: u64,
+    /// `super_block.s_dev` of that file, the kernel's encoding (MAJOR << 20 | MINOR).
+    pub dev: u32,
+    pub _pad2: u32,
     /// [`match_flags`].
     pub match_flags: u32,
     /// Length of `path` without the NUL.
@@ -394,6 +401,21 @@ pub struct KernelOffsets {
     pub mnt_ns_inum: u32,
     /// offset of `group_dead` in the `sched_process_exit` tracepoint record
     pub exit_group_dead: u32,
+    /// `task_struct.files`
+    pub task_files: u32,
+    /// `files_struct.fdt`
+    pub files_fdt: u32,
+    /// `fdtable.fd`
+    pub fdt_fd: u32,
+    /// `file.f_inode`
+    pub file_inode: u32,
+    /// `inode.i_ino`
+    pub inode_ino: u32,
+    /// `inode.i_sb`
+    pub inode_sb: u32,
+    /// `super_block.s_dev`
+    pub sb_dev: u32,
+    pub _pad: u32,
 }
 
 impl KernelOffsets {
@@ -405,6 +427,14 @@ impl KernelOffsets {
         nsproxy_mnt_ns: Self::UNKNOWN,
         mnt_ns_inum: Self::UNKNOWN,
         exit_group_dead: Self::UNKNOWN,
+        task_files: Self::UNKNOWN,
+        files_fdt: Self::UNKNOWN,
+        fdt_fd: Self::UNKNOWN,
+        file_inode: Self::UNKNOWN,
+        inode_ino: Self::UNKNOWN,
+        inode_sb: Self::UNKNOWN,
+        sb_dev: Self::UNKNOWN,
+        _pad: 0,
     };
 }
 

@@ -64,6 +64,7 @@ struct Filters {
     namespace: Option<String>,
     pod: Option<String>,
     comm: Option<String>,
+    exited: Option<bool>,
 }
 
 impl Filters {
@@ -75,8 +76,15 @@ impl Filters {
                 format!("unknown verdict {v:?}: use fresh, stale, expired_in_memory or unverified")
             })?),
         };
+        let exited = match q.remove("exited").as_deref() {
+            None => None,
+            Some("true") => Some(true),
+            Some("false") => Some(false),
+            Some(other) => return Err(format!("exited={other:?}: use true or false")),
+        };
         let filters = Self {
             verdict,
+            exited,
             container: q.remove("container"),
             namespace: q.remove("namespace"),
             pod: q.remove("pod"),
@@ -84,7 +92,7 @@ impl Filters {
         };
         if let Some(unknown) = q.keys().next() {
             return Err(format!(
-                "unknown filter {unknown:?}: use verdict, container, namespace, pod or comm"
+                "unknown filter {unknown:?}: use verdict, container, namespace, pod, comm or exited"
             ));
         }
         Ok(filters)
@@ -109,6 +117,7 @@ impl Filters {
                 .as_deref()
                 .is_none_or(|n| a.pod.as_deref() == Some(n))
             && self.comm.as_deref().is_none_or(|c| p.comm == c)
+            && self.exited.is_none_or(|e| p.exited_at.is_some() == e)
     }
 }
 
@@ -387,5 +396,7 @@ mod tests {
         assert!(e.contains("unknown verdict"));
         let e = Filters::parse(Some("pid=4")).err().unwrap();
         assert!(e.contains("unknown filter \"pid\""));
+        let e = Filters::parse(Some("exited=yes")).err().unwrap();
+        assert!(e.contains("use true or false"));
     }
 }

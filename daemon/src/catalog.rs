@@ -147,6 +147,18 @@ impl Content {
         }
     }
 
+    /// Whether this holds anything TLS trusts or presents: a certificate or a key (a
+    /// directory through its entries). DH parameters or notes named `.pem` do not.
+    pub fn is_trust_material(&self) -> bool {
+        match &self.shape {
+            Shape::File { kind, certs, .. } => {
+                !certs.is_empty() || *kind == ContentKind::PrivateKey
+            }
+            Shape::Directory { entries, .. } => entries.values().any(|e| e.is_trust_material()),
+            Shape::Unreadable { .. } => true,
+        }
+    }
+
     pub fn errors(&self) -> Vec<String> {
         match &self.shape {
             Shape::File { errors, .. } | Shape::Directory { errors, .. } => errors.clone(),
@@ -173,8 +185,12 @@ pub struct Version {
     /// Where the path led, inside the root.
     pub canonical: Option<PathBuf>,
     pub identity: Option<FileIdentity>,
-    /// `None`: the path led nowhere (the file was removed).
+    /// `None`: the path led nowhere (the file was removed), or, when `unseen`, nobody
+    /// knows what it held.
     pub content: Option<Arc<Content>>,
+    /// A process opened this inode but it was replaced before the daemon could read it
+    /// (and the process no longer holds it open): a version that existed, content unknown.
+    pub unseen: bool,
 }
 
 impl Version {
@@ -457,6 +473,89 @@ impl Catalog {
             .cloned()
     }
 
+    /// The version of `file` that was the inode (`dev`, `ino`) — what the probe saw the
+    /// process open — if the history has it.
+    pub fn version_of_inode(&self, file: &FileKey, dev: u64, ino: u64) -> Option<Arc<Version>> {
+        let f = self.files.get(file)?;
+        f.versions
+            .iter()
+            .rev()
+            .find(|v| v.identity.is_some_and(|i| i.dev == dev && i.ino == ino))
+            .cloned()
+    }
+
+    /// A process opened a version the daemon never saw (replaced before it could look):
+    /// read it through the process's own fd (`/proc/<pid>/fd/<fd>`, the very file it
+    /// opened) and record it in the history at its place in time.
+    pub fn adopt_open_file(
+        &mut self,
+        file: &FileKey,
+        pid: u32,
+        fd: i32,
+        dev: u64,
+        ino: u64,
+    ) -> Option<Arc<Version>> {
+        if !self.files.contains_key(file) || fd < 0 {
+            return None;
+        }
+        let handle = rustix::fs::open(
+            format!("/proc/{pid}/fd/{fd}").as_str(),
+            rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::NONBLOCK | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .ok()?;
+        let st = rustix::fs::fstat(&handle).ok()?;
+        // The fd may have been closed and reused for another file since the open.
+        if st.st_dev != dev || st.st_ino != ino {
+            return None;
+        }
+        let identity = identity_of(&st);
+        let content = self.file_content(handle, &st).ok()?;
+        let now = SystemTime::now();
+        let version = Arc::new(Version {
+            id: self.next_version,
+            seen_at: from_ns(identity.ctime_ns).min(now),
+            observed_at: now,
+            canonical: None,
+            identity: Some(identity),
+            content: Some(content),
+            unseen: false,
+        });
+        self.next_version += 1;
+        let entry = self.files.get_mut(file)?;
+        let at = entry
+            .versions
+            .iter()
+            .position(|v| v.seen_at > version.seen_at)
+            .unwrap_or(entry.versions.len());
+        entry.versions.insert(at, Arc::clone(&version));
+        Some(version)
+    }
+
+    /// What a process got when it opened inode (`dev`, `ino`) at `opened` and neither
+    /// the history nor its fd can tell the content: a version known only to differ from
+    /// every one the daemon read. Not kept in the history (nobody saw it on disk).
+    pub fn unseen_version(&mut self, dev: u64, ino: u64, opened: SystemTime) -> Arc<Version> {
+        self.count_error("replaced_before_read".into());
+        let version = Arc::new(Version {
+            id: self.next_version,
+            seen_at: opened,
+            observed_at: SystemTime::now(),
+            canonical: None,
+            identity: Some(FileIdentity {
+                dev,
+                ino,
+                size: 0,
+                mtime_ns: 0,
+                ctime_ns: 0,
+            }),
+            content: None,
+            unseen: true,
+        });
+        self.next_version += 1;
+        version
+    }
+
     pub fn last_error(&self, file: &FileKey) -> Option<String> {
         self.files.get(file)?.last_error.clone()
     }
@@ -591,6 +690,7 @@ impl Catalog {
                     canonical: None,
                     identity: None,
                     content: None,
+                    unseen: false,
                 };
                 (absent, Some(format!("{reason}: {e}")))
             }
@@ -659,6 +759,7 @@ impl Catalog {
             canonical: Some(canonical),
             identity: Some(identity),
             content: Some(content),
+            unseen: false,
         })
     }
 

@@ -21,6 +21,7 @@ use crate::{
     config::Config,
     events::{self, Access, Event, Task},
     ledger::{Ledger, LedgerLimits, Origin, ProcKey, ProcessInfo, TrustRead},
+    peers::Peers,
     pinning::PinStatus,
     probe::{Capacities, MapFill, Mode, ProgramStats, Programs},
     probe::{Probe, ProbeOptions},
@@ -185,6 +186,7 @@ pub struct Engine {
     default_stores: BTreeMap<RootKey, BTreeSet<FileKey>>,
     /// Who read each file.
     readers: HashMap<FileKey, BTreeSet<ProcKey>>,
+    peers: Peers,
     views: BTreeMap<ProcKey, Arc<ProcessView>>,
     dirty: BTreeSet<ProcKey>,
     publish: watch::Sender<Arc<Snapshot>>,
@@ -244,6 +246,7 @@ impl Engine {
                 paths,
                 default_stores: BTreeMap::new(),
                 readers: HashMap::new(),
+                peers: Peers::new(),
                 views: BTreeMap::new(),
                 dirty: BTreeSet::new(),
                 publish,
@@ -353,6 +356,7 @@ impl Engine {
             Event::Exit(task) => {
                 let Some(key) = proc_key(&task) else { return };
                 self.ledger.exited(&key, wall(task.ts_ns));
+                self.peers.exited(&key);
                 self.catalog.forget_pid(key.pid, key.start_ticks);
                 self.resolver.forget_process(task.tgid, task.start_ns);
                 self.dirty.insert(key);
@@ -365,6 +369,10 @@ impl Engine {
             return;
         };
         if self.ledger.owner_of(&access.key).is_some() {
+            return;
+        }
+        if self.peers.is_peer(&key) {
+            self.probe.forget_access(&access.key);
             return;
         }
         let resolved = self.resolver.resolve(&access);
@@ -392,7 +400,7 @@ impl Engine {
             ),
             (Err(e), _) => (None, None, Some(e.to_string())),
         };
-        let version = file
+        let current = file
             .as_ref()
             .and_then(|f| self.catalog.observe(f, &mut self.watcher));
         let stats = self.probe.access_stats(&access.key).unwrap_or_default();
@@ -400,6 +408,28 @@ impl Engine {
             wall(stats.first_open_ns)
         } else {
             wall(access.task.ts_ns)
+        };
+        // Which version it got: the inode the probe saw it open, when the history (or the
+        // fd it still holds) says which version that was. An inode neither knows was
+        // replaced before anyone looked: a version of unknown content, not the current one.
+        // Only compared on the same device: on overlayfs the kernel's inode is the
+        // overlay's while stat may report the layer's, and a false "unseen" would be a
+        // false alert.
+        let version = match (&file, access.inode, &current) {
+            (Some(f), Some((ino, dev)), Some(now_there))
+                if now_there
+                    .identity
+                    .is_some_and(|i| i.dev == dev && i.ino != ino) =>
+            {
+                self.catalog
+                    .version_of_inode(f, dev, ino)
+                    .or_else(|| {
+                        self.catalog
+                            .adopt_open_file(f, key.pid, access.fd, dev, ino)
+                    })
+                    .or_else(|| Some(self.catalog.unseen_version(dev, ino, opened)))
+            }
+            _ => current,
         };
         // A read seeded from /proc for the same file is superseded by what the probe saw.
         if let (Some(entry), Some(f)) = (self.ledger.get_mut(&key), &file) {
@@ -498,6 +528,11 @@ impl Engine {
                         .get_mut(&key)
                         .and_then(|e| e.reads.iter_mut().find(|r| r.access_key == Some(access)))
                     {
+                        // Where the path led then (a `..data` swap moves it).
+                        if let Some(canonical) = version.as_ref().and_then(|v| v.canonical.clone())
+                        {
+                            read.resolved = Some(canonical);
+                        }
                         read.version = version;
                         read.version_read_at = touched;
                     }

@@ -51,6 +51,9 @@ pub struct Access {
     pub dirfd: i32,
     /// -1 when not observed (lean mode).
     pub fd: i32,
+    /// The opened file's inode and device (`st_ino`, `st_dev` as stat reports them), when
+    /// the probe could read them.
+    pub inode: Option<(u64, u64)>,
     pub match_flags: u32,
     /// The path exactly as the process passed it.
     pub path: PathBuf,
@@ -93,6 +96,17 @@ fn read<T: Copy>(bytes: &[u8], what: &'static str) -> Result<T, DecodeError> {
     Ok(unsafe { bytes.as_ptr().cast::<T>().read_unaligned() })
 }
 
+/// The kernel's internal dev_t (MAJOR << 20 | MINOR) as stat(2) reports it (glibc's
+/// makedev encoding).
+pub fn userspace_dev(kernel: u32) -> u64 {
+    let major = u64::from(kernel >> 20);
+    let minor = u64::from(kernel & 0xf_ffff);
+    ((major & 0xffff_f000) << 32)
+        | ((major & 0xfff) << 8)
+        | ((minor & 0xffff_ff00) << 12)
+        | (minor & 0xff)
+}
+
 fn comm(raw: &[u8; COMM_LEN]) -> String {
     let end = raw.iter().position(|b| *b == 0).unwrap_or(COMM_LEN);
     String::from_utf8_lossy(&raw[..end]).into_owned()
@@ -125,6 +139,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 open_flags: e.open_flags,
                 dirfd: e.dirfd,
                 fd: e.fd,
+                inode: (e.ino != 0).then(|| (e.ino, userspace_dev(e.dev))),
                 match_flags: e.match_flags,
                 path: PathBuf::from(OsStr::from_bytes(&e.path[..len])),
             }))
@@ -184,6 +199,9 @@ mod tests {
             open_flags: 0,
             dirfd: -100,
             fd: 3,
+            ino: 0,
+            dev: 0,
+            _pad2: 0,
             match_flags: match_flags::PREFIX | match_flags::SUFFIX,
             path_len: 21,
             _pad: 0,
@@ -205,6 +223,15 @@ mod tests {
         let short = bytes_of(&header(EventKind::Access as u32));
         assert!(matches!(decode(&short), Err(DecodeError::Short { .. })));
         assert!(matches!(decode(&[1, 2, 3]), Err(DecodeError::Short { .. })));
+    }
+
+    #[test]
+    fn kernel_device_numbers_convert_to_what_stat_reports() {
+        // 8:1 (sda1) and 259:3 (an NVMe partition), checked against makedev(3).
+        assert_eq!(userspace_dev((8 << 20) | 1), 0x801);
+        assert_eq!(userspace_dev((259 << 20) | 3), 0x10303);
+        // A minor above 255 (overlay and tmpfs mounts often get one).
+        assert_eq!(userspace_dev(300), 0x10_002c);
     }
 
     #[test]

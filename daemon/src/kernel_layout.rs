@@ -237,6 +237,14 @@ pub fn discover(btf: Option<&Btf>, exit_format: Option<&str>) -> KernelOffsets {
         exit_group_dead: exit_format
             .and_then(|f| tracepoint_field_offset(f, "group_dead"))
             .unwrap_or(unknown),
+        task_files: off("task_struct", "files"),
+        files_fdt: off("files_struct", "fdt"),
+        fdt_fd: off("fdtable", "fd"),
+        file_inode: off("file", "f_inode"),
+        inode_ino: off("inode", "i_ino"),
+        inode_sb: off("inode", "i_sb"),
+        sb_dev: off("super_block", "s_dev"),
+        _pad: 0,
     }
 }
 
@@ -333,5 +341,16 @@ mod tests {
         assert_ne!(offsets.task_group_leader, KernelOffsets::UNKNOWN);
         assert_ne!(offsets.task_start_boottime, KernelOffsets::UNKNOWN);
         assert_ne!(offsets.mnt_ns_inum, KernelOffsets::UNKNOWN);
+        for (name, off) in [
+            ("task_struct.files", offsets.task_files),
+            ("files_struct.fdt", offsets.files_fdt),
+            ("fdtable.fd", offsets.fdt_fd),
+            ("file.f_inode", offsets.file_inode),
+            ("inode.i_ino", offsets.inode_ino),
+            ("inode.i_sb", offsets.inode_sb),
+            ("super_block.s_dev", offsets.sb_dev),
+        ] {
+            assert_ne!(off, KernelOffsets::UNKNOWN, "{name}");
+        }
     }
 }

@@ -12,6 +12,7 @@ mod events;
 mod kernel_layout;
 mod ledger;
 mod metrics;
+mod peers;
 mod pinning;
 mod privileges;
 mod probe;

@@ -73,7 +73,12 @@ impl From<&Version> for VersionView {
         Self {
             sha256: content.map(Content::sha256_hex),
             since: stamp(v.seen_at),
-            format: content.map_or("absent", Content::kind_name).to_owned(),
+            format: match content {
+                Some(c) => c.kind_name(),
+                None if v.unseen => "unseen",
+                None => "absent",
+            }
+            .to_owned(),
             certificates: content.map_or(0, |c| c.certificates().len()),
             errors: content.map(Content::errors).unwrap_or_default(),
         }

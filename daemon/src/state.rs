@@ -85,6 +85,8 @@ struct SavedVersion {
     canonical: Option<PathBuf>,
     identity: Option<FileIdentity>,
     content: Option<String>,
+    #[serde(default)]
+    unseen: bool,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -185,6 +187,7 @@ impl ContentTable {
             canonical: v.canonical.clone(),
             identity: v.identity,
             content: v.content.as_deref().map(|c| self.add(c)),
+            unseen: v.unseen,
         }
     }
 }
@@ -251,6 +254,7 @@ impl Contents<'_> {
             canonical: v.canonical.clone(),
             identity: v.identity,
             content: v.content.as_deref().and_then(|s| self.get(s, 0)),
+            unseen: v.unseen,
         }
     }
 }

@@ -113,11 +113,16 @@ fn cas(certs: &BTreeMap<String, Arc<CertInfo>>) -> BTreeMap<&String, &Arc<CertIn
     certs.iter().filter(|(_, c)| c.is_ca).collect()
 }
 
-/// When the first version after the one read (with different content) appeared.
+/// When the first version after the one read (with different content) appeared. The
+/// history is in time order; a read version no longer in it is placed by its time.
 fn first_change_after(history: &[Arc<Version>], read: &Version) -> Option<SystemTime> {
-    history
+    let start = history
         .iter()
-        .filter(|v| v.id > read.id)
+        .position(|v| v.id == read.id)
+        .map(|i| i + 1)
+        .unwrap_or_else(|| history.partition_point(|v| v.seen_at <= read.seen_at));
+    history[start..]
+        .iter()
         .find(|v| v.content.as_ref().map(|c| c.sha256) != read.content.as_ref().map(|c| c.sha256))
         .map(|v| v.seen_at)
 }
@@ -170,9 +175,43 @@ pub fn judge_read(
             Some("not judged: the file could not be read when the process read it".into()),
         );
     };
+    if read_version.unseen {
+        // It holds a version that was replaced before the daemon could read it: stale
+        // for sure (the inode is not what the path names now), but no diff to give.
+        let kind = kind_of(
+            current.as_ref().and_then(|v| v.content.as_deref()),
+            &read.path,
+        );
+        let history = catalog.history(file);
+        return FileVerdict {
+            verdict: Verdict::Stale,
+            kind,
+            stale_since: first_change_after(&history, read_version)
+                .or_else(|| current.as_ref().map(|v| v.seen_at)),
+            current,
+            missing_cas: vec![],
+            removed_cas_trusted: vec![],
+            expired_in_memory: vec![],
+            note: Some(
+                "read a version that was replaced before trustdrift could read it: what it \
+                 trusts is unknown, only that it is not what is on disk"
+                    .into(),
+            ),
+        };
+    }
     let read_content = read_version.content.as_deref();
     let kind = kind_of(read_content, &read.path);
     let current_content = current.as_ref().and_then(|v| v.content.as_deref());
+    let material = |c: Option<&Content>| c.is_some_and(Content::is_trust_material);
+    if !material(read_content) && !material(current_content) {
+        // A `.pem` of DH parameters, a README in a certs folder: whatever becomes of it,
+        // no trust changes.
+        return fresh(
+            kind,
+            current,
+            Some("holds no certificate or key: not trust material".into()),
+        );
+    }
     let gone = current_content.is_none().then(|| {
         format!(
             "no longer on disk ({})",
@@ -524,6 +563,53 @@ mod tests {
             judge_read(&read, &[], &s.catalog, after).verdict,
             Verdict::Fresh
         );
+    }
+
+    #[test]
+    fn a_version_replaced_before_the_daemon_read_it_is_stale_without_a_diff() {
+        let mut s = Setup::new("unseen");
+        fs::write(s.dir.join("ca.pem"), fixture("ca.pem")).unwrap();
+        let mut read = s.read("ca.pem");
+        let seen = read.version.clone().unwrap();
+        // The process opened an inode between the one seen and the one there now.
+        s.change("ca.pem", &fixture("v1-root.pem"));
+        let at = read.version_read_at;
+        read.version = Some(s.catalog.unseen_version(1, 2, at));
+        let v = judge_read(&read, &[], &s.catalog, SystemTime::now());
+        assert_eq!(v.verdict, Verdict::Stale);
+        assert!(v.missing_cas.is_empty() && v.removed_cas_trusted.is_empty());
+        assert!(
+            v.note
+                .unwrap()
+                .contains("replaced before trustdrift could read it")
+        );
+        assert!(v.stale_since.unwrap() > seen.seen_at);
+        assert_eq!(
+            s.catalog.counters.read_errors.get("replaced_before_read"),
+            Some(&1)
+        );
+    }
+
+    #[test]
+    fn a_changing_file_without_certificates_or_keys_is_not_drift() {
+        let mut s = Setup::new("noise");
+        fs::write(
+            s.dir.join("dhparam.pem"),
+            "-----BEGIN DH PARAMETERS-----\nMAA=\n-----END DH PARAMETERS-----\n",
+        )
+        .unwrap();
+        let read = s.read("dhparam.pem");
+        s.change(
+            "dhparam.pem",
+            "-----BEGIN DH PARAMETERS-----\nMAE=\n-----END DH PARAMETERS-----\n",
+        );
+        let v = judge_read(&read, &[], &s.catalog, SystemTime::now());
+        assert_eq!(v.verdict, Verdict::Fresh);
+        assert!(v.note.unwrap().contains("not trust material"));
+        // But a file that becomes a certificate is.
+        s.change("dhparam.pem", &fixture("ca.pem"));
+        let v = judge_read(&read, &[], &s.catalog, SystemTime::now());
+        assert_eq!(v.verdict, Verdict::Stale);
     }
 
     #[test]

@@ -106,6 +106,10 @@ fn announce(
         (*event).open_flags = open.open_flags;
         (*event).dirfd = open.dirfd;
         (*event).fd = fd;
+        let (ino, dev) = crate::process::opened_inode(fd);
+        (*event).ino = ino;
+        (*event).dev = dev;
+        (*event)._pad2 = 0;
         (*event).match_flags = open.match_flags;
         (*event)._pad = 0;
         let path = &mut (*event).path;

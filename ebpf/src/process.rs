@@ -42,6 +42,32 @@ fn identity() -> (u64, u32) {
     (start, mnt_ns)
 }
 
+/// (inode number, kernel device) of the file behind `fd` in the current process:
+/// task->files->fdt->fd[fd]->f_inode. Only for a first access (one per process and
+/// path), so the five reads cost nothing measurable. (0, 0) when unknown.
+#[inline(always)]
+pub fn opened_inode(fd: i32) -> (u64, u32) {
+    if fd < 0 {
+        return (0, 0);
+    }
+    let o = OFFSETS.load();
+    // SAFETY: helper without preconditions.
+    let task = unsafe { bpf_get_current_task() };
+    let inode = kernel_field::<u64>(task, o.task_files)
+        .and_then(|files| kernel_field::<u64>(files, o.files_fdt))
+        .and_then(|fdt| kernel_field::<u64>(fdt, o.fdt_fd))
+        .and_then(|fds| kernel_field::<u64>(fds, fd as u32 * 8))
+        .and_then(|file| kernel_field::<u64>(file, o.file_inode));
+    let Some(inode) = inode else {
+        return (0, 0);
+    };
+    let ino = kernel_field::<u64>(inode, o.inode_ino).unwrap_or(0);
+    let dev = kernel_field::<u64>(inode, o.inode_sb)
+        .and_then(|sb| kernel_field::<u32>(sb, o.sb_dev))
+        .unwrap_or(0);
+    (ino, dev)
+}
+
 /// The state of the current process, created on its first trust access. `Err` carries a
 /// stand-in when `PROCS` is full: the access is still recorded, its fds are not tracked.
 #[inline(always)]
