@@ -17,7 +17,7 @@ use trustdrift_e2e::{Cert, Daemon, Guarded, TempDir, Value, replace_atomically};
 /// A long-running TLS agent (python3 `ssl`): builds its context once at start and again
 /// on SIGHUP, printing "loaded" each time; runs until its stdin closes.
 const AGENT: &str = r#"
-import signal, ssl, sys
+import os, signal, ssl, sys
 role, first, second = sys.argv[1], sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else None
 def load(*_):
     global ctx
@@ -28,7 +28,8 @@ def load(*_):
     else:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.load_cert_chain(first, second)
-    print("loaded", flush=True)
+    # Unbuffered: the handler may run while the main thread is inside a write.
+    os.write(1, b"loaded\n")
 signal.signal(signal.SIGHUP, load)
 load()
 sys.stdin.read()

@@ -12,6 +12,14 @@ const NEEDED: &[(&str, &str)] = &[
     ("curl", "curl"),
     // promtool checks the /metrics exposition and the alert rules.
     ("promtool", "prometheus"),
+    // The scenarios: a TLS proxy, a JVM, the Debian way of adding a CA, namespaces.
+    ("nginx", "nginx-light"),
+    ("javac", "default-jdk-headless"),
+    ("keytool", "default-jdk-headless"),
+    ("update-ca-certificates", "ca-certificates"),
+    ("unshare", "util-linux"),
+    ("nsenter", "util-linux"),
+    ("setpriv", "util-linux"),
 ];
 
 fn present(program: &str) -> bool {
