@@ -153,6 +153,9 @@ pub struct Metrics {
     pub container_stores: bool,
     /// Turn on the kernel's per-program run-time accounting (costs ~20 ns per hook).
     pub bpf_stats: bool,
+    /// A `node` label on every series (the DaemonSet sets it from the downward API's
+    /// `spec.nodeName` through `TRUSTDRIFT_METRICS_NODE`); empty: no such label.
+    pub node: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

@@ -109,16 +109,19 @@ impl EngineOptions {
             metrics: MetricsOptions {
                 per_process: c.metrics.per_process,
                 container_stores: c.metrics.container_stores,
+                node: non_empty(&c.metrics.node).map(|n| Arc::from(n.to_string_lossy().as_ref())),
             },
         }
     }
 }
 
 /// What the metrics may show beyond the bounded default.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct MetricsOptions {
     pub per_process: bool,
     pub container_stores: bool,
+    /// The `node` label every series carries, when set.
+    pub node: Option<Arc<str>>,
 }
 
 /// One store for the metrics: its label and current figures.
@@ -875,7 +878,7 @@ impl Engine {
         let snapshot = Snapshot {
             processes: self.views.values().cloned().collect(),
             ready: self.ready,
-            options: self.options.metrics,
+            options: self.options.metrics.clone(),
             stores: Arc::clone(&self.stores),
             store_views: Arc::clone(&self.store_views),
             host_reference: self.host_reference.clone(),

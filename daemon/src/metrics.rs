@@ -123,7 +123,12 @@ pub fn to_prometheus_text(openmetrics: &str) -> String {
 
 /// The exposition text (OpenMetrics) for `snapshot`.
 pub fn render(snapshot: &Snapshot) -> String {
-    let mut registry = Registry::default();
+    let mut registry = match &snapshot.options.node {
+        Some(node) => {
+            Registry::with_labels(std::iter::once(("node".into(), node.to_string().into())))
+        }
+        None => Registry::default(),
+    };
     let stale = gauge_family(
         &mut registry,
         "trustdrift_stale_processes",
@@ -395,6 +400,20 @@ fn health(registry: &mut Registry, snapshot: &Snapshot) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_series_carries_the_node_when_one_is_configured() {
+        let mut snapshot = crate::engine::Snapshot::default();
+        let plain = render(&snapshot);
+        assert!(plain.contains("trustdrift_ready 0"), "{plain}");
+        snapshot.options.node = Some("node-a".into());
+        let text = render(&snapshot);
+        let series: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+        assert!(!series.is_empty());
+        for line in series {
+            assert!(line.contains("node=\"node-a\""), "{line}");
+        }
+    }
 
     #[test]
     fn counters_are_renamed_for_the_classic_text_format() {
