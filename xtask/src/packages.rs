@@ -10,8 +10,11 @@ const NEEDED: &[(&str, &str)] = &[
     ("python3", "python3"),
     ("openssl", "openssl"),
     ("curl", "curl"),
-    // promtool checks the /metrics exposition and the alert rules.
+    // promtool checks the /metrics exposition and the alert rules; a real Prometheus and
+    // Alertmanager prove the alerts fire.
     ("promtool", "prometheus"),
+    ("prometheus", "prometheus"),
+    ("prometheus-alertmanager", "prometheus-alertmanager"),
     // The scenarios: a TLS proxy, a JVM, the Debian way of adding a CA, namespaces.
     ("nginx", "nginx-light"),
     ("javac", "default-jdk-headless"),
@@ -29,11 +32,19 @@ fn present(program: &str) -> bool {
 }
 
 pub fn ensure_for_tests() -> Result<()> {
-    let missing: Vec<&str> = NEEDED
+    ensure(NEEDED)
+}
+
+/// Installs the Debian packages of the `(program, package)` pairs whose program is
+/// missing (as root), or says which command would.
+pub fn ensure(needed: &[(&str, &str)]) -> Result<()> {
+    let mut missing: Vec<&str> = needed
         .iter()
         .filter(|(program, _)| !present(program))
         .map(|(_, package)| *package)
         .collect();
+    missing.sort_unstable();
+    missing.dedup();
     if missing.is_empty() {
         return Ok(());
     }
