@@ -1,9 +1,18 @@
 //! The HTTP API: what the daemon knows, as JSON, and its metrics. Read-only and bounded:
 //! every answer comes from the latest published snapshot (requests never wait on the
 //! engine), requests carry no body, query strings are short, a limited number run at
-//! once and each has a deadline. Errors are JSON: `{"error": ..., "reason": ...}`.
+//! once and each has a deadline; connections are capped too, must send their headers in
+//! time and live a bounded time. Every refusal is counted for `/metrics`. Errors are
+//! JSON: `{"error": ..., "reason": ...}`.
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use anyhow::{Context, Result};
 use axum::{
@@ -13,6 +22,7 @@ use axum::{
     middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::get,
+    serve::Listener,
 };
 use serde::Serialize;
 use tokio::sync::{Semaphore, watch};
@@ -31,6 +41,33 @@ const MAX_QUERY: usize = 2048;
 #[derive(Clone)]
 struct AppState {
     snapshot: watch::Receiver<Arc<Snapshot>>,
+    refusals: Arc<Refusals>,
+}
+
+/// Requests and connections the API turned away, by reason.
+#[derive(Debug, Default)]
+pub struct Refusals {
+    too_many_connections: AtomicU64,
+    connection_timeout: AtomicU64,
+    too_many_requests: AtomicU64,
+    request_timeout: AtomicU64,
+}
+
+impl Refusals {
+    fn count(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// (reason, count) for `/metrics`.
+    pub fn counts(&self) -> [(&'static str, u64); 4] {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        [
+            ("too_many_connections", get(&self.too_many_connections)),
+            ("connection_timeout", get(&self.connection_timeout)),
+            ("too_many_requests", get(&self.too_many_requests)),
+            ("request_timeout", get(&self.request_timeout)),
+        ]
+    }
 }
 
 fn error(status: StatusCode, reason: impl Into<String>) -> Response {
@@ -229,7 +266,7 @@ async fn metrics_text(State(s): State<AppState>, headers: axum::http::HeaderMap)
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|a| a.contains("application/openmetrics-text"));
-    let text = metrics::render(&snapshot);
+    let text = metrics::render(&snapshot, &s.refusals.counts());
     if openmetrics {
         (
             [(
@@ -264,7 +301,7 @@ async fn not_found(request: Request) -> Response {
 /// Bounds every request: GET only, no body, a short query, a slot among the limited
 /// concurrent requests, and a deadline.
 async fn bounded(
-    State((slots, timeout)): State<(Arc<Semaphore>, Duration)>,
+    State((slots, timeout, refusals)): State<(Arc<Semaphore>, Duration, Arc<Refusals>)>,
     request: Request,
     next: Next,
 ) -> Response {
@@ -291,6 +328,7 @@ async fn bounded(
         );
     }
     let Ok(_slot) = slots.try_acquire() else {
+        Refusals::count(&refusals.too_many_requests);
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
             "too many requests in flight: retry shortly",
@@ -298,7 +336,10 @@ async fn bounded(
     };
     match tokio::time::timeout(timeout, next.run(request)).await {
         Ok(response) => response,
-        Err(_) => error(StatusCode::GATEWAY_TIMEOUT, "the request took too long"),
+        Err(_) => {
+            Refusals::count(&refusals.request_timeout);
+            error(StatusCode::GATEWAY_TIMEOUT, "the request took too long")
+        }
     }
 }
 
@@ -306,8 +347,13 @@ pub fn router(
     snapshot: watch::Receiver<Arc<Snapshot>>,
     max_concurrent: usize,
     timeout: Duration,
+    refusals: Arc<Refusals>,
 ) -> Router {
-    let limits = (Arc::new(Semaphore::new(max_concurrent)), timeout);
+    let limits = (
+        Arc::new(Semaphore::new(max_concurrent)),
+        timeout,
+        Arc::clone(&refusals),
+    );
     Router::new()
         .route("/processes", get(processes))
         .route("/processes/{pid}", get(process))
@@ -316,7 +362,7 @@ pub fn router(
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
         .fallback(not_found)
-        .with_state(AppState { snapshot })
+        .with_state(AppState { snapshot, refusals })
         .layer(middleware::from_fn_with_state(limits, bounded))
 }
 
@@ -351,27 +397,83 @@ pub async fn bind(listen: &Listen) -> Result<Bound> {
     }
 }
 
-pub async fn serve(bound: Vec<Bound>, router: Router) -> Result<()> {
+/// Bounds on connections, beside the per-request ones: a client that sends nothing, or
+/// trickles its headers, or never reads its answer must not hold a socket (and a file
+/// descriptor the catalog needs) for long.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectionLimits {
+    pub max: usize,
+    /// Time to send a request's headers (the first, and each one on a kept-alive
+    /// connection).
+    pub header_timeout: Duration,
+    /// Longest life of a connection, whatever it does; a scraper simply reconnects.
+    pub lifetime: Duration,
+}
+
+pub async fn serve(
+    bound: Vec<Bound>,
+    router: Router,
+    limits: ConnectionLimits,
+    refusals: Arc<Refusals>,
+) -> Result<()> {
+    let slots = Arc::new(Semaphore::new(limits.max));
     let mut tasks = tokio::task::JoinSet::new();
     for b in bound {
-        let app = router.clone();
+        let (app, slots, refusals) = (router.clone(), Arc::clone(&slots), Arc::clone(&refusals));
         match b {
             Bound::Tcp(l) => {
                 if let Ok(addr) = l.local_addr() {
                     tracing::info!("API listening on http://{addr}");
                 }
-                tasks.spawn(async move { axum::serve(l, app).await });
+                tasks.spawn(accept_loop(l, app, limits, slots, refusals));
             }
             Bound::Unix(l, path) => {
                 tracing::info!("API listening on unix:{}", path.display());
-                tasks.spawn(async move { axum::serve(l, app).await });
+                tasks.spawn(accept_loop(l, app, limits, slots, refusals));
             }
         }
     }
     while let Some(done) = tasks.join_next().await {
-        done.context("API task")?.context("serving the API")?;
+        done.context("API task")?;
     }
     Ok(())
+}
+
+/// Accepts for ever: a connection beyond the cap is closed at once (counted), the others
+/// are served under the limits.
+async fn accept_loop<L: Listener>(
+    mut listener: L,
+    app: Router,
+    limits: ConnectionLimits,
+    slots: Arc<Semaphore>,
+    refusals: Arc<Refusals>,
+) {
+    loop {
+        // Accept errors (out of file descriptors, typically) are retried after a pause.
+        let (stream, _) = listener.accept().await;
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            Refusals::count(&refusals.too_many_connections);
+            drop(stream);
+            continue;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let refusals = Arc::clone(&refusals);
+        tokio::spawn(async move {
+            let _slot = slot;
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(limits.header_timeout);
+            let connection =
+                builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            match tokio::time::timeout(limits.lifetime, connection).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) if e.is_timeout() => Refusals::count(&refusals.connection_timeout),
+                Ok(Err(e)) => tracing::debug!("API connection: {e}"),
+                Err(_) => Refusals::count(&refusals.connection_timeout),
+            }
+        });
+    }
 }
 
 #[cfg(test)]

@@ -93,6 +93,9 @@ pub struct Api {
     pub listen: String,
     pub request_timeout: String,
     pub max_concurrent_requests: usize,
+    /// Open connections at once; more are closed as they arrive (slow clients must not
+    /// use up the daemon's file descriptors).
+    pub max_connections: usize,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -173,6 +176,7 @@ impl Default for Api {
             listen: "127.0.0.1:9477".into(),
             request_timeout: "10s".into(),
             max_concurrent_requests: 64,
+            max_connections: 256,
         }
     }
 }
@@ -374,6 +378,17 @@ impl Config {
         Self::from_table(&doc, &origin)
     }
 
+    /// A configuration file's text alone, validated (what `load` does before overrides).
+    pub fn from_toml(text: &str, path: &str) -> Result<Self, ConfigError> {
+        let doc = text
+            .parse::<toml::Table>()
+            .map_err(|e| ConfigError::Syntax {
+                path: path.to_owned(),
+                message: e.to_string().trim().to_owned(),
+            })?;
+        Self::from_table(&doc, &format!("config file {path}"))
+    }
+
     fn from_table(doc: &toml::Table, origin: &str) -> Result<Self, ConfigError> {
         let config: Config = toml::Value::Table(doc.clone())
             .try_into()
@@ -469,6 +484,9 @@ impl Config {
         }
         if self.api.max_concurrent_requests == 0 {
             return Err(bad("api.max_concurrent_requests", &0, "must be at least 1"));
+        }
+        if self.api.max_connections == 0 {
+            return Err(bad("api.max_connections", &0, "must be at least 1"));
         }
         for (key, v) in [
             ("probe.max_accesses", self.probe.max_accesses),

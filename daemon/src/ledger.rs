@@ -151,6 +151,10 @@ impl Ledger {
         self.processes.len()
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.processes.is_empty()
+    }
+
     /// Puts back a process saved by an earlier run.
     pub fn restore(&mut self, entry: ProcessEntry) {
         if self.processes.len() >= self.limits.max_processes {

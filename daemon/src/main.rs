@@ -1,44 +1,18 @@
 //! trustdrift: catch TLS trust drift. A kernel probe records which process read which
 //! trust file and when; the daemon compares that with what is on disk now.
 
-mod api;
-mod attribution;
-mod catalog;
-mod client;
-mod clock;
-mod config;
-mod engine;
-mod events;
-mod kernel_layout;
-mod ledger;
-mod metrics;
-mod peers;
-mod pinning;
-mod privileges;
-mod probe;
-mod procfs;
-mod reference;
-mod report;
-mod resolution;
-mod rootfs;
-mod seed;
-mod state;
-mod store_format;
-mod trace;
-mod tracefs;
-mod trust_paths;
-mod verdict;
-mod watch;
-
-use std::{path::PathBuf, process::ExitCode, time::Duration};
+use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::{EnvFilter, layer::SubscriberExt, reload, util::SubscriberInitExt};
 
-use crate::{
-    config::{Config, Override},
-    probe::{Capacities, Mode, ProbeOptions, Programs},
+use trustdrift::{
+    api, client,
+    config::{self, Config, Override},
+    engine,
+    probe::{self, Capacities, Mode, ProbeOptions, Programs},
+    trace,
 };
 
 #[derive(Parser)]
@@ -261,6 +235,12 @@ async fn run(
     }
     let timeout = Config::duration_of(&config.api.request_timeout);
     let concurrency = config.api.max_concurrent_requests;
+    let connections = api::ConnectionLimits {
+        max: config.api.max_connections,
+        header_timeout: timeout,
+        lifetime: timeout * 10,
+    };
+    let refusals = Arc::new(api::Refusals::default());
     let reload = move || {
         let new = flags.load()?;
         if let Ok(filter) = EnvFilter::try_new(&new.log.level) {
@@ -269,7 +249,8 @@ async fn run(
         Ok(new)
     };
     engine::run(config, reload, move |rx| {
-        api::serve(bound, api::router(rx, concurrency, timeout))
+        let router = api::router(rx, concurrency, timeout, Arc::clone(&refusals));
+        api::serve(bound, router, connections, refusals)
     })
     .await
 }

@@ -121,8 +121,8 @@ pub fn to_prometheus_text(openmetrics: &str) -> String {
     out
 }
 
-/// The exposition text (OpenMetrics) for `snapshot`.
-pub fn render(snapshot: &Snapshot) -> String {
+/// The exposition text (OpenMetrics) for `snapshot`, with the API's refusals by reason.
+pub fn render(snapshot: &Snapshot, api_refusals: &[(&str, u64)]) -> String {
     let mut registry = match &snapshot.options.node {
         Some(node) => {
             Registry::with_labels(std::iter::once(("node".into(), node.to_string().into())))
@@ -241,6 +241,16 @@ pub fn render(snapshot: &Snapshot) -> String {
 
     stores(&mut registry, &snapshot.stores);
     health(&mut registry, snapshot);
+    let refused = counter_family(
+        &mut registry,
+        "trustdrift_api_refused",
+        "API connections and requests turned away, by reason",
+    );
+    for (reason, n) in api_refusals {
+        refused
+            .get_or_create(&labels(&[("reason", reason)]))
+            .inc_by(*n);
+    }
     let mut out = String::new();
     // Writing into a String cannot fail.
     let _ = encode(&mut out, &registry);
@@ -404,10 +414,10 @@ mod tests {
     #[test]
     fn every_series_carries_the_node_when_one_is_configured() {
         let mut snapshot = crate::engine::Snapshot::default();
-        let plain = render(&snapshot);
+        let plain = render(&snapshot, &[("too_many_requests", 0)]);
         assert!(plain.contains("trustdrift_ready 0"), "{plain}");
         snapshot.options.node = Some("node-a".into());
-        let text = render(&snapshot);
+        let text = render(&snapshot, &[("too_many_requests", 2)]);
         let series: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
         assert!(!series.is_empty());
         for line in series {
