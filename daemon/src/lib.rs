@@ -11,6 +11,7 @@ pub mod clock;
 pub mod config;
 pub mod engine;
 pub mod events;
+pub mod fuzz_targets;
 pub mod kernel_layout;
 pub mod ledger;
 pub mod metrics;
