@@ -196,13 +196,14 @@ async fn process(State(s): State<AppState>, Path(pid): Path<String>) -> Response
 #[derive(Serialize)]
 struct Reference {
     loaded_at: String,
+    source: String,
     certificates: Vec<CertView>,
     errors: Vec<String>,
 }
 
 #[derive(Serialize)]
 struct Stores<'a> {
-    /// What a process started on the host now would trust (rustls-native-certs).
+    /// What a process started on the host now would trust.
     host_reference: Option<Reference>,
     stores: Vec<&'a StoreView>,
 }
@@ -223,6 +224,7 @@ async fn stores(State(s): State<AppState>, RawQuery(query): RawQuery) -> Respons
     let body = Stores {
         host_reference: snapshot.host_reference.as_ref().map(|r| Reference {
             loaded_at: crate::clock::rfc3339(r.loaded_at),
+            source: r.source.clone(),
             certificates: r
                 .certs
                 .values()

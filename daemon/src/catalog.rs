@@ -349,13 +349,13 @@ impl Catalog {
         self.contents.len()
     }
 
-    /// The daemon's own root, always reachable.
+    /// The host's root (init's, see [`Root::host`]), always reachable.
     pub fn host_root(&mut self) -> Option<RootKey> {
         if self.host.is_none() {
             let root = Root::host().ok()?;
             let (dev, ino) = root.identity().ok()?;
             let key = RootKey {
-                mnt_ns: procfs::own_mount_namespace()?,
+                mnt_ns: procfs::host_mount_namespace()?,
                 dev,
                 ino,
             };
@@ -363,6 +363,18 @@ impl Catalog {
             self.host = Some(key);
         }
         self.host
+    }
+
+    /// Whether the daemon's own filesystem is the host's (not a container image), so
+    /// what it reads by plain path is the host's.
+    pub fn runs_in_host_root(&mut self) -> bool {
+        let Some(host) = self.host_root() else {
+            return false;
+        };
+        Root::own()
+            .and_then(|r| r.identity())
+            .is_ok_and(|(dev, ino)| (dev, ino) == (host.dev, host.ino))
+            && procfs::own_mount_namespace() == Some(host.mnt_ns)
     }
 
     /// The root of live process `pid` (checked against its start time), registering the

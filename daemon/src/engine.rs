@@ -293,6 +293,26 @@ impl Engine {
         self.default_stores.insert(root, stores);
     }
 
+    /// What a process started on the host now would trust: rustls-native-certs where the
+    /// daemon's filesystem is the host's, else the host root's first default CA bundle.
+    fn load_reference(&mut self) -> Option<Arc<Reference>> {
+        if self.catalog.runs_in_host_root() {
+            return Some(Arc::new(reference::load()));
+        }
+        let host = self.catalog.host_root()?;
+        let stores = self.default_stores.get(&host)?;
+        DEFAULT_CA_STORES.iter().find_map(|path| {
+            let file = stores.iter().find(|f| f.path.as_os_str() == *path)?;
+            let content = self.catalog.latest(file)?.content.clone()?;
+            let certs = content.certificates().into_values().map(|c| (*c).clone());
+            Some(Arc::new(reference::from_store(
+                path,
+                certs.collect(),
+                content.errors(),
+            )))
+        })
+    }
+
     /// When the default stores of `root` last changed.
     fn stores_changed_at(&self, root: &RootKey) -> Option<SystemTime> {
         self.default_stores
@@ -556,7 +576,7 @@ impl Engine {
             .get(&file.root)
             .is_some_and(|s| s.contains(file));
         if is_default_store && Some(file.root) == self.catalog.host_root() {
-            self.host_reference = Some(Arc::new(reference::load()));
+            self.host_reference = self.load_reference();
         }
         if is_default_store {
             let capable: Vec<ProcKey> = self
@@ -937,7 +957,7 @@ where
     if let Some(host) = engine.catalog.host_root() {
         engine.track_default_stores(host);
     }
-    engine.host_reference = Some(Arc::new(reference::load()));
+    engine.host_reference = engine.load_reference();
     engine.seed();
     engine.map_fill = engine.probe.map_fill();
     engine.ready = true;

@@ -62,6 +62,12 @@ pub fn mount_namespace_of(pid: u32) -> Option<u32> {
         .ok()
 }
 
+/// The host's mount namespace: init's (see `Root::host`), else the daemon's own.
+pub fn host_mount_namespace() -> Option<u32> {
+    static HOST: OnceLock<Option<u32>> = OnceLock::new();
+    *HOST.get_or_init(|| mount_namespace_of(1).or_else(own_mount_namespace))
+}
+
 /// The daemon's own mount namespace.
 pub fn own_mount_namespace() -> Option<u32> {
     static OWN: OnceLock<Option<u32>> = OnceLock::new();

@@ -1,6 +1,8 @@
 //! The host's reference view: the CA store a process started now would load, as
 //! rustls-native-certs finds it (SSL_CERT_FILE / SSL_CERT_DIR, else the distribution's
-//! own locations). Reloaded when one of the host's default stores changes.
+//! own locations) when the daemon's filesystem is the host's; from the host root's
+//! default store when the daemon runs in a container (its image is not the node).
+//! Reloaded when one of the host's default stores changes.
 
 use std::{collections::BTreeMap, sync::Arc, time::SystemTime};
 
@@ -9,6 +11,8 @@ use crate::store_format::{self, CertInfo};
 #[derive(Clone, Debug)]
 pub struct Reference {
     pub loaded_at: SystemTime,
+    /// Where it came from.
+    pub source: String,
     /// By SHA-256 fingerprint.
     pub certs: BTreeMap<String, Arc<CertInfo>>,
     pub errors: Vec<String>,
@@ -27,7 +31,21 @@ pub fn load() -> Reference {
     }
     Reference {
         loaded_at: SystemTime::now(),
+        source: "rustls-native-certs".into(),
         certs,
+        errors,
+    }
+}
+
+/// The reference from a store the catalog read in the host root.
+pub fn from_store(path: &str, certs: Vec<CertInfo>, errors: Vec<String>) -> Reference {
+    Reference {
+        loaded_at: SystemTime::now(),
+        source: format!("{path} in the host root"),
+        certs: certs
+            .into_iter()
+            .map(|c| (c.sha256.clone(), Arc::new(c)))
+            .collect(),
         errors,
     }
 }

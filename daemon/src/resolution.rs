@@ -16,6 +16,11 @@ use crate::{events::Access, procfs, rootfs::Root};
 pub enum ResolveError {
     #[error("process exited before its root could be read")]
     Gone,
+    #[error(
+        "permission denied opening the process's root (the daemon needs CAP_SYS_PTRACE \
+         and CAP_DAC_READ_SEARCH)"
+    )]
+    Denied,
     #[error("relative path and the process exited before its cwd or dirfd {dirfd} could be read")]
     GoneRelative { dirfd: i32 },
     #[error("reading the process's cwd or dirfd {dirfd}: {source}")]
@@ -70,9 +75,13 @@ impl Resolver {
         let pid = access.task.tgid;
         // Open the root first, then check the process is still the one that opened the
         // file: the fd pins that process's root even if the pid is reused afterwards.
-        let root = Root::of_pid(pid)
-            .ok()
-            .filter(|_| procfs::is_same_process(pid, access.task.start_ns));
+        let root = match Root::of_pid(pid) {
+            Ok(root) => Some(root).filter(|_| procfs::is_same_process(pid, access.task.start_ns)),
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                return Err(ResolveError::Denied);
+            }
+            Err(_) => None,
+        };
         let alive = root.is_some();
         let root = match root {
             Some(root) => root,
@@ -103,8 +112,9 @@ impl Resolver {
     }
 }
 
+/// Whether the access came from the host's mount namespace, whose root stays reachable.
 fn same_mount_namespace(access: &Access) -> bool {
-    access.task.mnt_ns != 0 && procfs::own_mount_namespace() == Some(access.task.mnt_ns)
+    access.task.mnt_ns != 0 && procfs::host_mount_namespace() == Some(access.task.mnt_ns)
 }
 
 /// For display: a path lossily as text.

@@ -41,8 +41,15 @@ impl Root {
         Self::open(&format!("/proc/{pid}/root"))
     }
 
-    /// The daemon's own root.
+    /// The host's root: init's. A daemon in a pod sharing the host's pid namespace (a
+    /// DaemonSet with `hostPID`) has the image as its own root, and init's root is the
+    /// node's; elsewhere the two are the same. Its own root when init's is unreadable.
     pub fn host() -> io::Result<Self> {
+        Self::open("/proc/1/root").or_else(|_| Self::open("/"))
+    }
+
+    /// The daemon's own root.
+    pub fn own() -> io::Result<Self> {
         Self::open("/")
     }
 
