@@ -5,6 +5,7 @@ mod bench;
 mod ebpf;
 mod packages;
 mod toolchain;
+mod tools;
 mod workspace;
 
 use std::process::Command;
@@ -105,14 +106,18 @@ fn lint() -> Result<()> {
 fn test(extra: &[String]) -> Result<()> {
     let bin = build()?;
     packages::ensure_for_tests()?;
+    let tools = tools::ensure()?;
     lint()?;
     let mut args = vec!["test", "--release"];
     if !extra.is_empty() {
         args.push("--");
         args.extend(extra.iter().map(String::as_str));
     }
-    workspace::cargo(&args)
+    let mut step = workspace::cargo(&args)
         .env("TRUSTDRIFT_BIN", &bin)
-        .env("TRUSTDRIFT_EBPF_OBJECT", ebpf::object_path())
-        .run("cargo test")
+        .env("TRUSTDRIFT_EBPF_OBJECT", ebpf::object_path());
+    for (key, path) in tools.env() {
+        step = step.env(key, path);
+    }
+    step.run("cargo test")
 }
