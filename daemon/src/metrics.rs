@@ -241,6 +241,7 @@ pub fn render(snapshot: &Snapshot, api_refusals: &[(&str, u64)]) -> String {
 
     stores(&mut registry, &snapshot.stores);
     health(&mut registry, snapshot);
+    own_usage(&mut registry);
     let refused = counter_family(
         &mut registry,
         "trustdrift_api_refused",
@@ -280,6 +281,61 @@ fn stores(registry: &mut Registry, stores: &[StoreFigures]) {
         info.get_or_create(&labels(&[("store", &s.store), ("sha256", &s.sha256)]))
             .set(1);
     }
+}
+
+/// The conventional process metrics (as client_golang's process collector names them),
+/// so the daemon's own cost sits beside node_exporter's figures.
+fn own_usage(registry: &mut Registry) {
+    let Some(u) = crate::procfs::own_usage() else {
+        return;
+    };
+    let float = |registry: &mut Registry, name: &str, help: &str, value: f64| {
+        let g = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        g.set(value);
+        registry.register(name, help, g);
+    };
+    let cpu = Counter::<f64, std::sync::atomic::AtomicU64>::default();
+    cpu.inc_by(u.cpu_seconds);
+    registry.register(
+        "process_cpu_seconds",
+        "Total user and system CPU time spent in seconds",
+        cpu,
+    );
+    float(
+        registry,
+        "process_resident_memory_bytes",
+        "Resident memory size in bytes",
+        u.resident_bytes as f64,
+    );
+    float(
+        registry,
+        "process_virtual_memory_bytes",
+        "Virtual memory size in bytes",
+        u.virtual_bytes as f64,
+    );
+    float(
+        registry,
+        "process_open_fds",
+        "Number of open file descriptors",
+        u.open_fds as f64,
+    );
+    float(
+        registry,
+        "process_max_fds",
+        "Maximum number of open file descriptors",
+        u.max_fds as f64,
+    );
+    let started = crate::clock::wall_time(
+        u.start_ticks * (1_000_000_000 / crate::procfs::clock_ticks_per_second()),
+    );
+    float(
+        registry,
+        "process_start_time_seconds",
+        "Start time of the process since unix epoch in seconds",
+        started
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64()),
+    );
 }
 
 fn health(registry: &mut Registry, snapshot: &Snapshot) {

@@ -44,6 +44,44 @@ pub fn is_same_process(pid: u32, start_ns: u64) -> bool {
     }
 }
 
+/// The daemon's own resource use, for the conventional `process_*` metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct OwnUsage {
+    pub cpu_seconds: f64,
+    pub resident_bytes: u64,
+    pub virtual_bytes: u64,
+    pub open_fds: u64,
+    pub max_fds: u64,
+    pub start_ticks: u64,
+}
+
+pub fn own_usage() -> Option<OwnUsage> {
+    let stat = fs::read_to_string("/proc/self/stat").ok()?;
+    let rest: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
+    // Fields after comm, from state (3): utime 14, stime 15, starttime 22, vsize 23,
+    // rss 24 (pages).
+    let field = |n: usize| rest.get(n - 3)?.parse::<u64>().ok();
+    let ticks = clock_ticks_per_second() as f64;
+    // SAFETY: sysconf has no preconditions.
+    let page = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+    let max_fds = fs::read_to_string("/proc/self/limits").ok().and_then(|l| {
+        l.lines()
+            .find(|l| l.starts_with("Max open files"))?
+            .split_whitespace()
+            .nth(3)?
+            .parse()
+            .ok()
+    });
+    Some(OwnUsage {
+        cpu_seconds: (field(14)? + field(15)?) as f64 / ticks,
+        resident_bytes: field(24)? * page,
+        virtual_bytes: field(23)?,
+        open_fds: fs::read_dir("/proc/self/fd").ok()?.count() as u64,
+        max_fds: max_fds.unwrap_or(0),
+        start_ticks: field(22)?,
+    })
+}
+
 /// The process's cgroup v2 path (the `0::` line), if it has one.
 pub fn cgroup_path(pid: u32) -> Option<String> {
     let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
@@ -141,6 +179,15 @@ mod tests {
         let ns = ticks * (1_000_000_000 / clock_ticks_per_second());
         assert!(is_same_process(me, ns));
         assert!(!is_same_process(me, ns + 10_000_000_000));
+    }
+
+    #[test]
+    fn our_own_usage_is_read_from_proc() {
+        let u = own_usage().unwrap();
+        assert_eq!(u.start_ticks, start_ticks(std::process::id()).unwrap());
+        assert!(u.resident_bytes > 1 << 20 && u.virtual_bytes >= u.resident_bytes);
+        assert!(u.open_fds >= 3 && u.max_fds >= u.open_fds);
+        assert!(u.cpu_seconds >= 0.0);
     }
 
     #[test]
