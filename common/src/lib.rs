@@ -84,8 +84,6 @@ pub mod match_flags {
     pub const TRUNCATED: u32 = 1 << 3;
     /// Seen in lean mode: the open was observed on entry only, success is inferred.
     pub const LEAN: u32 = 1 << 4;
-    /// Probe-internal: the path was not readable at entry; classify it again at exit.
-    pub const RETRY_AT_EXIT: u32 = 1 << 31;
 }
 
 /// First open of a trust path by a process image. Carries the path as the process wrote it.
@@ -173,12 +171,12 @@ pub struct ProcState {
     pub fds: [i32; PROC_FD_SLOTS],
 }
 
-/// Value of the `PENDING` map (key: `pid_tgid` of the opening thread): a matched open
-/// between its syscall entry and exit.
+/// A matched open, as the first-access record needs it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
-pub struct PendingOpen {
-    /// User pointer to the path, re-read at exit for a first access.
+pub struct MatchedOpen {
+    /// User pointer to the path, read again straight into the ring buffer for a first
+    /// access.
     pub path_ptr: u64,
     pub path_hash: u64,
     /// See [`AccessEvent::dir_path_hash`].
@@ -331,19 +329,17 @@ pub enum Loss {
     FdTableEvicted = 2,
     /// `PROCS` was full: a process's fds could not be tracked.
     ProcTableFull = 3,
-    /// `PENDING` was full: a matched open could not be followed to its fd.
-    PendingTableFull = 4,
     /// A matched path was longer than [`PATH_CAP`] and was cut.
-    PathTruncated = 5,
+    PathTruncated = 4,
     /// A process held more than [`PROC_FD_SLOTS`] trust fds: reads on the extra ones
     /// are not attributed.
-    ProcFdSlotsFull = 6,
+    ProcFdSlotsFull = 5,
     /// The path could not be read from user memory (bad pointer or page not present).
-    PathUnreadable = 7,
+    PathUnreadable = 6,
 }
 
 /// Number of [`Loss`] reasons (size of the `LOSSES` array).
-pub const LOSS_REASONS: usize = 8;
+pub const LOSS_REASONS: usize = 7;
 
 impl Loss {
     pub const ALL: [Loss; LOSS_REASONS] = [
@@ -351,7 +347,6 @@ impl Loss {
         Loss::AccessTableFull,
         Loss::FdTableEvicted,
         Loss::ProcTableFull,
-        Loss::PendingTableFull,
         Loss::PathTruncated,
         Loss::ProcFdSlotsFull,
         Loss::PathUnreadable,
@@ -364,7 +359,6 @@ impl Loss {
             Loss::AccessTableFull => "access_table_full",
             Loss::FdTableEvicted => "fd_table_evicted",
             Loss::ProcTableFull => "proc_table_full",
-            Loss::PendingTableFull => "pending_table_full",
             Loss::PathTruncated => "path_truncated",
             Loss::ProcFdSlotsFull => "proc_fd_slots_full",
             Loss::PathUnreadable => "path_unreadable",
@@ -447,7 +441,7 @@ mod pod {
     unsafe impl aya::Pod for AccessStats {}
     unsafe impl aya::Pod for FdKey {}
     unsafe impl aya::Pod for ProcState {}
-    unsafe impl aya::Pod for PendingOpen {}
+    unsafe impl aya::Pod for MatchedOpen {}
     unsafe impl aya::Pod for PrefixKey {}
     unsafe impl aya::Pod for SuffixRule {}
     unsafe impl aya::Pod for FilterTable {}

@@ -17,7 +17,7 @@ use aya::{
 };
 use trustdrift_common::{
     AccessKey, AccessStats, FdKey, FilterTable, KernelOffsets, LOSS_REASONS, Loss, PATH_CAP,
-    PREFIX_CAP, PendingOpen, ProcState,
+    PREFIX_CAP, ProcState,
 };
 
 use crate::{
@@ -86,7 +86,6 @@ const MAPS: &[&str] = &[
     "ACCESSES",
     "FDS",
     "PROCS",
-    "PENDING",
     "PREFILTER",
     "COUNTERS",
     "SCRATCH",
@@ -221,12 +220,11 @@ fn open_tracepoints(tracefs: &Path) -> Vec<(&'static str, &'static str)> {
 /// gives a different directory, so pinned maps are never reused with a wrong layout.
 fn layout_name(caps: &Capacities) -> String {
     let description = format!(
-        "{}:{}:{}:{}:{}:{}:{}:{}:{}:{}:{}:{}",
+        "{}:{}:{}:{}:{}:{}:{}:{}:{}:{}:{}",
         std::mem::size_of::<AccessKey>(),
         std::mem::size_of::<AccessStats>(),
         std::mem::size_of::<FdKey>(),
         std::mem::size_of::<ProcState>(),
-        std::mem::size_of::<PendingOpen>(),
         std::mem::size_of::<FilterTable>(),
         PATH_CAP,
         LOSS_REASONS,
@@ -324,13 +322,11 @@ impl Probe {
 
         let mut links = match options.mode {
             Mode::Full => {
-                let (enter, exit) = match options.programs {
-                    Programs::Probe => ("sys_enter", "sys_exit"),
-                    Programs::Floor => ("floor_sys_enter", "floor_sys_exit"),
+                let exit = match options.programs {
+                    Programs::Probe => "sys_exit",
+                    Programs::Floor => "floor_sys_exit",
                 };
-                let mut links = attach_btf(&mut ebpf, &kernel_btf, enter, "sys_enter")?;
-                links.extend(attach_btf(&mut ebpf, &kernel_btf, exit, "sys_exit")?);
-                links
+                attach_btf(&mut ebpf, &kernel_btf, exit, "sys_exit")?
             }
             Mode::Lean => {
                 let program = match options.programs {
@@ -430,13 +426,8 @@ impl Probe {
             },
             MapFill {
                 map: "fds",
-                entries: counter(1),
-                capacity: u64::from(self.capacities.fds),
-            },
-            MapFill {
-                map: "pending",
                 entries: counter(0),
-                capacity: 4096,
+                capacity: u64::from(self.capacities.fds),
             },
         ]
     }

@@ -3,7 +3,7 @@
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_probe_read_user_str_bytes};
 use trustdrift_common::{
-    AccessEvent, AccessKey, AccessStats, EventKind, Loss, PendingOpen, ProcState,
+    AccessEvent, AccessKey, AccessStats, EventKind, Loss, MatchedOpen, ProcState,
 };
 
 use crate::{
@@ -20,7 +20,7 @@ const EEXIST: i32 = 17;
 pub fn opened(
     pid_tgid: u64,
     key: &AccessKey,
-    open: &PendingOpen,
+    open: &MatchedOpen,
     fd: i32,
     state: &ProcState,
     now: u64,
@@ -87,7 +87,7 @@ pub fn add_read(key: &AccessKey, bytes: u64, now: u64) {
 fn announce(
     pid_tgid: u64,
     key: &AccessKey,
-    open: &PendingOpen,
+    open: &MatchedOpen,
     fd: i32,
     state: &ProcState,
     now: u64,

@@ -13,7 +13,6 @@ pub mod nr {
     pub const DUP: i64 = 32;
     pub const DUP2: i64 = 33;
     pub const FCNTL: i64 = 72;
-    pub const CREAT: i64 = 85;
     pub const GETDENTS64: i64 = 217;
     pub const OPENAT: i64 = 257;
     pub const DUP3: i64 = 292;
@@ -25,9 +24,8 @@ pub mod nr {
 
 #[cfg(bpf_target_arch = "aarch64")]
 pub mod nr {
-    // The generic table has no open, creat or dup2: they are never dispatched.
+    // The generic table has no open or dup2: they are never dispatched.
     pub const OPEN: i64 = -1000;
-    pub const CREAT: i64 = -1001;
     pub const DUP2: i64 = -1002;
     pub const DUP: i64 = 23;
     pub const DUP3: i64 = 24;
@@ -44,7 +42,8 @@ pub mod nr {
     pub const OPENAT2: i64 = 437;
 }
 
-/// Syscall argument `n` (0-based) at syscall entry.
+/// Syscall argument `n` (0-based), at syscall entry; at exit too for `n` >= 1 (the first
+/// may share the return value's register: see [`first_arg_at_exit`]).
 ///
 /// # Safety
 /// `regs` must be the `pt_regs` argument of a `tp_btf` syscall tracepoint; the verifier

@@ -1,9 +1,13 @@
 //! trustdrift's kernel probe: which process opened and read which trust file, and when.
 //!
-//! Two `tp_btf` programs on the raw syscall tracepoints dispatch on the syscall number;
-//! two classic tracepoints follow exec and exit. Every syscall on the host passes through
-//! the syscall programs, so each one returns after a few loads unless the syscall is an
-//! open or concerns a process that holds a trust fd.
+//! Full mode: one `tp_btf` program on the raw `sys_exit` tracepoint dispatches on the
+//! syscall number; everything it needs is there when a syscall returns (the arguments
+//! are still in `pt_regs`, the fd or byte count is the return value), and a single hook
+//! halves the slow-path cost every hooked syscall pays compared with `sys_enter` plus
+//! `sys_exit`. Lean mode: classic open-entry tracepoints only. Two classic tracepoints
+//! follow exec and exit. Every syscall on the host passes through `sys_exit`, so it
+//! returns after a few loads unless the syscall is an open or concerns a process that
+//! holds a trust fd.
 #![no_std]
 #![no_main]
 // Atomic adds on map values: the BPF target has no compare-and-swap, so core's atomics
@@ -47,44 +51,6 @@ static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets::NONE);
 #[unsafe(no_mangle)]
 static FDS_CAPACITY: Global<u64> = Global::new(16384);
 
-/// `sys_enter` (full mode): opens are filtered here, closes drop tracked fds.
-#[btf_tracepoint(function = "sys_enter")]
-pub fn sys_enter(ctx: BtfTracePointContext) -> i32 {
-    let regs: *const pt_regs = ctx.arg(0);
-    let id: i64 = ctx.arg(1);
-    // SAFETY: `regs` is the tracepoint's own pt_regs argument.
-    unsafe { try_sys_enter(regs, id) };
-    0
-}
-
-#[inline(always)]
-unsafe fn try_sys_enter(regs: *const pt_regs, id: i64) {
-    use arch::arg;
-    // SAFETY (all arms): argument loads from the tracepoint's pt_regs.
-    unsafe {
-        match id {
-            nr::OPENAT | nr::OPEN | nr::CREAT | nr::OPENAT2 => open::entered(
-                open::Mode::Full,
-                id,
-                [arg(regs, 0), arg(regs, 1), arg(regs, 2)],
-            ),
-            nr::CLOSE => {
-                let fd = arg(regs, 0) as u32;
-                fds::closed(tgid(), fd, fd);
-            }
-            nr::DUP2 | nr::DUP3 => {
-                // The new fd is closed implicitly if it was open.
-                let (old, new) = (arg(regs, 0) as u32, arg(regs, 1) as u32);
-                if old != new {
-                    fds::closed(tgid(), new, new);
-                }
-            }
-            nr::CLOSE_RANGE => fds::closed(tgid(), arg(regs, 0) as u32, arg(regs, 1) as u32),
-            _ => {}
-        }
-    }
-}
-
 /// Lean mode: the classic `syscalls:sys_enter_{openat,openat2,open}` tracepoints.
 /// Only opens run a program at all; success and bytes read are left to the daemon.
 #[tracepoint]
@@ -100,11 +66,11 @@ pub fn open_enter(ctx: TracePointContext) -> u32 {
             [*record.add(2), *record.add(3), *record.add(4)],
         )
     };
-    open::entered(open::Mode::Lean, nr, args);
+    open::entered(nr, args);
     0
 }
 
-/// `sys_exit` (full mode): an open's fd, a read's byte count.
+/// `sys_exit` (full mode): an open and its fd, a read's byte count, a close.
 #[btf_tracepoint(function = "sys_exit")]
 pub fn sys_exit(ctx: BtfTracePointContext) -> i32 {
     let regs: *const pt_regs = ctx.arg(0);
@@ -119,16 +85,49 @@ unsafe fn try_sys_exit(regs: *const pt_regs, ret: i64) {
     // SAFETY: loads from the tracepoint's pt_regs.
     let id = unsafe { arch::syscall_nr(regs) };
     match id {
-        nr::OPENAT | nr::OPEN | nr::OPENAT2 => open::returned(ret),
+        nr::OPENAT | nr::OPEN | nr::OPENAT2 => {
+            // SAFETY: as above; the arguments are intact at exit (only the return value
+            // register changed, and `first_arg_at_exit` knows where the first one is).
+            let args = unsafe {
+                [
+                    arch::first_arg_at_exit(regs),
+                    arch::arg(regs, 1),
+                    arch::arg(regs, 2),
+                ]
+            };
+            open::returned(id, args, ret);
+        }
+        nr::CLOSE => {
+            // Whether it succeeded or not, the fd no longer names the tracked file.
+            // SAFETY: as above.
+            let fd = unsafe { arch::first_arg_at_exit(regs) } as u32;
+            fds::closed(tgid(), fd, fd);
+        }
+        nr::CLOSE_RANGE => {
+            // SAFETY: as above.
+            let (first, last) = unsafe { (arch::first_arg_at_exit(regs), arch::arg(regs, 1)) };
+            if ret == 0 {
+                fds::closed(tgid(), first as u32, last as u32);
+            }
+        }
         nr::READ | nr::PREAD64 | nr::READV | nr::PREADV | nr::PREADV2 | nr::GETDENTS64 => {
             // SAFETY: as above.
             let fd = unsafe { arch::first_arg_at_exit(regs) };
             fds::read_returned(bpf_get_current_pid_tgid(), fd, ret);
         }
         // A duplicate reads the same open file (Python's listdir(fd), fdopendir(dup(fd))).
-        nr::DUP | nr::DUP2 | nr::DUP3 => {
+        nr::DUP => {
             // SAFETY: as above.
             let old = unsafe { arch::first_arg_at_exit(regs) };
+            fds::duplicated(old, ret);
+        }
+        nr::DUP2 | nr::DUP3 => {
+            // SAFETY: as above.
+            let (old, new) = unsafe { (arch::first_arg_at_exit(regs), arch::arg(regs, 1)) };
+            // The new fd was closed implicitly if it was open.
+            if ret >= 0 && old != new {
+                fds::closed(tgid(), new as u32, new as u32);
+            }
             fds::duplicated(old, ret);
         }
         nr::FCNTL => {
@@ -163,15 +162,10 @@ pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
 }
 
 /// Empty programs on exactly the syscall hooks above: the cost floor `cargo xtask bench
-/// probe` measures trustdrift against (full mode: the two tp_btf hooks; lean mode: the
-/// classic open tracepoints).
+/// overhead` measures trustdrift against (full mode: the tp_btf `sys_exit` hook; lean
+/// mode: the classic open tracepoints).
 #[tracepoint]
 pub fn floor_open_enter(_ctx: TracePointContext) -> u32 {
-    0
-}
-
-#[btf_tracepoint(function = "sys_enter")]
-pub fn floor_sys_enter(_ctx: BtfTracePointContext) -> i32 {
     0
 }
 

@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use trustdrift_common::{
     AccessKey, AccessStats, FdKey, FilterTable, LOSS_REASONS, PATH_CAP, PREFILTER_SLOTS,
-    PREFIX_CAP, PendingOpen, ProcState,
+    PREFIX_CAP, ProcState,
 };
 
 /// Records for the daemon: only what is new (first access of a path by a process image,
@@ -47,26 +47,19 @@ pub static FDS: LruHashMap<FdKey, AccessKey> = LruHashMap::with_max_entries(1638
 #[map]
 pub static PROCS: HashMap<u32, ProcState> = HashMap::with_max_entries(16384, 0);
 
-/// Matched opens between syscall entry and exit. Key: pid_tgid of the thread. Value: what
-/// the exit needs. Bound: 4096 opens in flight at once.
-#[map]
-pub static PENDING: HashMap<u64, PendingOpen> = HashMap::with_max_entries(4096, 0);
-
 /// Per-tgid pre-filter. Key: `tgid & (PREFILTER_SLOTS - 1)`. Value: tracked fds of the
 /// processes in that slot. Zero lets reads and closes skip every other lookup.
 /// Bound: `PREFILTER_SLOTS`.
 #[map]
 pub static PREFILTER: Array<u64> = Array::with_max_entries(PREFILTER_SLOTS as u32, 0);
 
-/// Global counters. Key: `counter::*`. Value: count. Bound: 2.
+/// Global counters. Key: `counter::*`. Value: count. Bound: 1.
 #[map]
-pub static COUNTERS: Array<u64> = Array::with_max_entries(2, 0);
+pub static COUNTERS: Array<u64> = Array::with_max_entries(1, 0);
 
 pub mod counter {
-    /// Entries in `PENDING`: zero lets every open exit return at once.
-    pub const PENDING: u32 = 0;
     /// Live entries in `FDS`, to tell when the LRU starts evicting live fds.
-    pub const FDS_LIVE: u32 = 1;
+    pub const FDS_LIVE: u32 = 0;
 }
 
 /// Per-CPU scratch for the path under test. Key: 0. Bound: 1.

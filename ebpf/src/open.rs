@@ -1,16 +1,18 @@
-//! Opens: decide at syscall entry whether the path is trust material (cheapest checks
-//! first), follow a match to its exit to learn the fd.
+//! Opens: decide whether the path is trust material (cheapest checks first) and record a
+//! match. Full mode looks at an open when it returns (one `sys_exit` hook serves opens,
+//! reads and closes, and the fd is known); lean mode when it enters (the classic open
+//! tracepoints only), without an fd.
 
 use aya_ebpf::helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user};
 
 use crate::arch::nr;
-use trustdrift_common::{AccessKey, FdKey, Loss, PendingOpen, match_flags, prefix_value};
+use trustdrift_common::{AccessKey, FdKey, Loss, MatchedOpen, match_flags, prefix_value};
 
 use crate::{
-    SELF_TGID, access, atomic,
+    SELF_TGID, access,
     emit::{lost, now_ns},
     fds,
-    maps::{COUNTERS, FDS, PENDING, counter},
+    maps::FDS,
     path::{self, CopyError},
     process,
 };
@@ -19,44 +21,28 @@ const O_ACCMODE: u64 = 0o3;
 const O_PATH: u64 = 0o10000000;
 const AT_FDCWD: i32 = -100;
 
+/// The dirfd, path pointer and flags of an open syscall, from its first three arguments;
+/// `None` for a writer or an `O_PATH` handle (never trust reads), or an unreadable
+/// `open_how`.
 #[inline(always)]
-fn pending_count() -> Option<*mut u64> {
-    COUNTERS.get_ptr_mut(counter::PENDING)
-}
-
-/// Which hooks are attached.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    /// Entry and exit: the fd is learned at exit, reads are followed.
-    Full,
-    /// Entry only: the open is recorded at entry.
-    Lean,
-}
-
-/// Entry of an open. `args` are the first three syscall arguments.
-#[inline(always)]
-pub fn entered(mode: Mode, id: i64, args: [u64; 3]) {
+fn describe(id: i64, args: [u64; 3]) -> Option<MatchedOpen> {
     let (dirfd, path_ptr, open_flags) = match id {
         nr::OPENAT => (args[0] as i32, args[1], args[2]),
         nr::OPEN => (AT_FDCWD, args[0], args[1]),
-        // open(O_CREAT|O_WRONLY|O_TRUNC): a writer, so the flag test below drops it.
-        nr::CREAT => (AT_FDCWD, args[0], 0o1101),
         nr::OPENAT2 => {
             // The flags live in the caller's struct open_how (its first u64).
             // SAFETY: fault-safe helper read of user memory.
-            match unsafe { bpf_probe_read_user(args[2] as *const u64) } {
-                Ok(flags) => (args[0] as i32, args[1], flags),
-                Err(_) => return,
-            }
+            let flags = unsafe { bpf_probe_read_user(args[2] as *const u64) }.ok()?;
+            (args[0] as i32, args[1], flags)
         }
-        _ => return,
+        // creat(2) is open(O_CREAT|O_WRONLY|O_TRUNC): a writer.
+        _ => return None,
     };
-    // Trust files are opened to be read: writers and O_PATH handles are never trust reads.
     // Free to test, so tested before anything touches user memory.
     if open_flags & (O_ACCMODE | O_PATH) != 0 {
-        return;
+        return None;
     }
-    let mut open = PendingOpen {
+    Some(MatchedOpen {
         path_ptr,
         path_hash: 0,
         dir_path_hash: 0,
@@ -64,15 +50,22 @@ pub fn entered(mode: Mode, id: i64, args: [u64; 3]) {
         dirfd,
         match_flags: 0,
         _pad: 0,
+    })
+}
+
+/// Full mode: an open returned `ret`. Only a successful one can be read from.
+#[inline(always)]
+pub fn returned(id: i64, args: [u64; 3], ret: i64) {
+    if ret < 0 {
+        return;
+    }
+    let Some(mut open) = describe(id, args) else {
+        return;
     };
+    // The kernel has just read the path, so its page is present.
     match classify(&mut open) {
         Classified::Unrelated => return,
         Classified::Match => {}
-        // The path sits in a page not faulted in yet (typical of a fresh exec): the
-        // kernel faults it in while opening, so the exit can read it.
-        Classified::Unreadable if mode == Mode::Full => {
-            open.match_flags = match_flags::RETRY_AT_EXIT
-        }
         Classified::Unreadable => {
             lost(Loss::PathUnreadable);
             return;
@@ -82,19 +75,31 @@ pub fn entered(mode: Mode, id: i64, args: [u64; 3]) {
     if (pid_tgid >> 32) as u32 == SELF_TGID.load() {
         return;
     }
-    if mode == Mode::Lean {
-        // No exit hook: record the attempt now; the daemon infers success and size.
-        open.match_flags |= match_flags::LEAN;
-        record(pid_tgid, &open, -1);
+    record(pid_tgid, &open, ret as i32);
+}
+
+/// Lean mode: an open entered. Without an exit hook the attempt is recorded now; the
+/// daemon infers success and size.
+#[inline(always)]
+pub fn entered(id: i64, args: [u64; 3]) {
+    let Some(mut open) = describe(id, args) else {
+        return;
+    };
+    match classify(&mut open) {
+        Classified::Unrelated => return,
+        Classified::Match => {}
+        // The path sits in a page not faulted in yet (typical of a fresh exec).
+        Classified::Unreadable => {
+            lost(Loss::PathUnreadable);
+            return;
+        }
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if (pid_tgid >> 32) as u32 == SELF_TGID.load() {
         return;
     }
-    if PENDING.insert(pid_tgid, open, 0).is_err() {
-        lost(Loss::PendingTableFull);
-        return;
-    }
-    if let Some(count) = pending_count() {
-        atomic::add(count, 1);
-    }
+    open.match_flags |= match_flags::LEAN;
+    record(pid_tgid, &open, -1);
 }
 
 enum Classified {
@@ -105,7 +110,7 @@ enum Classified {
 
 /// Reads the path and runs the filter; on a match fills the hash and match flags.
 #[inline(always)]
-fn classify(open: &mut PendingOpen) -> Classified {
+fn classify(open: &mut MatchedOpen) -> Classified {
     let path = match path::copy_from_user(open.path_ptr as *const u8) {
         Ok(path) => path,
         Err(CopyError::NotReady) => return Classified::Unrelated,
@@ -144,44 +149,8 @@ fn classify(open: &mut PendingOpen) -> Classified {
     Classified::Match
 }
 
-/// Exit of any open: if the entry matched, record the access and track the fd.
 #[inline(always)]
-pub fn returned(ret: i64) {
-    let Some(count) = pending_count() else {
-        return;
-    };
-    // Almost always zero: no matched open in flight anywhere on the host.
-    if atomic::load(count) == 0 {
-        return;
-    }
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let Some(open) = PENDING.get_ptr(pid_tgid) else {
-        return;
-    };
-    // SAFETY: a valid map value, copied before it is removed.
-    let open = unsafe { *open };
-    if PENDING.remove(pid_tgid).is_ok() {
-        atomic::sub(count, 1);
-    }
-    if ret < 0 {
-        return;
-    }
-    let mut open = open;
-    if open.match_flags & match_flags::RETRY_AT_EXIT != 0 {
-        match classify(&mut open) {
-            Classified::Match => {}
-            Classified::Unrelated => return,
-            Classified::Unreadable => {
-                lost(Loss::PathUnreadable);
-                return;
-            }
-        }
-    }
-    record(pid_tgid, &open, ret as i32);
-}
-
-#[inline(always)]
-fn record(pid_tgid: u64, open: &PendingOpen, fd: i32) {
+fn record(pid_tgid: u64, open: &MatchedOpen, fd: i32) {
     let tgid = (pid_tgid >> 32) as u32;
     let now = now_ns();
     match process::current(tgid) {

@@ -338,7 +338,7 @@ fn the_metrics_are_valid_prometheus_and_carry_every_family() {
     assert!(
         series("trustdrift_bpf_program_runs_total")
             .iter()
-            .any(|l| l.contains("program=\"sys_enter\"") && !l.ends_with(" 0")),
+            .any(|l| l.contains("program=\"sys_exit\"") && !l.ends_with(" 0")),
         "kernel accounting is on: {text}"
     );
     for reason in [
