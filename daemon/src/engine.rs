@@ -6,7 +6,7 @@ use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     path::PathBuf,
     sync::Arc,
-    time::{Duration, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{Context, Result};
@@ -175,6 +175,8 @@ pub struct Engine {
     state: Option<StateDir>,
     state_dirty: bool,
     last_save: Option<SystemTime>,
+    /// No unforced save before this (see `save`).
+    next_save: Instant,
     stores: Arc<Vec<StoreFigures>>,
     store_views: Arc<Vec<StoreView>>,
     stores_dirty: bool,
@@ -237,6 +239,7 @@ impl Engine {
                 state,
                 state_dirty: false,
                 last_save: None,
+                next_save: Instant::now(),
                 stores: Arc::default(),
                 store_views: Arc::default(),
                 stores_dirty: true,
@@ -378,6 +381,7 @@ impl Engine {
             }
             Event::Exit(task) => {
                 let Some(key) = proc_key(&task) else { return };
+                self.poll_exiting(&key);
                 self.ledger.exited(&key, wall(task.ts_ns));
                 self.peers.exited(&key);
                 self.catalog.forget_pid(key.pid, key.start_ticks);
@@ -403,7 +407,13 @@ impl Engine {
         if let Some(root) = root {
             self.track_default_stores(root);
         }
-        let info = self.process_info(&access.task, &key, root);
+        // /proc is read once per process, not once per file it opens: `upsert` keeps the
+        // info of a process it already has.
+        let info = if self.ledger.get(&key).is_some() {
+            ProcessInfo::default()
+        } else {
+            self.process_info(&access.task, &key, root)
+        };
         if self.ledger.upsert(key, Origin::Observed, info).is_none() {
             return;
         }
@@ -491,19 +501,41 @@ impl Engine {
 
     /// Reads the probe's aggregates: bytes and counts move; a re-read (an open or read
     /// after the one that fixed the version) takes the version current at that time.
+    /// An exited process's aggregates cannot move again: they are read once at its exit
+    /// and never polled after, or a storm's exited processes would be most of the work.
     fn poll(&mut self, stale_only: bool) {
         let accesses: Vec<(AccessKey, ProcKey)> = self
             .ledger
             .accesses()
             .filter(|(_, p)| {
-                !stale_only
-                    || self
-                        .views
-                        .get(*p)
-                        .is_some_and(|v| v.verdict >= verdict::Verdict::Stale)
+                self.ledger.get(p).is_some_and(|e| e.exited_at.is_none())
+                    && (!stale_only
+                        || self
+                            .views
+                            .get(*p)
+                            .is_some_and(|v| v.verdict >= verdict::Verdict::Stale))
             })
             .map(|(a, p)| (*a, *p))
             .collect();
+        self.poll_accesses(accesses);
+    }
+
+    /// The last word on what an exiting process read.
+    fn poll_exiting(&mut self, key: &ProcKey) {
+        let accesses: Vec<(AccessKey, ProcKey)> = self
+            .ledger
+            .get(key)
+            .map(|e| {
+                e.reads
+                    .iter()
+                    .filter_map(|r| Some((r.access_key?, *key)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        self.poll_accesses(accesses);
+    }
+
+    fn poll_accesses(&mut self, accesses: Vec<(AccessKey, ProcKey)>) {
         for (access, key) in accesses {
             let Some(stats) = self.probe.access_stats(&access) else {
                 continue;
@@ -680,10 +712,19 @@ impl Engine {
         if !self.state_dirty && !force {
             return;
         }
+        // A save writes the whole ledger: with tens of thousands of processes (a storm's,
+        // kept for the exit grace) it takes long enough that saving every interval would
+        // be most of the daemon's work. Spacing saves to 20x their own duration keeps
+        // them under 5% of a core whatever the ledger's size.
+        if !force && Instant::now() < self.next_save {
+            return;
+        }
+        let started = Instant::now();
         match state.save(&self.ledger, &self.catalog) {
             Ok(_) => {
                 self.state_dirty = false;
                 self.last_save = Some(SystemTime::now());
+                self.next_save = Instant::now() + started.elapsed() * 20;
             }
             Err(e) => tracing::warn!("saving the ledger: {e:#}"),
         }
@@ -987,6 +1028,10 @@ where
     }
     loop {
         let mut force = false;
+        // Snapshots are published at most once per debounce tick (or at once when forced):
+        // building one per ring-buffer wake-up made a storm cost the daemon O(processes)
+        // per record.
+        let mut due = false;
         tokio::select! {
             _ = interrupt.recv() => break,
             _ = terminate.recv() => break,
@@ -1032,14 +1077,19 @@ where
                     Err(e) => tracing::warn!("reading inotify events: {e}"),
                 }
             }
-            _ = debounce.tick() => engine.refresh_due(),
+            _ = debounce.tick() => {
+                engine.refresh_due();
+                due = true;
+            }
             _ = poll_stale.tick() => engine.poll(true),
             _ = poll_all.tick() => engine.poll(false),
             _ = rescan.tick() => engine.rescan(),
             _ = housekeeping.tick() => { engine.housekeeping(); force = true; }
             _ = save.tick() => engine.save(false),
         }
-        engine.publish(force);
+        if force || due {
+            engine.publish(force);
+        }
     }
     server.abort();
     engine.save(true);

@@ -3,7 +3,7 @@
 //! the process (and its root, cwd and fds) most likely still exists.
 
 use std::{
-    collections::HashMap,
+    collections::BTreeMap,
     io,
     path::{Path, PathBuf},
 };
@@ -39,9 +39,11 @@ pub struct ResolvedAccess {
 
 /// Directories announced as trust paths, by (tgid, start, exec generation, path hash),
 /// so a relative open through a tracked dirfd resolves even after the process exits.
+/// Ordered so that a process's entries are one range: an exit removes them without
+/// scanning everyone else's (a storm of exits was quadratic with a scan).
 #[derive(Default)]
 pub struct Resolver {
-    dirs: HashMap<(u32, u64, u32, u64), PathBuf>,
+    dirs: BTreeMap<(u32, u64, u32, u64), PathBuf>,
 }
 
 impl Resolver {
@@ -59,7 +61,14 @@ impl Resolver {
 
     /// Forgets the directories of a process that exited.
     pub fn forget_process(&mut self, tgid: u32, start_ns: u64) {
-        self.dirs.retain(|k, _| !(k.0 == tgid && k.1 == start_ns));
+        let mine: Vec<_> = self
+            .dirs
+            .range((tgid, start_ns, 0, 0)..=(tgid, start_ns, u32::MAX, u64::MAX))
+            .map(|(k, _)| *k)
+            .collect();
+        for k in mine {
+            self.dirs.remove(&k);
+        }
     }
 
     fn known_dir(&self, access: &Access) -> Option<&PathBuf> {
