@@ -4,6 +4,7 @@
 mod bench;
 mod ebpf;
 mod packages;
+mod soak;
 mod toolchain;
 mod tools;
 mod workspace;
@@ -45,6 +46,9 @@ enum Cmd {
         #[command(subcommand)]
         which: bench::Which,
     },
+    /// Ten minutes of churn against one daemon (outside CI): memory flat at the end and
+    /// every verdict right. Exits non-zero on any failure.
+    Soak(soak::Args),
     #[command(hide = true)]
     Workload(bench::WorkloadArgs),
 }
@@ -73,6 +77,10 @@ fn dispatch() -> Result<()> {
         Cmd::Bench { which } => {
             let bin = build()?;
             bench::run(which, &bin)
+        }
+        Cmd::Soak(args) => {
+            let bin = build()?;
+            soak::run(&args, &bin)
         }
         Cmd::Workload(args) => bench::workload(&args),
     }
