@@ -150,6 +150,12 @@ pub struct AccessStats {
     pub bytes: u64,
     pub opens: u64,
     pub reads: u64,
+    /// Inode and device of the file the latest open got (0 when unknown): which version a
+    /// re-read took is decided by identity, not by comparing clocks, since a file renamed
+    /// over the path in the same millisecond is otherwise indistinguishable.
+    pub last_ino: u64,
+    pub last_dev: u32,
+    pub _pad: u32,
 }
 
 /// Key of the `FDS` map: an open file descriptor of a process.

@@ -486,14 +486,30 @@ impl Catalog {
     }
 
     /// The version of `file` that was the inode (`dev`, `ino`) — what the probe saw the
-    /// process open — if the history has it.
-    pub fn version_of_inode(&self, file: &FileKey, dev: u64, ino: u64) -> Option<Arc<Version>> {
-        let f = self.files.get(file)?;
-        f.versions
-            .iter()
+    /// process open at `opened` — if the history has it. A filesystem reuses freed inode
+    /// numbers, so the history can hold one number twice: the match must also have been
+    /// what the path named around `opened`. File times are coarse (a clock tick), hence
+    /// the slack.
+    pub fn version_of_inode(
+        &self,
+        file: &FileKey,
+        dev: u64,
+        ino: u64,
+        opened: SystemTime,
+    ) -> Option<Arc<Version>> {
+        const SLACK: Duration = Duration::from_millis(50);
+        let versions = &self.files.get(file)?.versions;
+        (0..versions.len())
             .rev()
-            .find(|v| v.identity.is_some_and(|i| i.dev == dev && i.ino == ino))
-            .cloned()
+            .find(|&i| {
+                let v = &versions[i];
+                v.identity.is_some_and(|id| id.dev == dev && id.ino == ino)
+                    && v.seen_at <= opened + SLACK
+                    && versions
+                        .get(i + 1)
+                        .is_none_or(|next| opened <= next.seen_at + SLACK)
+            })
+            .map(|i| Arc::clone(&versions[i]))
     }
 
     /// A process opened a version the daemon never saw (replaced before it could look):

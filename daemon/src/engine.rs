@@ -455,7 +455,7 @@ impl Engine {
                     .is_some_and(|i| i.dev == dev && i.ino != ino) =>
             {
                 self.catalog
-                    .version_of_inode(f, dev, ino)
+                    .version_of_inode(f, dev, ino, opened)
                     .or_else(|| {
                         self.catalog
                             .adopt_open_file(f, key.pid, access.fd, dev, ino)
@@ -577,7 +577,20 @@ impl Engine {
                     if self.catalog.refresh(&file, &mut self.watcher) {
                         self.mark_readers(&file);
                     }
-                    let version = self.catalog.version_at(&file, touched);
+                    // The inode the latest open got says which version it was; the
+                    // time is the fallback (an old probe, overlayfs' device numbers, or
+                    // an inode the history no longer names).
+                    let version = (stats.last_ino != 0)
+                        .then(|| {
+                            self.catalog.version_of_inode(
+                                &file,
+                                events::userspace_dev(stats.last_dev),
+                                stats.last_ino,
+                                last_open,
+                            )
+                        })
+                        .flatten()
+                        .or_else(|| self.catalog.version_at(&file, touched));
                     if let Some(read) = self
                         .ledger
                         .get_mut(&key)

@@ -25,22 +25,24 @@ pub fn opened(
     state: &ProcState,
     now: u64,
 ) -> bool {
+    let (ino, dev) = crate::process::opened_inode(fd);
     if let Some(stats) = ACCESSES.get_ptr_mut(key) {
         // SAFETY: a valid map value.
         let stats = unsafe { &mut *stats };
-        stats.last_open_ns = now;
-        atomic::add(&mut stats.opens, 1);
+        reopened(stats, ino, dev, now);
         return true;
     }
     let fresh = AccessStats {
         first_open_ns: now,
         last_open_ns: now,
         opens: 1,
+        last_ino: ino,
+        last_dev: dev,
         ..AccessStats::default()
     };
     match ACCESSES.insert(key, fresh, BPF_NOEXIST as u64) {
         Ok(()) => {
-            if !announce(pid_tgid, key, open, fd, state, now) {
+            if !announce(pid_tgid, key, open, fd, (ino, dev), state, now) {
                 // The daemon would never learn of this entry: drop it so the next open
                 // announces it again. The loss itself is counted.
                 let _ = ACCESSES.remove(key);
@@ -52,9 +54,7 @@ pub fn opened(
             // Another thread of the process announced it first.
             if let Some(stats) = ACCESSES.get_ptr_mut(key) {
                 // SAFETY: a valid map value.
-                let stats = unsafe { &mut *stats };
-                stats.last_open_ns = now;
-                atomic::add(&mut stats.opens, 1);
+                reopened(unsafe { &mut *stats }, ino, dev, now);
             }
             true
         }
@@ -63,6 +63,16 @@ pub fn opened(
             false
         }
     }
+}
+
+/// A further open of an aggregated path. Threads racing here may leave the inode of one
+/// open with the time of another; both are opens of that path within nanoseconds.
+#[inline(always)]
+fn reopened(stats: &mut AccessStats, ino: u64, dev: u32, now: u64) {
+    stats.last_open_ns = now;
+    stats.last_ino = ino;
+    stats.last_dev = dev;
+    atomic::add(&mut stats.opens, 1);
 }
 
 /// Bytes came back from a read (or directory listing) on a tracked fd.
@@ -89,6 +99,7 @@ fn announce(
     key: &AccessKey,
     open: &MatchedOpen,
     fd: i32,
+    (ino, dev): (u64, u32),
     state: &ProcState,
     now: u64,
 ) -> bool {
@@ -106,7 +117,6 @@ fn announce(
         (*event).open_flags = open.open_flags;
         (*event).dirfd = open.dirfd;
         (*event).fd = fd;
-        let (ino, dev) = crate::process::opened_inode(fd);
         (*event).ino = ino;
         (*event).dev = dev;
         (*event)._pad2 = 0;
