@@ -17,7 +17,7 @@ use std::{
     io::{self, Read},
     os::fd::OwnedFd,
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{Arc, Weak},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -268,6 +268,10 @@ pub struct Catalog {
     files: HashMap<FileKey, TrustFile>,
     contents: HashMap<ContentKey, Arc<Content>>,
     content_order: VecDeque<ContentKey>,
+    /// Parsed contents by their SHA-256, while anything holds them: a file rewritten with
+    /// the same bytes (a new inode each time) shares one parse instead of caching another
+    /// copy per rewrite. Pruned of the dead when it outgrows the cache twice over.
+    by_sha: HashMap<[u8; 32], Weak<Content>>,
     roots: HashMap<RootKey, RootAccess>,
     host: Option<RootKey>,
     dirty: BTreeMap<FileKey, SystemTime>,
@@ -332,6 +336,7 @@ impl Catalog {
             files: HashMap::new(),
             contents: HashMap::new(),
             content_order: VecDeque::new(),
+            by_sha: HashMap::new(),
             roots: HashMap::new(),
             host: None,
             dirty: BTreeMap::new(),
@@ -347,6 +352,17 @@ impl Catalog {
 
     pub fn cached_contents(&self) -> usize {
         self.contents.len()
+    }
+
+    /// Drops cached contents no version holds any more. The cache spares re-reading a file
+    /// another root shares while it is in use; one that only the cache remembers (its
+    /// versions aged out of every history) would otherwise stay until 8,192 had piled up,
+    /// each a parsed bundle.
+    pub fn prune_contents(&mut self) {
+        self.contents.retain(|_, c| Arc::strong_count(c) > 1);
+        let contents = &self.contents;
+        self.content_order.retain(|k| contents.contains_key(k));
+        self.by_sha.retain(|_, c| c.strong_count() > 0);
     }
 
     /// The host's root (init's, see [`Root::host`]), always reachable.
@@ -812,6 +828,10 @@ impl Catalog {
         let (bytes, over) = read_capped(fd, self.limits.max_file_bytes)?;
         self.counters.contents_hashed += 1;
         let sha256: [u8; 32] = Sha256::digest(&bytes).into();
+        if let Some(same) = self.by_sha.get(&sha256).and_then(Weak::upgrade) {
+            self.cache(key, Arc::clone(&same));
+            return Ok(same);
+        }
         let shape = if over {
             self.count_error("too_large".into());
             Shape::Unreadable {
@@ -836,6 +856,10 @@ impl Catalog {
             size: bytes.len() as u64,
             shape,
         });
+        self.by_sha.insert(sha256, Arc::downgrade(&content));
+        if self.by_sha.len() > 2 * self.limits.max_cached_contents.max(64) {
+            self.by_sha.retain(|_, c| c.strong_count() > 0);
+        }
         self.cache(key, Arc::clone(&content));
         Ok(content)
     }

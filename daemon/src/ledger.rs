@@ -290,11 +290,6 @@ impl Ledger {
         }
         accesses
     }
-
-    /// Every kernel aggregate the ledger follows, with its owner.
-    pub fn accesses(&self) -> impl Iterator<Item = (&AccessKey, &ProcKey)> {
-        self.by_access.iter()
-    }
 }
 
 #[cfg(test)]

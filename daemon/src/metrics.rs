@@ -27,10 +27,6 @@ fn seconds(t: SystemTime) -> f64 {
         .unwrap_or(0.0)
 }
 
-fn parse_stamp(s: &str) -> Option<SystemTime> {
-    humantime::parse_rfc3339(s).ok()
-}
-
 fn gauge_family(registry: &mut Registry, name: &str, help: &str) -> Family<Labels, Gauge> {
     let family = Family::<Labels, Gauge>::default();
     registry.register(name, help, family.clone());
@@ -209,7 +205,7 @@ pub fn render(snapshot: &Snapshot, api_refusals: &[(&str, u64)]) -> String {
                 .files
                 .iter()
                 .filter(|f| f.kind == kind && f.verdict >= Verdict::Stale)
-                .filter_map(|f| f.stale_since.as_deref().and_then(parse_stamp))
+                .filter_map(|f| f.stale_since.map(|s| s.0))
                 .min()
             {
                 let s = seconds(since);

@@ -3,7 +3,7 @@
 
 use std::{sync::Arc, time::SystemTime};
 
-use serde::Serialize;
+use serde::{Serialize, Serializer, ser::SerializeStruct};
 
 use crate::{
     attribution::Attribution,
@@ -14,8 +14,19 @@ use crate::{
     verdict::{FileVerdict, ProcessVerdict, TrustKind, Verdict},
 };
 
-fn stamp(t: SystemTime) -> String {
-    clock::rfc3339(t)
+/// A time as the API writes it (RFC 3339, milliseconds, UTC), kept as a time until it is
+/// served: ten thousand processes' views would otherwise hold a hundred thousand strings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Stamp(pub SystemTime);
+
+impl Serialize for Stamp {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_rfc3339_millis(self.0))
+    }
+}
+
+fn stamp(t: SystemTime) -> Stamp {
+    Stamp(t)
 }
 
 /// A certificate as the API shows it.
@@ -34,7 +45,7 @@ fn unix(secs: i64) -> String {
     if secs < 0 {
         return "1970-01-01T00:00:00.000Z".into();
     }
-    stamp(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs as u64))
+    clock::rfc3339(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs as u64))
 }
 
 impl From<&CertInfo> for CertView {
@@ -55,33 +66,48 @@ fn certs(list: &[Arc<CertInfo>]) -> Vec<CertView> {
     list.iter().map(|c| CertView::from(c.as_ref())).collect()
 }
 
-/// One version of a file, summarised.
-#[derive(Clone, Debug, Serialize)]
+/// One version of a file, summarised. It shares the catalog's version rather than copying
+/// it: every process that read one version points at the same one, and the summary is
+/// written when served.
+#[derive(Clone, Debug)]
 pub struct VersionView {
-    /// SHA-256 of the content (for a directory: of its entries' names and hashes).
-    pub sha256: Option<String>,
-    /// When this content became what the path names.
-    pub since: String,
-    pub format: String,
-    pub certificates: usize,
-    pub errors: Vec<String>,
+    version: Arc<Version>,
+    /// Counted once here: counting walks every certificate.
+    certificates: usize,
 }
 
-impl From<&Version> for VersionView {
-    fn from(v: &Version) -> Self {
-        let content: Option<&Content> = v.content.as_deref();
+impl VersionView {
+    pub fn new(version: &Arc<Version>) -> Self {
         Self {
-            sha256: content.map(Content::sha256_hex),
-            since: stamp(v.seen_at),
-            format: match content {
+            certificates: version
+                .content
+                .as_deref()
+                .map_or(0, |c| c.certificates().len()),
+            version: Arc::clone(version),
+        }
+    }
+}
+
+impl Serialize for VersionView {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let v = &self.version;
+        let content: Option<&Content> = v.content.as_deref();
+        let mut out = s.serialize_struct("VersionView", 5)?;
+        // SHA-256 of the content (for a directory: of its entries' names and hashes).
+        out.serialize_field("sha256", &content.map(Content::sha256_hex))?;
+        // When this content became what the path names.
+        out.serialize_field("since", &Stamp(v.seen_at))?;
+        out.serialize_field(
+            "format",
+            match content {
                 Some(c) => c.kind_name(),
                 None if v.unseen => "unseen",
                 None => "absent",
-            }
-            .to_owned(),
-            certificates: content.map_or(0, |c| c.certificates().len()),
-            errors: content.map(Content::errors).unwrap_or_default(),
-        }
+            },
+        )?;
+        out.serialize_field("certificates", &self.certificates)?;
+        out.serialize_field("errors", &content.map(Content::errors).unwrap_or_default())?;
+        out.end()
     }
 }
 
@@ -114,7 +140,7 @@ pub fn store_view(
             key.root.to_string()
         },
         readers,
-        current: current.map(|v| VersionView::from(v.as_ref())),
+        current: current.map(VersionView::new),
         certificates: current
             .and_then(|v| v.content.as_deref())
             .map(|c| {
@@ -124,10 +150,7 @@ pub fn store_view(
                     .collect()
             })
             .unwrap_or_default(),
-        versions: versions
-            .iter()
-            .map(|v| VersionView::from(v.as_ref()))
-            .collect(),
+        versions: versions.iter().map(VersionView::new).collect(),
     }
 }
 
@@ -140,17 +163,17 @@ pub struct FileView {
     pub resolved: Option<String>,
     pub kind: TrustKind,
     pub verdict: Verdict,
-    pub stale_since: Option<String>,
-    pub first_open: String,
-    pub last_open: String,
-    pub last_read: Option<String>,
+    pub stale_since: Option<Stamp>,
+    pub first_open: Stamp,
+    pub last_open: Stamp,
+    pub last_read: Option<Stamp>,
     pub bytes_read: u64,
     pub opens: u64,
     pub reads: u64,
     pub listed: bool,
     /// The version the process read, and when it read it.
     pub read_version: Option<VersionView>,
-    pub read_at: String,
+    pub read_at: Stamp,
     /// What is on disk now.
     pub current_version: Option<VersionView>,
     pub missing_cas: Vec<CertView>,
@@ -176,9 +199,9 @@ fn file_view(read: &TrustRead, v: &FileVerdict) -> FileView {
         opens: read.opens,
         reads: read.reads,
         listed: read.listed,
-        read_version: read.version.as_deref().map(VersionView::from),
+        read_version: read.version.as_ref().map(VersionView::new),
         read_at: stamp(read.version_read_at),
-        current_version: v.current.as_deref().map(VersionView::from),
+        current_version: v.current.as_ref().map(VersionView::new),
         missing_cas: certs(&v.missing_cas),
         removed_cas_trusted: certs(&v.removed_cas_trusted),
         expired_in_memory: certs(&v.expired_in_memory),
@@ -197,7 +220,7 @@ pub enum Confidence {
 #[derive(Clone, Debug, Serialize)]
 pub struct ProcessView {
     pub pid: u32,
-    pub start_time: Option<String>,
+    pub start_time: Option<Stamp>,
     pub comm: String,
     pub exe: Option<String>,
     pub cmdline: Option<String>,
@@ -207,10 +230,10 @@ pub struct ProcessView {
     pub origin: Origin,
     pub confidence: Confidence,
     pub verdict: Verdict,
-    pub stale_since: Option<String>,
+    pub stale_since: Option<Stamp>,
     /// Why a TLS-capable process is listed as unverified.
     pub tls_library: Option<String>,
-    pub exited_at: Option<String>,
+    pub exited_at: Option<Stamp>,
     pub files: Vec<FileView>,
 }
 
