@@ -359,7 +359,15 @@ impl Catalog {
     /// versions aged out of every history) would otherwise stay until 8,192 had piled up,
     /// each a parsed bundle.
     pub fn prune_contents(&mut self) {
-        self.contents.retain(|_, c| Arc::strong_count(c) > 1);
+        // Several keys (rewrites of the same bytes) may share one content: only references
+        // from outside the cache keep it.
+        let mut cached: HashMap<*const Content, usize> = HashMap::new();
+        for c in self.contents.values() {
+            *cached.entry(Arc::as_ptr(c)).or_default() += 1;
+        }
+        self.contents.retain(|_, c| {
+            Arc::strong_count(c) > cached.get(&Arc::as_ptr(c)).copied().unwrap_or(0)
+        });
         let contents = &self.contents;
         self.content_order.retain(|k| contents.contains_key(k));
         self.by_sha.retain(|_, c| c.strong_count() > 0);

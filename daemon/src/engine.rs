@@ -210,6 +210,20 @@ fn release_freed_memory() {
     }
 }
 
+/// A daemon's allocator settings, not a batch program's. Large buffers (a save's, a big
+/// response's) are mapped and unmapped rather than carved from the heap: glibc otherwise
+/// raises its mmap threshold each time one is freed, after which each stays in the heap.
+/// And two arenas, not eight per CPU: every short-lived runtime thread would otherwise
+/// leave an arena of its own behind. The soak saw RSS step up by megabytes both ways.
+fn tune_allocator() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only changes the allocator's parameters.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
 fn wall(boot_ns: u64) -> SystemTime {
     clock::wall_time(boot_ns)
 }
@@ -999,6 +1013,7 @@ where
     F: FnOnce(watch::Receiver<Arc<Snapshot>>) -> Fut,
     Fut: std::future::Future<Output = Result<()>> + Send + 'static,
 {
+    tune_allocator();
     let mut interrupt = tokio::signal::unix::signal(SignalKind::interrupt())?;
     let mut terminate = tokio::signal::unix::signal(SignalKind::terminate())?;
     let mut hangup = tokio::signal::unix::signal(SignalKind::hangup())?;
