@@ -47,7 +47,8 @@ pub struct Args {
     /// the run).
     #[arg(long, default_value_t = 2.0)]
     warmup_minutes: f64,
-    /// RSS growth from the end of warm-up to the end that still counts as flat, in %.
+    /// Growth of RSS's floor (lowest in the last third after warm-up over lowest in the
+    /// first third) that still counts as flat, in %.
     #[arg(long, default_value_t = 10.0)]
     max_growth: f64,
     /// Seconds between samples and checks.
@@ -933,25 +934,28 @@ fn report(
     let reference = soak.samples.iter().find(|s| s.at >= warmup);
     match (reference, soak.samples.last()) {
         (Some(r), Some(last)) if last.at > r.at => {
-            let growth =
-                100.0 * (last.memory.rss_kib as f64 / r.memory.rss_kib.max(1) as f64 - 1.0);
-            let max_after = soak
-                .samples
-                .iter()
-                .filter(|s| s.at >= r.at)
-                .map(|s| s.memory.rss_kib)
-                .max()
-                .unwrap_or(0);
+            // RSS swings by a few MiB as the allocator takes and returns memory; a leak
+            // raises its floor. So the lowest RSS of the last third of the run after
+            // warm-up is compared with the lowest of the first third.
+            let after: Vec<&SampleRow> = soak.samples.iter().filter(|s| s.at >= r.at).collect();
+            let third = (after.len() / 3).max(1);
+            let floor =
+                |rows: &[&SampleRow]| rows.iter().map(|s| s.memory.rss_kib).min().unwrap_or(0);
+            let (early, late) = (floor(&after[..third]), floor(&after[after.len() - third..]));
+            let growth = 100.0 * (late as f64 / early.max(1) as f64 - 1.0);
+            let max_after = after.iter().map(|s| s.memory.rss_kib).max().unwrap_or(0);
             let flat = growth <= soak.args.max_growth;
             println!(
-                "  memory: RSS {:.1} MiB at {:.1} min (after warm-up), {:.1} MiB at the end: \
-                 {growth:+.1}% (flat: at most +{}%): {}; highest after warm-up {:.1} MiB",
-                r.memory.rss_mib(),
+                "  memory: lowest RSS {:.1} MiB in the first third after warm-up ({:.1} min), \
+                 {:.1} MiB in the last third: {growth:+.1}% (flat: at most +{}%): {}; \
+                 highest after warm-up {:.1} MiB, at the end {:.1} MiB",
+                early as f64 / 1024.0,
                 r.at.as_secs_f64() / 60.0,
-                last.memory.rss_mib(),
+                late as f64 / 1024.0,
                 soak.args.max_growth,
                 if flat { "flat" } else { "NOT flat" },
-                max_after as f64 / 1024.0
+                max_after as f64 / 1024.0,
+                last.memory.rss_mib(),
             );
             if !flat {
                 problems.push(format!(
@@ -962,7 +966,6 @@ fn report(
             // RSS only moves once the heap's free space is used up, and the daemon keeps
             // what it freed after loading the probe: its own counts of what it holds show
             // growth RSS hides. Informational: they are bounded by configuration.
-            let after: Vec<&SampleRow> = soak.samples.iter().filter(|s| s.at >= r.at).collect();
             for (what, at_ref) in &r.tracked {
                 let at_end = last.tracked.get(what).copied().unwrap_or(0);
                 let steady = after
