@@ -378,6 +378,60 @@ impl SecretVolume {
     }
 }
 
+/// What follows a renewal on disk for a proxy that does not reload by itself: the
+/// daemon calls it stale (certificate and key), then expired in memory once the old
+/// certificate passes not_after, while it still serves the old one; after a reload it is
+/// fresh again. Returns what the daemon says of it then.
+fn stale_then_expired_until_reload(
+    daemon: &Daemon,
+    scenario: &str,
+    nginx: &Nginx,
+    port: u16,
+    cert: &Path,
+    key: &Path,
+    old: &Cert,
+) -> Value {
+    let pid = nginx.pid();
+    let since = Instant::now();
+    let p = noticed(daemon, scenario, "stale", pid, since, verdict_is("stale"));
+    let c = file(&p, path_str(cert));
+    assert_eq!(c["kind"], "identity", "{}", pretty(&p));
+    assert_eq!(c["verdict"], "stale", "{}", pretty(&p));
+    assert_eq!(c["current_version"]["sha256"], sha256_of(cert));
+    assert_eq!(
+        file(&p, path_str(key))["verdict"],
+        "stale",
+        "{}",
+        pretty(&p)
+    );
+    assert_eq!(served(port).as_deref(), Some(old.sha256.as_str()));
+
+    // Whatever replaced it on disk, what the proxy holds is only in its memory now.
+    let expired_at = until_expired(old);
+    let p = noticed(
+        daemon,
+        scenario,
+        "expired_in_memory",
+        pid,
+        expired_at,
+        verdict_is("expired_in_memory"),
+    );
+    assert_expired_in_memory(&p, cert, key, old);
+    // The incident itself: clients are handed the expired certificate.
+    assert_eq!(served(port).as_deref(), Some(old.sha256.as_str()));
+
+    let since = Instant::now();
+    nginx.reload();
+    noticed(
+        daemon,
+        scenario,
+        "fresh after reload",
+        pid,
+        since,
+        verdict_is("fresh"),
+    )
+}
+
 #[test]
 fn a_proxy_keeps_serving_a_certificate_renewed_by_atomic_rename_until_it_reloads() {
     let Some(daemon) = Daemon::start(&[]) else {
@@ -409,43 +463,7 @@ fn a_proxy_keeps_serving_a_certificate_renewed_by_atomic_rename_until_it_reloads
     let renewed = ca.leaf(SERVER_NAME, RENEWED);
     replace_atomically(&key, &renewed.key_pem);
     replace_atomically(&cert, &renewed.pem);
-    let since = Instant::now();
-    let p = noticed(&daemon, scenario, "stale", pid, since, verdict_is("stale"));
-    let c = file(&p, path_str(&cert));
-    assert_eq!(c["kind"], "identity", "{}", pretty(&p));
-    assert_eq!(c["verdict"], "stale", "{}", pretty(&p));
-    assert_eq!(c["current_version"]["sha256"], sha256_of(&cert));
-    assert_eq!(
-        file(&p, path_str(&key))["verdict"],
-        "stale",
-        "{}",
-        pretty(&p)
-    );
-    assert_eq!(served(port).as_deref(), Some(old.sha256.as_str()));
-
-    let expired_at = until_expired(&old);
-    let p = noticed(
-        &daemon,
-        scenario,
-        "expired_in_memory",
-        pid,
-        expired_at,
-        verdict_is("expired_in_memory"),
-    );
-    assert_expired_in_memory(&p, &cert, &key, &old);
-    // The incident itself: clients are handed the expired certificate.
-    assert_eq!(served(port).as_deref(), Some(old.sha256.as_str()));
-
-    let since = Instant::now();
-    nginx.reload();
-    let p = noticed(
-        &daemon,
-        scenario,
-        "fresh after reload",
-        pid,
-        since,
-        verdict_is("fresh"),
-    );
+    let p = stale_then_expired_until_reload(&daemon, scenario, &nginx, port, &cert, &key, &old);
     assert_fresh(&p);
     wait_served(port, &renewed, "the renewed certificate after the reload");
 }
@@ -480,43 +498,7 @@ fn a_proxy_keeps_serving_a_certificate_renewed_by_a_secret_volume_data_swap_unti
 
     let renewed = ca.leaf(SERVER_NAME, RENEWED);
     volume.update(&renewed);
-    let since = Instant::now();
-    let p = noticed(&daemon, scenario, "stale", pid, since, verdict_is("stale"));
-    let c = file(&p, path_str(&cert));
-    assert_eq!(c["kind"], "identity", "{}", pretty(&p));
-    assert_eq!(c["verdict"], "stale", "{}", pretty(&p));
-    assert_eq!(c["current_version"]["sha256"], sha256_of(&cert));
-    assert_eq!(
-        file(&p, path_str(&key))["verdict"],
-        "stale",
-        "{}",
-        pretty(&p)
-    );
-    assert_eq!(served(port).as_deref(), Some(old.sha256.as_str()));
-
-    // The old version directory is gone by now: what nginx holds is only in its memory.
-    let expired_at = until_expired(&old);
-    let p = noticed(
-        &daemon,
-        scenario,
-        "expired_in_memory",
-        pid,
-        expired_at,
-        verdict_is("expired_in_memory"),
-    );
-    assert_expired_in_memory(&p, &cert, &key, &old);
-    assert_eq!(served(port).as_deref(), Some(old.sha256.as_str()));
-
-    let since = Instant::now();
-    nginx.reload();
-    let p = noticed(
-        &daemon,
-        scenario,
-        "fresh after reload",
-        pid,
-        since,
-        verdict_is("fresh"),
-    );
+    let p = stale_then_expired_until_reload(&daemon, scenario, &nginx, port, &cert, &key, &old);
     assert_fresh(&p);
     // Where the links led when it re-read them: the renewed version's directory.
     assert_eq!(
