@@ -3,16 +3,9 @@
 //! at the version it had when the container started) is frozen: its source changing is
 //! not drift for the process that sees the frozen file.
 
-use std::{
-    fs,
-    io::{BufRead, BufReader},
-    os::unix::fs::symlink,
-    path::Path,
-    process::{Command, Stdio},
-    time::Instant,
-};
+use std::{fs, os::unix::fs::symlink, path::Path, process::Command, time::Instant};
 
-use trustdrift_e2e::{Cert, Daemon, Guarded, TempDir};
+use trustdrift_e2e::{Cert, Daemon, Guarded, TempDir, spawn_after_read};
 
 use crate::support::{file, noticed, shas};
 
@@ -32,16 +25,7 @@ fn reader(setup: Option<&str>, path: &str) -> Guarded {
         }
         None => Command::new("/usr/bin/python3"),
     };
-    cmd.args(["-I", "-c", &script])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped());
-    let mut child = Guarded::spawn(&mut cmd);
-    let mut line = String::new();
-    BufReader::new(child.0.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert_eq!(line.trim(), "read", "the reader started");
-    child
+    spawn_after_read(cmd.args(["-I", "-c", &script]))
 }
 
 fn bundle(certs: &[&Cert]) -> String {

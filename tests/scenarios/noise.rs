@@ -10,31 +10,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use trustdrift_e2e::{Cert, Daemon, Guarded, TempDir, replace_atomically};
+use trustdrift_e2e::{Cert, Daemon, Guarded, TempDir, python_reader, replace_atomically};
 
 use crate::support::{alone, require, series};
 
 fn bundle(certs: &[&Cert]) -> String {
     certs.iter().map(|c| c.pem.as_str()).collect()
-}
-
-/// Reads `path` once and stays.
-fn reader(path: &std::path::Path) -> Guarded {
-    let script = format!(
-        "import sys\nopen({:?}, 'rb').read()\nprint('read', flush=True)\nsys.stdin.read()",
-        path.to_str().unwrap()
-    );
-    let mut child = Guarded::spawn(
-        Command::new("/usr/bin/python3")
-            .args(["-I", "-c", &script])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped()),
-    );
-    let mut line = String::new();
-    BufReader::new(child.0.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    child
 }
 
 fn stale_series_for(daemon: &Daemon, comm: &str) -> usize {
@@ -103,7 +84,7 @@ fn a_short_lived_curl_that_reads_the_bundle_and_exits_does_not_alert() {
     assert_eq!(p["comm"], "curl");
     // The bundle changes after curl is gone: nothing to alert on.
     fs::write(&path, bundle(&[&ca, &Cert::ca("Later Root")])).unwrap();
-    let witness = reader(&path);
+    let witness = python_reader(&path);
     daemon.wait_for("fresh", witness.pid(), |p| p["verdict"] == "fresh");
     assert_eq!(stale_series_for(&daemon, "curl"), 0);
 }
@@ -119,8 +100,8 @@ fn a_store_rewritten_with_identical_bytes_does_not_alert() {
     let Some(daemon) = Daemon::start(&[]) else {
         return;
     };
-    let agent = reader(&path);
-    let witness = reader(&marker);
+    let agent = python_reader(&path);
+    let witness = python_reader(&marker);
     daemon.wait_for("fresh", agent.pid(), |p| p["verdict"] == "fresh");
     daemon.wait_for("fresh", witness.pid(), |p| p["verdict"] == "fresh");
     // Configuration management re-applies the same file, both ways it does so.
@@ -155,8 +136,8 @@ fn a_process_reading_a_pem_that_is_not_trust_material_does_not_alert() {
     let Some(daemon) = Daemon::start(&[]) else {
         return;
     };
-    let server = reader(&params);
-    let witness = reader(&marker);
+    let server = python_reader(&params);
+    let witness = python_reader(&marker);
     let p = daemon.wait_for("listed", server.pid(), |p| p["verdict"] == "fresh");
     assert!(
         p["files"][0]["note"]

@@ -125,6 +125,39 @@ impl Drop for Guarded {
     }
 }
 
+/// Starts `cmd` with its stdin held open (it stays until dropped) and returns once it
+/// printed `read`: a program that loaded what it reads at start, then runs on.
+pub fn spawn_after_read(cmd: &mut Command) -> Guarded {
+    let mut child = Guarded::spawn(cmd.stdin(Stdio::piped()).stdout(Stdio::piped()));
+    let mut line = String::new();
+    BufReader::new(child.0.stdout.take().expect("piped stdout"))
+        .read_line(&mut line)
+        .expect("reading the first line");
+    assert_eq!(line.trim(), "read", "{cmd:?} started");
+    child
+}
+
+/// A process (python3) that reads `path` once and then stays, like a service that loaded
+/// its trust store at start. Returns once it has read.
+pub fn python_reader(path: &Path) -> Guarded {
+    let script = format!(
+        "import sys\nopen({:?}, 'rb').read()\nprint('read', flush=True)\nsys.stdin.read()",
+        path.to_str().expect("a UTF-8 path")
+    );
+    spawn_after_read(Command::new("/usr/bin/python3").args(["-I", "-c", &script]))
+}
+
+/// A TLS server (python3 `ssl`) that loads its certificate and key once.
+pub fn python_tls_server(cert: &Path, key: &Path) -> Guarded {
+    let script = format!(
+        "import ssl, sys\nctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)\n\
+         ctx.load_cert_chain({:?}, {:?})\nprint('read', flush=True)\nsys.stdin.read()",
+        cert.to_str().expect("a UTF-8 path"),
+        key.to_str().expect("a UTF-8 path")
+    );
+    spawn_after_read(Command::new("/usr/bin/python3").args(["-I", "-c", &script]))
+}
+
 #[derive(Default)]
 struct Lines {
     records: Vec<Value>,

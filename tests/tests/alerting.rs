@@ -12,15 +12,16 @@ mod stack;
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
-    io::{BufRead, BufReader},
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
 use promql::References;
 use stack::{Agent, PodAgent, Webhook, eventually, require};
-use trustdrift_e2e::{Cert, Daemon, DaemonSetup, Guarded, TempDir, Value, replace_atomically};
+use trustdrift_e2e::{
+    Cert, Daemon, DaemonSetup, TempDir, Value, python_tls_server, replace_atomically,
+};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -680,27 +681,6 @@ fn check_references(
     }
 }
 
-/// A TLS server (python3 `ssl`) that loads its certificate and key once.
-fn tls_server(cert: &Path, key: &Path) -> Guarded {
-    let script = format!(
-        "import ssl, sys\nctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)\n\
-         ctx.load_cert_chain({:?}, {:?})\nprint('read', flush=True)\nsys.stdin.read()",
-        cert.to_str().unwrap(),
-        key.to_str().unwrap()
-    );
-    let mut child = Guarded::spawn(
-        Command::new("/usr/bin/python3")
-            .args(["-I", "-c", &script])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped()),
-    );
-    let mut line = String::new();
-    BufReader::new(child.0.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    child
-}
-
 fn bundle(certs: &[&Cert]) -> String {
     certs.iter().map(|c| c.pem.as_str()).collect()
 }
@@ -728,7 +708,7 @@ fn every_metric_and_label_the_rules_and_the_dashboard_query_is_exported_by_the_d
         return;
     };
     let reader = Agent::on_host(&path);
-    let server = tls_server(&cert, &key);
+    let server = python_tls_server(&cert, &key);
     daemon.wait_for("fresh", reader.pid(), |p| p["verdict"] == "fresh");
     daemon.wait_for("fresh", server.pid(), |p| p["verdict"] == "fresh");
     fs::write(&path, bundle(&[&kept, &Cert::ca("Coverage Added Root")])).unwrap();

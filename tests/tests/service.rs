@@ -3,35 +3,16 @@
 
 use std::{
     fs,
-    io::{BufRead, BufReader, Read, Write},
+    io::{Read, Write},
     net::TcpStream,
-    path::Path,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-use trustdrift_e2e::{Cert, Daemon, DaemonSetup, Guarded, SOON, TempDir, Value, trustdrift_bin};
-
-/// A process that reads `path` once and then stays, like a service that loaded its
-/// trust store at start. Returns once it has read.
-fn reader(path: &Path) -> Guarded {
-    let script = format!(
-        "import sys\nopen({:?}, 'rb').read()\nprint('read', flush=True)\nsys.stdin.read()",
-        path.to_str().unwrap()
-    );
-    let mut child = Guarded::spawn(
-        Command::new("/usr/bin/python3")
-            .args(["-I", "-c", &script])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped()),
-    );
-    let mut line = String::new();
-    BufReader::new(child.0.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert_eq!(line.trim(), "read");
-    child
-}
+use trustdrift_e2e::{
+    Cert, Daemon, DaemonSetup, SOON, TempDir, Value, python_reader, python_tls_server,
+    trustdrift_bin,
+};
 
 fn bundle(certs: &[&Cert]) -> String {
     certs.iter().map(|c| c.pem.as_str()).collect()
@@ -70,7 +51,7 @@ fn the_api_serves_a_documented_schema_with_filters_and_json_errors() {
     };
     assert_eq!(daemon.get("/readyz").0, 200);
     assert_eq!(daemon.get("/healthz").1["status"], "ok");
-    let agent = reader(&path);
+    let agent = python_reader(&path);
     let pid = agent.pid();
     let p = daemon.wait_for("fresh", pid, |p| p["verdict"] == "fresh");
     for key in [
@@ -187,27 +168,6 @@ fn the_api_serves_a_documented_schema_with_filters_and_json_errors() {
     );
 }
 
-/// A TLS server (python3 `ssl`) that loads its certificate and key once.
-fn server(cert: &Path, key: &Path) -> Guarded {
-    let script = format!(
-        "import ssl, sys\nctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)\n\
-         ctx.load_cert_chain({:?}, {:?})\nprint('read', flush=True)\nsys.stdin.read()",
-        cert.to_str().unwrap(),
-        key.to_str().unwrap()
-    );
-    let mut child = Guarded::spawn(
-        Command::new("/usr/bin/python3")
-            .args(["-I", "-c", &script])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped()),
-    );
-    let mut line = String::new();
-    BufReader::new(child.0.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    child
-}
-
 #[test]
 fn the_metrics_are_valid_prometheus_and_carry_every_family() {
     let dir = TempDir::new("metrics");
@@ -223,9 +183,9 @@ fn the_metrics_are_valid_prometheus_and_carry_every_family() {
     let Some(daemon) = Daemon::start(&["--set", "metrics.bpf_stats=true"]) else {
         return;
     };
-    let agent = reader(&path);
-    let witness = reader(&doomed);
-    let tls = server(&cert, &key);
+    let agent = python_reader(&path);
+    let witness = python_reader(&doomed);
+    let tls = python_tls_server(&cert, &key);
     for p in [&agent, &witness, &tls] {
         daemon.wait_for("fresh", p.pid(), |p| p["verdict"] == "fresh");
     }
@@ -457,9 +417,9 @@ fn sighup_reloads_the_trust_paths_into_the_kernel_without_dropping_observations(
     let Some(daemon) = Daemon::start(&["--config", config.to_str().unwrap()]) else {
         return;
     };
-    let before = reader(&known);
+    let before = python_reader(&known);
     daemon.wait_for("listed", before.pid(), |p| p["verdict"] == "fresh");
-    let unseen = reader(&material);
+    let unseen = python_reader(&material);
     std::thread::sleep(Duration::from_millis(500));
     assert!(
         daemon.process(unseen.pid()).is_none(),
@@ -480,7 +440,7 @@ fn sighup_reloads_the_trust_paths_into_the_kernel_without_dropping_observations(
         assert!(Instant::now() < deadline, "no reload:\n{}", daemon.log());
         std::thread::sleep(Duration::from_millis(50));
     }
-    let after = reader(&material);
+    let after = python_reader(&material);
     let p = daemon.wait_for("listed", after.pid(), |p| p["verdict"] == "fresh");
     assert!(
         p["files"][0]["path"]
@@ -532,7 +492,7 @@ fn a_restart_loses_nothing_a_process_read_before_or_during_it() {
     let Some(daemon) = Daemon::start_with(&[], setup()) else {
         return;
     };
-    let agent = reader(&path);
+    let agent = python_reader(&path);
     let pid = agent.pid();
     let seen = daemon.wait_for("fresh", pid, |p| p["verdict"] == "fresh");
     let read_at = seen["files"][0]["read_at"].clone();
@@ -563,7 +523,7 @@ fn a_restart_loses_nothing_a_process_read_before_or_during_it() {
 
     // While the daemon is down, another process reads the bundle: the pinned probe
     // records it.
-    let during = reader(&path);
+    let during = python_reader(&path);
     let restarted = Daemon::start_with(&[], setup()).expect("the daemon restarts");
     let p = restarted.wait_for("restored", pid, |p| p["verdict"] == "fresh");
     assert_eq!(
@@ -603,7 +563,7 @@ fn the_cli_lists_and_explains_from_the_running_daemon() {
     let Some(daemon) = Daemon::start_with(&[], setup) else {
         return;
     };
-    let agent = reader(&path);
+    let agent = python_reader(&path);
     daemon.wait_for("fresh", agent.pid(), |p| p["verdict"] == "fresh");
     fs::write(&path, bundle(&[&ca, &Cert::ca("Newer Root")])).unwrap();
     daemon.wait_for("stale", agent.pid(), |p| p["verdict"] == "stale");
