@@ -514,7 +514,13 @@ pub fn http_get(port: u16, path: &str) -> (u16, Value) {
     .expect("sending");
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw).expect("reading");
-    let text = String::from_utf8_lossy(&raw);
+    http_response(&raw)
+}
+
+/// An HTTP/1.x response read to its end: (status, JSON body, or the text if not JSON);
+/// status 0 when there is none.
+pub fn http_response(raw: &[u8]) -> (u16, Value) {
+    let text = String::from_utf8_lossy(raw);
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     let status = head
         .split_whitespace()

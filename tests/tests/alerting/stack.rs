@@ -90,15 +90,7 @@ pub fn http_get(port: u16, path: &str) -> (u16, Value) {
     }
     let mut raw = Vec::new();
     let _ = stream.read_to_end(&mut raw);
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = serde_json::from_str(body).unwrap_or(Value::String(body.to_owned()));
-    (status, body)
+    trustdrift_e2e::http_response(&raw)
 }
 
 /// A server started with its own storage and a free loopback port, killed on drop.
