@@ -19,7 +19,7 @@ use std::{
 
 use trustdrift_e2e::{Cert, Daemon, Guarded, TempDir};
 
-use crate::support::{file, noticed, record, require, series, shas};
+use crate::support::{file, noticed, openssl_server, record, require, series, shas};
 
 /// The agent: builds its default TLS context once (and on SIGHUP), and on "connect
 /// <port>" does a real handshake with that context, answering "ok" or "fail <why>".
@@ -140,28 +140,7 @@ fn upstream(dir: &Path, ca: &Cert) -> (Guarded, u16) {
     let (cert, key) = (dir.join("upstream.crt"), dir.join("upstream.key"));
     fs::write(&cert, format!("{}{}", leaf.pem, ca.pem)).unwrap();
     fs::write(&key, &leaf.key_pem).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap();
-    let server = Guarded::spawn(
-        Command::new("openssl")
-            .args(["s_server", "-quiet", "-accept"])
-            .arg(port.to_string())
-            .arg("-cert")
-            .arg(&cert)
-            .arg("-key")
-            .arg(&key)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null()),
-    );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "openssl s_server did not listen");
-        thread::sleep(Duration::from_millis(50));
-    }
-    (server, port)
+    openssl_server(&["-quiet"], &cert, &key)
 }
 
 /// Runs `cmd` inside the agent's mount namespace, as the operator on that host would.

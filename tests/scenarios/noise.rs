@@ -6,13 +6,12 @@ use std::{
     fs,
     io::{BufRead, BufReader, Write},
     process::{Command, Stdio},
-    thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use trustdrift_e2e::{Cert, Daemon, Guarded, TempDir, python_reader, replace_atomically};
 
-use crate::support::{alone, require, series};
+use crate::support::{alone, openssl_server, require, series};
 
 fn bundle(certs: &[&Cert]) -> String {
     certs.iter().map(|c| c.pem.as_str()).collect()
@@ -33,28 +32,7 @@ fn https(dir: &std::path::Path, ca: &Cert) -> (Guarded, u16) {
     let (cert, key) = (dir.join("srv.crt"), dir.join("srv.key"));
     fs::write(&cert, &leaf.pem).unwrap();
     fs::write(&key, &leaf.key_pem).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap();
-    let server = Guarded::spawn(
-        Command::new("openssl")
-            .args(["s_server", "-quiet", "-www", "-accept"])
-            .arg(port.to_string())
-            .arg("-cert")
-            .arg(&cert)
-            .arg("-key")
-            .arg(&key)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null()),
-    );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "openssl s_server did not listen");
-        thread::sleep(Duration::from_millis(50));
-    }
-    (server, port)
+    openssl_server(&["-quiet", "-www"], &cert, &key)
 }
 
 #[test]

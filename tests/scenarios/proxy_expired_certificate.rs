@@ -15,20 +15,13 @@ use std::{
 
 use trustdrift_e2e::{Cert, Daemon, Guarded, TempDir, Value, replace_atomically};
 
-use crate::support::{file, noticed, require, shas};
+use crate::support::{file, free_port, noticed, require, shas};
 
 /// Short enough to expire within the test, long enough that start-up, the first verdict
 /// and the renewal are over before it does, even with every scenario running at once.
 const SHORT_LIVED: Duration = Duration::from_secs(8);
 const RENEWED: Duration = Duration::from_secs(86400);
 const SERVER_NAME: &str = "proxy.internal";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
-}
 
 /// The SHA-256 fingerprint (lowercase hex) of the certificate a real client is served,
 /// `None` while nothing completes a handshake.

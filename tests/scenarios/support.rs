@@ -4,12 +4,14 @@
 use std::{
     fs::OpenOptions,
     io::Write,
-    process::Command,
+    path::Path,
+    process::{Command, Stdio},
     sync::{Mutex, MutexGuard},
+    thread,
     time::{Duration, Instant},
 };
 
-use trustdrift_e2e::{Daemon, Value};
+use trustdrift_e2e::{Daemon, Guarded, Value};
 
 /// Held by scenarios that flood the machine (the storm) or count machine-wide events:
 /// each daemon sees every process, so the two must not overlap.
@@ -91,4 +93,38 @@ pub fn series<'a>(metrics: &'a str, family: &str, labels: &[&str]) -> Vec<&'a st
         .filter(|l| l.starts_with(family) && l[family.len()..].starts_with(['{', ' ']))
         .filter(|l| labels.iter().all(|want| l.contains(want)))
         .collect()
+}
+
+/// A loopback port nothing listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// `openssl s_server` on a free loopback port with `cert` and `key` (and `options`),
+/// returned once it listens. Its stdin is held open: an EOF there makes it quit.
+pub fn openssl_server(options: &[&str], cert: &Path, key: &Path) -> (Guarded, u16) {
+    let port = free_port();
+    let server = Guarded::spawn(
+        Command::new("openssl")
+            .arg("s_server")
+            .args(options)
+            .arg("-accept")
+            .arg(port.to_string())
+            .arg("-cert")
+            .arg(cert)
+            .arg("-key")
+            .arg(key)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "openssl s_server did not listen");
+        thread::sleep(Duration::from_millis(50));
+    }
+    (server, port)
 }
