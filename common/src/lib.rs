@@ -86,7 +86,10 @@ pub mod match_flags {
     pub const LEAN: u32 = 1 << 4;
 }
 
-/// First open of a trust path by a process image. Carries the path as the process wrote it.
+/// First open of a trust path by a process image. The record is this fixed part followed
+/// by the path as the process wrote it: `path_len` bytes and a NUL. Records are only as
+/// long as their path, not [`PATH_CAP`]: most trust paths are under 64 bytes, so the ring
+/// buffer holds several times more announcements than fixed-size records would allow.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct AccessEvent {
@@ -102,20 +105,20 @@ pub struct AccessEvent {
     pub dirfd: i32,
     /// The fd the open returned; -1 in lean mode (not observed).
     pub fd: i32,
+    /// [`match_flags`].
+    pub match_flags: u32,
     /// Inode number of the file the open returned (0 when unknown: lean mode, or a
     /// kernel layout the daemon could not read), so the daemon knows which version of
     /// the file the process got even if the path has been replaced since.
     pub ino: u64,
     /// `super_block.s_dev` of that file, the kernel's encoding (MAJOR << 20 | MINOR).
     pub dev: u32,
-    pub _pad2: u32,
-    /// [`match_flags`].
-    pub match_flags: u32,
-    /// Length of `path` without the NUL.
+    /// Length of the path that follows, without its NUL (at most `PATH_CAP - 1`).
     pub path_len: u32,
-    pub _pad: u32,
-    pub path: [u8; PATH_CAP],
 }
+
+/// Bytes of the longest access record: the fixed part and a path of [`PATH_CAP`] bytes.
+pub const ACCESS_RECORD_CAP: usize = core::mem::size_of::<AccessEvent>() + PATH_CAP;
 
 /// Exec or exit of a process that had touched trust files.
 #[repr(C)]

@@ -5,8 +5,8 @@ use std::{ffi::OsStr, mem::size_of, os::unix::ffi::OsStrExt, path::PathBuf};
 
 use thiserror::Error;
 use trustdrift_common::{
-    AccessEvent, AccessKey, COMM_LEN, EventHeader, EventKind, ProcEvent, UnknownDiscriminant,
-    match_flags,
+    AccessEvent, AccessKey, COMM_LEN, EventHeader, EventKind, PATH_CAP, ProcEvent,
+    UnknownDiscriminant, match_flags,
 };
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -19,6 +19,8 @@ pub enum DecodeError {
     },
     #[error("record of unknown kind {0}")]
     UnknownKind(u32),
+    #[error("access record claims a {0}-byte path, longer than the probe ever sends")]
+    PathTooLong(u32),
 }
 
 impl From<UnknownDiscriminant> for DecodeError {
@@ -131,7 +133,18 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
     match EventKind::try_from(header.kind)? {
         EventKind::Access => {
             let e: AccessEvent = read(bytes, "access record")?;
-            let len = (e.path_len as usize).min(e.path.len());
+            let len = e.path_len as usize;
+            if len >= PATH_CAP {
+                return Err(DecodeError::PathTooLong(e.path_len));
+            }
+            let path = bytes
+                .get(size_of::<AccessEvent>()..)
+                .and_then(|tail| tail.get(..len))
+                .ok_or(DecodeError::Short {
+                    what: "access record and its path",
+                    len: bytes.len(),
+                    need: size_of::<AccessEvent>() + len,
+                })?;
             Ok(Event::Access(Access {
                 task: task(&e.header),
                 key: e.key,
@@ -141,7 +154,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 fd: e.fd,
                 inode: (e.ino != 0).then(|| (e.ino, userspace_dev(e.dev))),
                 match_flags: e.match_flags,
-                path: PathBuf::from(OsStr::from_bytes(&e.path[..len])),
+                path: PathBuf::from(OsStr::from_bytes(path)),
             }))
         }
         EventKind::Exec => {
@@ -157,8 +170,6 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
 
 #[cfg(test)]
 mod tests {
-    use trustdrift_common::PATH_CAP;
-
     use super::*;
 
     fn header(kind: u32) -> EventHeader {
@@ -183,10 +194,7 @@ mod tests {
         unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }.to_vec()
     }
 
-    #[test]
-    fn decodes_an_access_with_its_path() {
-        let mut path = [0u8; PATH_CAP];
-        path[..21].copy_from_slice(b"/usr/lib/ssl/cert.pem");
+    fn access_record(path: &[u8]) -> Vec<u8> {
         let event = AccessEvent {
             header: header(EventKind::Access as u32),
             key: AccessKey {
@@ -199,21 +207,47 @@ mod tests {
             open_flags: 0,
             dirfd: -100,
             fd: 3,
+            match_flags: match_flags::PREFIX | match_flags::SUFFIX,
             ino: 0,
             dev: 0,
-            _pad2: 0,
-            match_flags: match_flags::PREFIX | match_flags::SUFFIX,
-            path_len: 21,
-            _pad: 0,
-            path,
+            path_len: path.len() as u32,
         };
-        let Event::Access(a) = decode(&bytes_of(&event)).unwrap() else {
+        let mut bytes = bytes_of(&event);
+        bytes.extend_from_slice(path);
+        bytes.push(0);
+        bytes
+    }
+
+    #[test]
+    fn decodes_an_access_with_its_path() {
+        let Event::Access(a) = decode(&access_record(b"/usr/lib/ssl/cert.pem")).unwrap() else {
             panic!("not an access");
         };
         assert_eq!(a.path, PathBuf::from("/usr/lib/ssl/cert.pem"));
         assert_eq!(a.task.comm, "python3");
         assert_eq!(a.fd, 3);
         assert_eq!(a.matched_by(), vec!["prefix", "suffix"]);
+    }
+
+    #[test]
+    fn an_access_record_is_only_as_long_as_its_path() {
+        let short = access_record(b"/etc/ssl/cert.pem");
+        assert!(short.len() < size_of::<AccessEvent>() + 32);
+        let longest = access_record(&[b'a'; PATH_CAP - 1]);
+        assert_eq!(longest.len(), trustdrift_common::ACCESS_RECORD_CAP);
+        assert!(
+            matches!(decode(&longest), Ok(Event::Access(a)) if a.path.as_os_str().len() == PATH_CAP - 1)
+        );
+        // A path_len that runs past the record is an error, not a read out of bounds.
+        let cut = &short[..short.len() - 4];
+        assert!(matches!(decode(cut), Err(DecodeError::Short { .. })));
+        let mut forged = access_record(&[b'a'; PATH_CAP]);
+        assert_eq!(
+            decode(&forged),
+            Err(DecodeError::PathTooLong(PATH_CAP as u32))
+        );
+        forged.truncate(size_of::<AccessEvent>());
+        assert!(decode(&forged).is_err());
     }
 
     #[test]

@@ -16,8 +16,8 @@ use aya::{
     },
 };
 use trustdrift_common::{
-    AccessKey, AccessStats, FdKey, FilterTable, KernelOffsets, LOSS_REASONS, Loss, PATH_CAP,
-    PREFIX_CAP, ProcState,
+    AccessEvent, AccessKey, AccessStats, FdKey, FilterTable, KernelOffsets, LOSS_REASONS, Loss,
+    PATH_CAP, PREFIX_CAP, ProcState,
 };
 
 use crate::{
@@ -89,6 +89,7 @@ const MAPS: &[&str] = &[
     "PREFILTER",
     "COUNTERS",
     "SCRATCH",
+    "ANNOUNCE",
 ];
 
 /// Fill of one bounded map, for the metrics.
@@ -220,7 +221,8 @@ fn open_tracepoints(tracefs: &Path) -> Vec<(&'static str, &'static str)> {
 /// gives a different directory, so pinned maps are never reused with a wrong layout.
 fn layout_name(caps: &Capacities) -> String {
     let description = format!(
-        "{}:{}:{}:{}:{}:{}:{}:{}:{}:{}:{}",
+        "{}:{}:{}:{}:{}:{}:{}:{}:{}:{}:{}:{}",
+        std::mem::size_of::<AccessEvent>(),
         std::mem::size_of::<AccessKey>(),
         std::mem::size_of::<AccessStats>(),
         std::mem::size_of::<FdKey>(),

@@ -1,15 +1,17 @@
 //! Aggregated accesses: one `ACCESSES` entry per (process image, path). Repeated opens and
 //! reads update it in place; only the first open of a path sends a record.
 
+use core::mem::size_of;
+
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_probe_read_user_str_bytes};
 use trustdrift_common::{
-    AccessEvent, AccessKey, AccessStats, EventKind, Loss, MatchedOpen, ProcState,
+    ACCESS_RECORD_CAP, AccessEvent, AccessKey, AccessStats, EventKind, Loss, MatchedOpen, ProcState,
 };
 
 use crate::{
     atomic,
     emit::{header, lost},
-    maps::{ACCESSES, EVENTS},
+    maps::{ACCESSES, ANNOUNCE, Announcement, EVENTS},
 };
 
 const EEXIST: i32 = 17;
@@ -91,8 +93,9 @@ pub fn add_read(key: &AccessKey, bytes: u64, now: u64) {
     atomic::add(&mut stats.reads, 1);
 }
 
-/// Sends the first-access record, with the path re-read from the opener's memory straight
-/// into the ring buffer.
+/// Sends the first-access record: the fixed part, then the path re-read from the
+/// opener's memory, only as long as it is. The record is built in a per-CPU scratch and
+/// copied out, since a reservation must have a size the verifier knows in advance.
 #[inline(always)]
 fn announce(
     pid_tgid: u64,
@@ -103,35 +106,45 @@ fn announce(
     state: &ProcState,
     now: u64,
 ) -> bool {
-    let Some(mut entry) = EVENTS.reserve::<AccessEvent>(0) else {
+    let Some(record) = ANNOUNCE.get_ptr_mut(0) else {
+        // A one-entry per-CPU array always has its entry; were it ever missing, the
+        // announcement could not be sent, like a full ring buffer.
         lost(Loss::RingbufFull);
         return false;
     };
-    let event = entry.as_mut_ptr();
-    // SAFETY: `event` points to a reserved, exclusively owned record of the right size;
-    // every field is written before submit.
-    unsafe {
-        (*event).header = header(EventKind::Access, pid_tgid, state, now);
-        (*event).key = *key;
-        (*event).dir_path_hash = open.dir_path_hash;
-        (*event).open_flags = open.open_flags;
-        (*event).dirfd = open.dirfd;
-        (*event).fd = fd;
-        (*event).ino = ino;
-        (*event).dev = dev;
-        (*event)._pad2 = 0;
-        (*event).match_flags = open.match_flags;
-        (*event)._pad = 0;
-        let path = &mut (*event).path;
-        (*event).path_len =
-            match bpf_probe_read_user_str_bytes(open.path_ptr as *const u8, &mut path[..]) {
-                Ok(bytes) => bytes.len() as u32,
-                Err(_) => {
-                    path[0] = 0;
-                    0
-                }
-            };
+    // SAFETY: this CPU's scratch, exclusively ours until the program returns.
+    let record = unsafe { &mut *record };
+    record.event = AccessEvent {
+        header: header(EventKind::Access, pid_tgid, state, now),
+        key: *key,
+        dir_path_hash: open.dir_path_hash,
+        open_flags: open.open_flags,
+        dirfd: open.dirfd,
+        fd,
+        match_flags: open.match_flags,
+        ino,
+        dev,
+        path_len: 0,
+    };
+    // SAFETY: reads at most the buffer's length from the opener's memory.
+    let len = match unsafe {
+        bpf_probe_read_user_str_bytes(open.path_ptr as *const u8, &mut record.path)
+    } {
+        Ok(bytes) => bytes.len(),
+        Err(_) => {
+            record.path[0] = 0;
+            0
+        }
+    };
+    record.event.path_len = len as u32;
+    // The path and its NUL; bounded for the verifier (the helper never returns more).
+    let size = (size_of::<AccessEvent>() + len + 1).min(ACCESS_RECORD_CAP);
+    // SAFETY: `Announcement` is plain bytes of exactly ACCESS_RECORD_CAP.
+    let bytes: &[u8; ACCESS_RECORD_CAP] =
+        unsafe { &*(record as *const Announcement).cast::<[u8; ACCESS_RECORD_CAP]>() };
+    if EVENTS.output::<[u8]>(&bytes[..size], 0).is_err() {
+        lost(Loss::RingbufFull);
+        return false;
     }
-    entry.submit(0);
     true
 }

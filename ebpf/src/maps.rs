@@ -6,8 +6,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use trustdrift_common::{
-    AccessKey, AccessStats, FdKey, FilterTable, LOSS_REASONS, PATH_CAP, PREFILTER_SLOTS,
-    PREFIX_CAP, ProcState,
+    AccessEvent, AccessKey, AccessStats, FdKey, FilterTable, LOSS_REASONS, PATH_CAP,
+    PREFILTER_SLOTS, PREFIX_CAP, ProcState,
 };
 
 /// Records for the daemon: only what is new (first access of a path by a process image,
@@ -60,6 +60,18 @@ pub static COUNTERS: Array<u64> = Array::with_max_entries(1, 0);
 pub mod counter {
     /// Live entries in `FDS`, to tell when the LRU starts evicting live fds.
     pub const FDS_LIVE: u32 = 0;
+}
+
+/// Per-CPU scratch where a first-access record is assembled before it is copied into
+/// `EVENTS` at its path's length. Key: 0. Value: one record at its longest. Bound: 1.
+#[map]
+pub static ANNOUNCE: PerCpuArray<Announcement> = PerCpuArray::with_max_entries(1, 0);
+
+/// An access record at its longest: what `ANNOUNCE` holds.
+#[repr(C)]
+pub struct Announcement {
+    pub event: AccessEvent,
+    pub path: [u8; PATH_CAP],
 }
 
 /// Per-CPU scratch for the path under test. Key: 0. Bound: 1.
