@@ -18,7 +18,7 @@ use std::{
     os::fd::OwnedFd,
     path::{Path, PathBuf},
     sync::{Arc, Weak},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use serde::{Deserialize, Serialize};
@@ -203,6 +203,12 @@ impl Version {
     }
 }
 
+/// How long a look at a file stands in for another (see [`Catalog::recent`]). Watches
+/// report changes in the directories a look named; this bound covers what they cannot see
+/// (a symlink swapped further up the path), well inside the detection latency users get
+/// from the watches.
+pub const RECENT: Duration = Duration::from_millis(100);
+
 /// Bounds of the catalog; everything past them is counted, never silent.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
@@ -247,6 +253,9 @@ struct TrustFile {
     last_error: Option<String>,
     /// Directories whose changes may change what this file is.
     watched_dirs: BTreeSet<PathBuf>,
+    /// When it was last looked at, and whether every directory that look named was
+    /// watched: what [`Catalog::recent`] may rely on instead of looking again.
+    checked: Option<(Instant, bool)>,
 }
 
 /// How to get at a root later: it is the daemon's own, or some live process has it.
@@ -274,6 +283,8 @@ pub struct Catalog {
     by_sha: HashMap<[u8; 32], Weak<Content>>,
     roots: HashMap<RootKey, RootAccess>,
     host: Option<RootKey>,
+    /// The host's root, opened once: every look at a host file goes through it.
+    host_handle: Option<Arc<Root>>,
     dirty: BTreeMap<FileKey, SystemTime>,
     next_version: u64,
     pub counters: CatalogCounters,
@@ -339,6 +350,7 @@ impl Catalog {
             by_sha: HashMap::new(),
             roots: HashMap::new(),
             host: None,
+            host_handle: None,
             dirty: BTreeMap::new(),
             next_version: 1,
             counters: CatalogCounters::default(),
@@ -385,6 +397,7 @@ impl Catalog {
             };
             self.roots.entry(key).or_default().host = true;
             self.host = Some(key);
+            self.host_handle = Some(Arc::new(root));
         }
         self.host
     }
@@ -428,10 +441,13 @@ impl Catalog {
     }
 
     /// Opens `key` through the host or any live process that has it.
-    fn open_root(&mut self, key: &RootKey) -> Option<Root> {
+    fn open_root(&mut self, key: &RootKey) -> Option<Arc<Root>> {
         let access = self.roots.get_mut(key)?;
         if access.host {
-            return Root::host().ok();
+            return self
+                .host_handle
+                .clone()
+                .or_else(|| Root::host().ok().map(Arc::new));
         }
         let mut dead = Vec::new();
         let mut found = None;
@@ -455,7 +471,7 @@ impl Catalog {
         if found.is_none() {
             self.counters.roots_unreachable += 1;
         }
-        found
+        found.map(Arc::new)
     }
 
     /// Whether the catalog can still reach `key` (a live process or the host has it).
@@ -463,6 +479,21 @@ impl Catalog {
         self.roots
             .get(key)
             .is_some_and(|a| a.host || !a.pids.is_empty())
+    }
+
+    /// The latest version of `file` without looking again: when a look less than
+    /// [`RECENT`] ago found it, every directory that look named is watched, and none has
+    /// reported a change since (changes the watcher has queued must have been taken in
+    /// first). A storm of processes opening the same bundle is then one look per
+    /// [`RECENT`], not several syscalls per open. `None`: look ([`Catalog::observe`]).
+    pub fn recent(&self, file: &FileKey, now: Instant) -> Option<Arc<Version>> {
+        let f = self.files.get(file)?;
+        let (checked_at, fully_watched) = f.checked?;
+        let fresh = now.saturating_duration_since(checked_at) < RECENT;
+        if !fresh || !fully_watched || f.last_error.is_some() || self.dirty.contains_key(file) {
+            return None;
+        }
+        f.versions.back().cloned()
     }
 
     /// The current version of `file`, checked now. New files start being watched.
@@ -632,6 +663,7 @@ impl Catalog {
                 versions: versions.into(),
                 last_error: None,
                 watched_dirs: BTreeSet::new(),
+                checked: None,
             },
         );
     }
@@ -708,10 +740,12 @@ impl Catalog {
                     versions: VecDeque::new(),
                     last_error: None,
                     watched_dirs: BTreeSet::new(),
+                    checked: None,
                 },
             );
         }
         let now = SystemTime::now();
+        let started = Instant::now();
         let observed = self.look(root, &file.path, now);
         let mut dirs = Vec::new();
         if let Some(parent) = file.path.parent() {
@@ -747,12 +781,19 @@ impl Catalog {
                 (absent, Some(format!("{reason}: {e}")))
             }
         };
+        let mut fully_watched = true;
         for dir in dirs {
             let entry = self.files.get_mut(file).expect("inserted above");
-            if !entry.watched_dirs.contains(&dir) && watcher.watch(root, file.root, &dir) {
-                entry.watched_dirs.insert(dir);
+            if !entry.watched_dirs.contains(&dir) {
+                if watcher.watch(root, file.root, &dir) {
+                    entry.watched_dirs.insert(dir);
+                } else {
+                    fully_watched = false;
+                }
             }
         }
+        // From when the look began: a change during it may or may not be in what it saw.
+        self.files.get_mut(file).expect("inserted above").checked = Some((started, fully_watched));
         self.record(file, version, error);
     }
 

@@ -10,7 +10,6 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use futures_util::StreamExt;
 use tokio::{io::unix::AsyncFd, signal::unix::SignalKind, sync::watch};
 use trustdrift_common::AccessKey;
 
@@ -192,11 +191,22 @@ pub struct Engine {
     /// Who read each file.
     readers: HashMap<FileKey, BTreeSet<ProcKey>>,
     peers: Peers,
+    /// What was learned of each process when its first record was handled.
+    contexts: HashMap<ProcKey, ProcessContext>,
     views: BTreeMap<ProcKey, Arc<ProcessView>>,
     dirty: BTreeSet<ProcKey>,
     publish: watch::Sender<Arc<Snapshot>>,
     counters: Counters,
     ready: bool,
+}
+
+/// What the daemon learns of a process from /proc when its first record is handled, and
+/// reuses for its other records: a storm process opening four bundles is one lookup of its
+/// root, not four. Dropped at the process's exec or exit.
+#[derive(Clone, Copy, Debug)]
+struct ProcessContext {
+    root: Option<RootKey>,
+    peer: bool,
 }
 
 /// Hands memory the allocator holds but no longer uses back to the kernel. glibc keeps
@@ -278,6 +288,7 @@ impl Engine {
                 default_stores: BTreeMap::new(),
                 readers: HashMap::new(),
                 peers: Peers::new(),
+                contexts: HashMap::new(),
                 views: BTreeMap::new(),
                 dirty: BTreeSet::new(),
                 publish,
@@ -351,6 +362,19 @@ impl Engine {
             .max()
     }
 
+    /// The context of `key`, looked up the first time.
+    fn context(&mut self, key: &ProcKey, task: &Task) -> ProcessContext {
+        if let Some(ctx) = self.contexts.get(key) {
+            return *ctx;
+        }
+        let ctx = ProcessContext {
+            peer: self.peers.is_peer(key),
+            root: self.root_for(key, task.mnt_ns),
+        };
+        self.contexts.insert(*key, ctx);
+        ctx
+    }
+
     fn attribution_of(&mut self, pid: u32) -> attribution::Attribution {
         let mut a = procfs::cgroup_path(pid)
             .map(|p| attribution::from_cgroup_path(&p))
@@ -396,6 +420,7 @@ impl Engine {
             Event::Access(access) => self.on_access(access),
             Event::Exec(task) => {
                 let Some(key) = proc_key(&task) else { return };
+                self.contexts.remove(&key);
                 for access in self.ledger.exec(&key, task.exec_seq.wrapping_add(1)) {
                     self.probe.forget_access(&access);
                 }
@@ -406,6 +431,7 @@ impl Engine {
             }
             Event::Exit(task) => {
                 let Some(key) = proc_key(&task) else { return };
+                self.contexts.remove(&key);
                 self.poll_exiting(&key);
                 self.ledger.exited(&key, wall(task.ts_ns));
                 self.peers.exited(&key);
@@ -423,12 +449,12 @@ impl Engine {
         if self.ledger.owner_of(&access.key).is_some() {
             return;
         }
-        if self.peers.is_peer(&key) {
+        let ctx = self.context(&key, &access.task);
+        if ctx.peer {
             self.probe.forget_access(&access.key);
             return;
         }
-        let resolved = self.resolver.resolve(&access);
-        let root = self.root_for(&key, access.task.mnt_ns);
+        let root = ctx.root;
         if let Some(root) = root {
             self.track_default_stores(root);
         }
@@ -442,25 +468,13 @@ impl Engine {
         if self.ledger.upsert(key, Origin::Observed, info).is_none() {
             return;
         }
-        let (file, canonical, resolve_error) = match (&resolved, root) {
-            (Ok(r), Some(root)) => (
-                Some(FileKey {
-                    root,
-                    path: r.absolute.clone(),
-                }),
-                Some(r.canonical.clone()),
-                None,
-            ),
-            (Ok(r), None) => (
-                None,
-                Some(r.canonical.clone()),
-                Some("process root unknown".into()),
-            ),
-            (Err(e), _) => (None, None, Some(e.to_string())),
+        let (file, canonical, resolve_error, current) = match self.recently_seen(&access, root) {
+            Some((file, version, canonical)) => {
+                self.resolver.remember(&access, &canonical);
+                (Some(file), Some(canonical), None, Some(version))
+            }
+            None => self.look_up(&access, root),
         };
-        let current = file
-            .as_ref()
-            .and_then(|f| self.catalog.observe(f, &mut self.watcher));
         let stats = self.probe.access_stats(&access.key).unwrap_or_default();
         let opened = if stats.first_open_ns != 0 {
             wall(stats.first_open_ns)
@@ -522,6 +536,66 @@ impl Engine {
         }
         self.stores_dirty = true;
         self.dirty.insert(key);
+    }
+
+    /// What an access opened, without a syscall, when the catalog looked at that very
+    /// path in that root moments ago, nothing has changed it since, and the probe saw
+    /// the process open the inode that look found. A storm of processes opening the same
+    /// bundles is then mostly these.
+    fn recently_seen(
+        &self,
+        access: &Access,
+        root: Option<RootKey>,
+    ) -> Option<(FileKey, Arc<catalog::Version>, PathBuf)> {
+        if !access.path.is_absolute() {
+            return None;
+        }
+        let file = FileKey {
+            root: root?,
+            path: access.path.clone(),
+        };
+        let version = self.catalog.recent(&file, Instant::now())?;
+        let same_inode = match (access.inode, version.identity) {
+            (Some((ino, dev)), Some(seen)) => seen.ino == ino && seen.dev == dev,
+            (Some(_), None) => false,
+            (None, _) => true,
+        };
+        let canonical = version.canonical.clone()?;
+        same_inode.then_some((file, version, canonical))
+    }
+
+    /// Resolves an access's path in its process's root and looks at the file now.
+    fn look_up(
+        &mut self,
+        access: &Access,
+        root: Option<RootKey>,
+    ) -> (
+        Option<FileKey>,
+        Option<PathBuf>,
+        Option<String>,
+        Option<Arc<catalog::Version>>,
+    ) {
+        let resolved = self.resolver.resolve(access);
+        let (file, canonical, resolve_error) = match (&resolved, root) {
+            (Ok(r), Some(root)) => (
+                Some(FileKey {
+                    root,
+                    path: r.absolute.clone(),
+                }),
+                Some(r.canonical.clone()),
+                None,
+            ),
+            (Ok(r), None) => (
+                None,
+                Some(r.canonical.clone()),
+                Some("process root unknown".into()),
+            ),
+            (Err(e), _) => (None, None, Some(e.to_string())),
+        };
+        let current = file
+            .as_ref()
+            .and_then(|f| self.catalog.observe(f, &mut self.watcher));
+        (file, canonical, resolve_error, current)
     }
 
     /// Reads the probe's aggregates: bytes and counts move; a re-read (an open or read
@@ -665,6 +739,28 @@ impl Engine {
             Change::Dir { root, dir } => self.catalog.dir_changed(root, &dir, now),
             Change::Gone { root, dir } => self.catalog.dir_gone(root, &dir, now),
             Change::Overflow => self.catalog.all_dirty(now),
+        }
+    }
+
+    /// Takes in every change the watches have queued, without waiting. Also called
+    /// before the probe's records are handled: a change made before a process opened a
+    /// file is then known before that open is judged (see [`Catalog::recent`]).
+    fn take_changes(&mut self, inotify: &mut inotify::Inotify, buffer: &mut [u8]) {
+        loop {
+            match inotify.read_events(buffer) {
+                Ok(events) => {
+                    for event in events {
+                        for change in self.watcher.interpret(&event.to_owned()) {
+                            self.on_change(change);
+                        }
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    tracing::warn!("reading inotify events: {e}");
+                    return;
+                }
+            }
         }
     }
 
@@ -1033,9 +1129,11 @@ where
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
         .map_err(|e| anyhow::anyhow!("watching the ring buffer: {e}"))?;
     let (mut engine, inotify) = Engine::new(probe, options, state, tx)?;
-    let mut changes = inotify
-        .into_event_stream(vec![0u8; 64 * 1024])
-        .context("watching trust directories")?;
+    // SAFETY: the Inotify instance owns its fd for as long as the AsyncFd owns it.
+    let mut changes =
+        unsafe { AsyncFd::register_with_interest(inotify, tokio::io::Interest::READABLE) }
+            .context("watching trust directories")?;
+    let mut change_buffer = vec![0u8; 64 * 1024];
     tracing::info!(mode = ?engine.probe.mode, pinning = ?engine.probe.pinning, "probe attached");
 
     if let Some(state) = &engine.state {
@@ -1111,6 +1209,9 @@ where
                     decoded.push(events::decode(&item));
                 }
                 guard.clear_ready();
+                // What the watches queued before these opens happened is known before
+                // they are judged.
+                engine.take_changes(changes.get_mut(), &mut change_buffer);
                 for event in decoded {
                     match event {
                         Ok(event) => engine.on_event(event),
@@ -1121,15 +1222,10 @@ where
                     }
                 }
             }
-            Some(event) = changes.next() => {
-                match event {
-                    Ok(event) => {
-                        for change in engine.watcher.interpret(&event) {
-                            engine.on_change(change);
-                        }
-                    }
-                    Err(e) => tracing::warn!("reading inotify events: {e}"),
-                }
+            guard = changes.readable_mut() => {
+                let mut guard = guard.context("waiting on inotify")?;
+                engine.take_changes(guard.get_inner_mut(), &mut change_buffer);
+                guard.clear_ready();
             }
             _ = debounce.tick() => {
                 engine.refresh_due();

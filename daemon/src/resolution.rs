@@ -51,12 +51,18 @@ impl Resolver {
     /// relative to.
     pub fn resolve(&mut self, access: &Access) -> Result<ResolvedAccess, ResolveError> {
         let resolved = self.resolve_uncached(access)?;
+        self.remember(access, &resolved.canonical);
+        Ok(resolved)
+    }
+
+    /// Remembers where an access led when something else resolved it (the catalog, which
+    /// looked at that very path moments ago).
+    pub fn remember(&mut self, access: &Access, canonical: &Path) {
         let t = &access.task;
         self.dirs.insert(
             (t.tgid, t.start_ns, t.exec_seq, access.key.path_hash),
-            resolved.canonical.clone(),
+            canonical.to_path_buf(),
         );
-        Ok(resolved)
     }
 
     /// Forgets the directories of a process that exited.
