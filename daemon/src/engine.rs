@@ -176,6 +176,10 @@ pub struct Engine {
     last_save: Option<SystemTime>,
     /// No unforced save before this (see `save`).
     next_save: Instant,
+    /// When the record rate was last measured, and the records handled by then.
+    record_mark: (Instant, u64),
+    /// Since when a save has been waiting for a storm to pass.
+    save_deferred_since: Option<Instant>,
     stores: Arc<Vec<StoreFigures>>,
     store_views: Arc<Vec<StoreView>>,
     stores_dirty: bool,
@@ -199,6 +203,11 @@ pub struct Engine {
     counters: Counters,
     ready: bool,
 }
+
+/// A record rate above which saves wait (see [`Engine::save`]).
+const STORM_RECORDS_PER_S: f64 = 1000.0;
+/// The longest a save waits for a storm to pass.
+const MAX_SAVE_DEFERRAL: Duration = Duration::from_secs(30);
 
 /// What the daemon learns of a process from /proc when its first record is handled, and
 /// reuses for its other records: a storm process opening four bundles is one lookup of its
@@ -275,6 +284,8 @@ impl Engine {
                 state_dirty: false,
                 last_save: None,
                 next_save: Instant::now(),
+                record_mark: (Instant::now(), 0),
+                save_deferred_since: None,
                 stores: Arc::default(),
                 store_views: Arc::default(),
                 stores_dirty: true,
@@ -867,6 +878,21 @@ impl Engine {
         if !force && Instant::now() < self.next_save {
             return;
         }
+        // And while records pour in, a save (tens of milliseconds for a storm's ledger,
+        // in which nothing drains the ring buffer) waits for the storm to pass, for at
+        // most MAX_SAVE_DEFERRAL: what the probe delivers matters more than how recent
+        // the copy on disk is.
+        let now = Instant::now();
+        let records: u64 = self.counters.events.values().sum();
+        let (mark, then) = std::mem::replace(&mut self.record_mark, (now, records));
+        let rate = (records - then) as f64 / now.duration_since(mark).as_secs_f64().max(1e-3);
+        if !force && rate > STORM_RECORDS_PER_S {
+            let since = *self.save_deferred_since.get_or_insert(now);
+            if now.duration_since(since) < MAX_SAVE_DEFERRAL {
+                return;
+            }
+        }
+        self.save_deferred_since = None;
         let started = Instant::now();
         match state.save(&self.ledger, &self.catalog) {
             Ok(_) => {

@@ -9,7 +9,7 @@
 //! reboot (a new boot id) nothing is restored.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     fs::{self, File},
     io::Write,
     os::fd::AsRawFd,
@@ -139,14 +139,22 @@ fn boot_id() -> String {
         .unwrap_or_default()
 }
 
-/// Collects content (shared by sha256) while versions are saved.
+/// Collects content (shared by sha256) while versions are saved. Every read of a storm's
+/// processes names a content: its hex is formatted once, not once per read.
 #[derive(Default)]
-struct ContentTable(BTreeMap<String, SavedContent>);
+struct ContentTable {
+    saved: BTreeMap<String, SavedContent>,
+    hex: HashMap<[u8; 32], String>,
+}
 
 impl ContentTable {
     fn add(&mut self, content: &Content) -> String {
+        if let Some(sha) = self.hex.get(&content.sha256) {
+            return sha.clone();
+        }
         let sha = content.sha256_hex();
-        if !self.0.contains_key(&sha) {
+        self.hex.insert(content.sha256, sha.clone());
+        if !self.saved.contains_key(&sha) {
             let shape = match &content.shape {
                 Shape::File {
                     kind,
@@ -168,7 +176,7 @@ impl ContentTable {
                     reason: reason.clone(),
                 },
             };
-            self.0.insert(
+            self.saved.insert(
                 sha.clone(),
                 SavedContent {
                     size: content.size,
@@ -337,7 +345,7 @@ impl StateDir {
             format: FORMAT,
             saved_at_ns: ns(SystemTime::now()),
             boot_id: boot_id(),
-            contents: table.0,
+            contents: table.saved,
             files,
             processes,
         };
