@@ -107,6 +107,9 @@ pub struct Probe {
     pub max_fds: u32,
     pub max_processes: u32,
     pub ring_buffer_bytes: u32,
+    /// Records taken out of the ring buffer and waiting for the engine, at most this many
+    /// bytes; beyond it the ring buffer fills and the probe counts `ringbuf_full`.
+    pub queue_bytes: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -189,6 +192,7 @@ impl Default for Probe {
             max_fds: 16384,
             max_processes: 16384,
             ring_buffer_bytes: 1 << 20,
+            queue_bytes: 16 << 20,
         }
     }
 }
@@ -497,6 +501,13 @@ impl Config {
                 return Err(bad(key, &v, "must be at least 1"));
             }
         }
+        if self.probe.queue_bytes < 1 << 16 {
+            return Err(bad(
+                "probe.queue_bytes",
+                &self.probe.queue_bytes,
+                "must be at least 65536",
+            ));
+        }
         let rb = self.probe.ring_buffer_bytes;
         if rb < 4096 || !rb.is_power_of_two() {
             return Err(bad(
@@ -570,7 +581,7 @@ impl Config {
     /// Keys whose change needs a restart, with their old and new values.
     pub fn restart_needed(&self, new: &Config) -> BTreeMap<&'static str, (String, String)> {
         let mut out = BTreeMap::new();
-        let pairs: [(&'static str, String, String); 8] = [
+        let pairs: [(&'static str, String, String); 9] = [
             (
                 "api.listen",
                 self.api.listen.clone(),
@@ -600,6 +611,11 @@ impl Config {
                 "probe.ring_buffer_bytes",
                 self.probe.ring_buffer_bytes.to_string(),
                 new.probe.ring_buffer_bytes.to_string(),
+            ),
+            (
+                "probe.queue_bytes",
+                self.probe.queue_bytes.to_string(),
+                new.probe.queue_bytes.to_string(),
             ),
             ("state.dir", self.state.dir.clone(), new.state.dir.clone()),
             (

@@ -19,6 +19,7 @@ use crate::{
     clock,
     config::Config,
     events::{self, Access, Event, Task},
+    intake::Intake,
     ledger::{Ledger, LedgerLimits, Origin, ProcKey, ProcessInfo, TrustRead},
     peers::Peers,
     pinning::PinStatus,
@@ -57,6 +58,8 @@ pub struct EngineOptions {
     pub catalog: catalog::Limits,
     pub ledger: LedgerLimits,
     pub max_watches: usize,
+    /// Bound of the queue between the ring buffer and the engine.
+    pub queue_bytes: u64,
     /// Safety net behind inotify: every file is re-checked this often.
     pub rescan: Duration,
     /// How often the kernel aggregates of processes with a stale verdict are polled (a
@@ -100,6 +103,7 @@ impl EngineOptions {
                 ..LedgerLimits::default()
             },
             max_watches: 8192,
+            queue_bytes: c.probe.queue_bytes,
             rescan: Config::duration_of(&c.catalog.rescan_interval),
             poll: Config::duration_of(&c.ledger.poll_interval),
             state_dir: non_empty(&c.state.dir),
@@ -202,6 +206,8 @@ pub struct Engine {
     publish: watch::Sender<Arc<Snapshot>>,
     counters: Counters,
     ready: bool,
+    /// Bytes of records drained from the ring buffer and not yet handled.
+    queued_bytes: u64,
 }
 
 /// A record rate above which saves wait (see [`Engine::save`]).
@@ -305,6 +311,7 @@ impl Engine {
                 publish,
                 counters: Counters::default(),
                 ready: false,
+                queued_bytes: 0,
                 options,
             },
             inotify,
@@ -1006,6 +1013,7 @@ impl Engine {
             ("files", self.catalog.files().count() as u64),
             ("watches", self.watcher.watch_count() as u64),
             ("contents_cached", self.catalog.cached_contents() as u64),
+            ("queued_record_bytes", self.queued_bytes),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
@@ -1149,11 +1157,7 @@ where
         .transpose()?;
 
     let mut probe = Probe::attach(options.probe.clone())?;
-    let ring = probe.take_events()?;
-    // SAFETY: the ring buffer owns its fd for as long as the AsyncFd owns the ring buffer,
-    // and always reports that same fd.
-    let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
-        .map_err(|e| anyhow::anyhow!("watching the ring buffer: {e}"))?;
+    let mut intake = Intake::start(probe.take_events()?, options.queue_bytes)?;
     let (mut engine, inotify) = Engine::new(probe, options, state, tx)?;
     // SAFETY: the Inotify instance owns its fd for as long as the AsyncFd owns it.
     let mut changes =
@@ -1228,18 +1232,13 @@ where
                     Err(e) => tracing::error!("SIGHUP: keeping the running configuration: {e:#}"),
                 }
             }
-            guard = ring.readable_mut() => {
-                let mut guard = guard.context("waiting on the ring buffer")?;
-                let mut decoded = Vec::new();
-                while let Some(item) = guard.get_inner_mut().next() {
-                    decoded.push(events::decode(&item));
-                }
-                guard.clear_ready();
+            batch = intake.batches.recv() => {
+                let batch = batch.context("the ring-buffer intake thread stopped")?;
                 // What the watches queued before these opens happened is known before
                 // they are judged.
                 engine.take_changes(changes.get_mut(), &mut change_buffer);
-                for event in decoded {
-                    match event {
+                for record in batch.records() {
+                    match events::decode(record) {
                         Ok(event) => engine.on_event(event),
                         Err(e) => {
                             engine.counters.undecodable += 1;
@@ -1247,6 +1246,8 @@ where
                         }
                     }
                 }
+                intake.handled(&batch);
+                engine.queued_bytes = intake.queued_bytes();
             }
             guard = changes.readable_mut() => {
                 let mut guard = guard.context("waiting on inotify")?;

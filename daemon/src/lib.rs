@@ -12,6 +12,7 @@ pub mod config;
 pub mod engine;
 pub mod events;
 pub mod fuzz_targets;
+pub mod intake;
 pub mod kernel_layout;
 pub mod ledger;
 pub mod metrics;

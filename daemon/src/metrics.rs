@@ -435,7 +435,7 @@ fn health(registry: &mut Registry, snapshot: &Snapshot) {
     let tracked = gauge_family(
         registry,
         "trustdrift_tracked",
-        "What the daemon holds in memory, by kind (processes, files, watches)",
+        "What the daemon holds in memory, by kind (processes, files, watches, queued record bytes)",
     );
     for (what, n) in &h.tracked {
         tracked
