@@ -3,7 +3,7 @@
 //! flows one way; this module only wires it and keeps time.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     path::PathBuf,
     sync::Arc,
     time::{Duration, Instant, SystemTime},
@@ -201,6 +201,9 @@ pub struct Engine {
     peers: Peers,
     /// What was learned of each process when its first record was handled.
     contexts: HashMap<ProcKey, ProcessContext>,
+    /// Accesses whose final aggregates were taken out of the kernel when first handled
+    /// (their process had already exited): nothing is left to poll.
+    settled: HashSet<AccessKey>,
     views: BTreeMap<ProcKey, Arc<ProcessView>>,
     dirty: BTreeSet<ProcKey>,
     publish: watch::Sender<Arc<Snapshot>>,
@@ -222,6 +225,8 @@ const MAX_SAVE_DEFERRAL: Duration = Duration::from_secs(30);
 struct ProcessContext {
     root: Option<RootKey>,
     peer: bool,
+    /// Whether it was still running then. If not, its aggregates in the kernel are final.
+    alive: bool,
 }
 
 /// Hands memory the allocator holds but no longer uses back to the kernel. glibc keeps
@@ -306,6 +311,7 @@ impl Engine {
                 readers: HashMap::new(),
                 peers: Peers::new(),
                 contexts: HashMap::new(),
+                settled: HashSet::new(),
                 views: BTreeMap::new(),
                 dirty: BTreeSet::new(),
                 publish,
@@ -318,12 +324,9 @@ impl Engine {
         ))
     }
 
-    /// The process's root, learned while it is alive; for a process already gone, the
-    /// daemon's own root if they share a mount namespace.
-    fn root_for(&mut self, key: &ProcKey, mnt_ns: u32) -> Option<RootKey> {
-        if let Some((root, _)) = self.catalog.root_of(key.pid, key.start_ticks) {
-            return Some(root);
-        }
+    /// The host's root, for a process gone before its own could be read, if it was in
+    /// the host's mount namespace.
+    fn host_root_if_shared(&mut self, mnt_ns: u32) -> Option<RootKey> {
         let host = self.catalog.host_root()?;
         (mnt_ns != 0 && host.mnt_ns == mnt_ns).then_some(host)
     }
@@ -385,9 +388,15 @@ impl Engine {
         if let Some(ctx) = self.contexts.get(key) {
             return *ctx;
         }
+        let root = self
+            .catalog
+            .root_of(key.pid, key.start_ticks)
+            .map(|(root, _)| root);
+        let alive = root.is_some() || procfs::start_ticks(key.pid).ok() == Some(key.start_ticks);
         let ctx = ProcessContext {
-            peer: self.peers.is_peer(key),
-            root: self.root_for(key, task.mnt_ns),
+            peer: alive && self.peers.is_peer(key),
+            root: root.or_else(|| self.host_root_if_shared(task.mnt_ns)),
+            alive,
         };
         self.contexts.insert(*key, ctx);
         ctx
@@ -402,8 +411,13 @@ impl Engine {
         a
     }
 
-    fn process_info(&mut self, task: &Task, key: &ProcKey, root: Option<RootKey>) -> ProcessInfo {
-        let alive = procfs::start_ticks(key.pid).ok() == Some(key.start_ticks);
+    fn process_info(
+        &mut self,
+        task: &Task,
+        key: &ProcKey,
+        root: Option<RootKey>,
+        alive: bool,
+    ) -> ProcessInfo {
         let attribution = if alive {
             self.attribution_of(key.pid)
         } else {
@@ -481,7 +495,7 @@ impl Engine {
         let info = if self.ledger.get(&key).is_some() {
             ProcessInfo::default()
         } else {
-            self.process_info(&access.task, &key, root)
+            self.process_info(&access.task, &key, root, ctx.alive)
         };
         if self.ledger.upsert(key, Origin::Observed, info).is_none() {
             return;
@@ -493,7 +507,15 @@ impl Engine {
             }
             None => self.look_up(&access, root),
         };
-        let stats = self.probe.access_stats(&access.key).unwrap_or_default();
+        // A process already gone cannot open or read again: its aggregate is final, and
+        // is taken out of the kernel now rather than read now and again at its exit.
+        let stats = if ctx.alive {
+            self.probe.access_stats(&access.key)
+        } else {
+            self.settled.insert(access.key);
+            self.probe.take_access_stats(&access.key)
+        }
+        .unwrap_or_default();
         let opened = if stats.first_open_ns != 0 {
             wall(stats.first_open_ns)
         } else {
@@ -633,11 +655,14 @@ impl Engine {
                             .is_some_and(|v| v.verdict >= verdict::Verdict::Stale))
             })
             .flat_map(|e| e.reads.iter().filter_map(|r| Some((r.access_key?, e.key))))
+            .filter(|(a, _)| !self.settled.contains(a))
             .collect();
-        self.poll_accesses(accesses);
+        self.poll_accesses(accesses, false);
     }
 
-    /// The last word on what an exiting process read.
+    /// The last word on what an exiting process read: its aggregates, taken out of the
+    /// kernel (they cannot move again), so a storm's exited processes do not hold the
+    /// access table for the exit grace.
     fn poll_exiting(&mut self, key: &ProcKey) {
         let accesses: Vec<(AccessKey, ProcKey)> = self
             .ledger
@@ -649,12 +674,23 @@ impl Engine {
                     .collect()
             })
             .unwrap_or_default();
-        self.poll_accesses(accesses);
+        let accesses = accesses
+            .into_iter()
+            .filter(|(a, _)| !self.settled.remove(a))
+            .collect();
+        self.poll_accesses(accesses, true);
     }
 
-    fn poll_accesses(&mut self, accesses: Vec<(AccessKey, ProcKey)>) {
+    /// Brings reads up to date with the probe's aggregates; `take`: removing them from
+    /// the kernel (the process exited).
+    fn poll_accesses(&mut self, accesses: Vec<(AccessKey, ProcKey)>, take: bool) {
         for (access, key) in accesses {
-            let Some(stats) = self.probe.access_stats(&access) else {
+            let stats = if take {
+                self.probe.take_access_stats(&access)
+            } else {
+                self.probe.access_stats(&access)
+            };
+            let Some(stats) = stats else {
                 continue;
             };
             let Some(entry) = self.ledger.get_mut(&key) else {
@@ -819,6 +855,14 @@ impl Engine {
             }
         }
         self.readers.retain(|_, r| !r.is_empty());
+        // An exit whose record was lost leaves its settled accesses behind.
+        let ledger = &self.ledger;
+        self.settled.retain(|a| {
+            ledger
+                .owner_of(a)
+                .and_then(|k| ledger.get(&k))
+                .is_some_and(|p| p.exited_at.is_none())
+        });
         let readers = &self.readers;
         let defaults = &self.default_stores;
         self.catalog.forget_files(|f| {

@@ -2,7 +2,7 @@
 //! Dropping a [`Probe`] detaches every program.
 
 use std::{
-    os::fd::OwnedFd,
+    os::fd::{AsFd, AsRawFd, OwnedFd},
     path::{Path, PathBuf},
 };
 
@@ -118,6 +118,8 @@ pub struct ProgramStats {
 pub struct Probe {
     ebpf: Ebpf,
     accesses: HashMap<MapData, AccessKey, AccessStats>,
+    /// The same map's fd, for the lookup-and-delete aya does not offer on hash maps.
+    accesses_fd: OwnedFd,
     losses: PerCpuArray<MapData, u64>,
     procs: HashMap<MapData, u32, ProcState>,
     counters: Array<MapData, u64>,
@@ -385,13 +387,26 @@ impl Probe {
             None
         };
 
-        let accesses = take(&mut ebpf, "ACCESSES")?;
+        let access_map = ebpf
+            .take_map("ACCESSES")
+            .ok_or_else(|| anyhow!("the probe object has no map ACCESSES (stale build?)"))?;
+        let accesses_fd = match &access_map {
+            aya::maps::Map::HashMap(data) => data
+                .fd()
+                .as_fd()
+                .try_clone_to_owned()
+                .context("duplicating the ACCESSES map's fd")?,
+            _ => bail!("map ACCESSES is not a hash map (stale build?)"),
+        };
+        let accesses = HashMap::try_from(access_map)
+            .context("map ACCESSES has an unexpected type or layout")?;
         let losses = take(&mut ebpf, "LOSSES")?;
         let procs = take(&mut ebpf, "PROCS")?;
         let counters = take(&mut ebpf, "COUNTERS")?;
         Ok(Self {
             ebpf,
             accesses,
+            accesses_fd,
             losses,
             procs,
             counters,
@@ -456,6 +471,52 @@ impl Probe {
     /// The aggregate the probe keeps for `key`, if it still exists.
     pub fn access_stats(&self, key: &AccessKey) -> Option<AccessStats> {
         self.accesses.get(key, 0).ok()
+    }
+
+    /// The aggregate the probe kept for `key`, removed from the kernel in the same call:
+    /// for a process that has exited, whose aggregates cannot move again and would
+    /// otherwise hold a table entry until the daemon forgets the process.
+    pub fn take_access_stats(&mut self, key: &AccessKey) -> Option<AccessStats> {
+        /// `bpf_attr` for the element commands.
+        #[repr(C)]
+        struct ElemAttr {
+            map_fd: u32,
+            _pad: u32,
+            key: u64,
+            value: u64,
+            flags: u64,
+        }
+        const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
+        let mut value = AccessStats::default();
+        let attr = ElemAttr {
+            map_fd: self.accesses_fd.as_raw_fd() as u32,
+            _pad: 0,
+            key: std::ptr::from_ref(key) as u64,
+            value: std::ptr::from_mut(&mut value) as u64,
+            flags: 0,
+        };
+        // SAFETY: the attr points at a key and a value of the map's sizes, both alive for
+        // the duration of the call.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_AND_DELETE_ELEM,
+                &attr,
+                std::mem::size_of::<ElemAttr>(),
+            )
+        };
+        if rc == 0 {
+            return Some(value);
+        }
+        match std::io::Error::last_os_error().raw_os_error() {
+            Some(libc::ENOENT) => None,
+            // Kernels before 5.14 have no lookup-and-delete on hash maps.
+            _ => {
+                let stats = self.access_stats(key);
+                self.forget_access(key);
+                stats
+            }
+        }
     }
 
     /// Drops the aggregate of an access the daemon no longer needs.

@@ -625,3 +625,61 @@ fn slow_and_crowding_api_clients_are_cut_off_and_real_ones_still_get_answers() {
     assert!(matches!(status_of(port, &huge), None | Some(431)));
     healthy(&daemon);
 }
+
+#[test]
+fn readers_that_exit_free_their_kernel_aggregates_so_a_small_table_never_fills() {
+    let dir = TempDir::new("hostile-exits");
+    let paths: Vec<_> = (0..4).map(|i| dir.join(format!("ca-{i}.pem"))).collect();
+    let ca = Cert::ca("Exits CA");
+    for p in &paths {
+        fs::write(p, &ca.pem).unwrap();
+    }
+    let refs: Vec<&Path> = paths.iter().map(|p| p.as_path()).collect();
+    // Room for 16 (process, path) pairs: three rounds of 2 readers of 4 files each make 24.
+    // Exited processes stay listed for the exit grace (5 min), but their final figures
+    // leave the kernel at their exit, so the table never holds more than the live ones'.
+    let prefix = format!("{}/", dir.path().display());
+    let Some(daemon) = Daemon::start(&[
+        "--no-default-paths",
+        "--prefix",
+        &prefix,
+        "--set",
+        "probe.max_accesses=16",
+    ]) else {
+        return;
+    };
+    let mut exited = Vec::new();
+    for _ in 0..3 {
+        let round: Vec<Guarded> = (0..2).map(|_| reader(&refs)).collect();
+        let pids: Vec<u32> = round.iter().map(Guarded::pid).collect();
+        for pid in &pids {
+            daemon.wait_for("listed with its four files", *pid, |p| {
+                p["files"].as_array().is_some_and(|f| f.len() == 4)
+            });
+        }
+        drop(round);
+        for pid in pids {
+            daemon.wait_for("exited", pid, |p| p["exited_at"].is_string());
+            exited.push(pid);
+        }
+    }
+    let metrics = daemon.metrics();
+    assert_eq!(
+        counter(
+            &metrics,
+            "trustdrift_events_lost_total",
+            "reason=\"access_table_full\""
+        ),
+        0,
+        "{metrics}"
+    );
+    // Every exited reader keeps what it read: four files, each with its bytes.
+    for pid in exited {
+        let p = daemon.process(pid).expect("an exited reader stays listed");
+        for path in &paths {
+            let f = file(&p, path);
+            assert_eq!(f["bytes_read"].as_u64(), Some(ca.pem.len() as u64), "{p}");
+        }
+    }
+    healthy(&daemon);
+}
