@@ -60,6 +60,8 @@ pub struct EngineOptions {
     pub max_watches: usize,
     /// Bound of the queue between the ring buffer and the engine.
     pub queue_bytes: u64,
+    /// Scheduling priority raise (nice -N) for the daemon's threads.
+    pub priority_boost: u32,
     /// Safety net behind inotify: every file is re-checked this often.
     pub rescan: Duration,
     /// How often the kernel aggregates of processes with a stale verdict are polled (a
@@ -104,6 +106,7 @@ impl EngineOptions {
             },
             max_watches: 8192,
             queue_bytes: c.probe.queue_bytes,
+            priority_boost: c.probe.priority_boost,
             rescan: Config::duration_of(&c.catalog.rescan_interval),
             poll: Config::duration_of(&c.ledger.poll_interval),
             state_dir: non_empty(&c.state.dir),
@@ -251,6 +254,26 @@ fn tune_allocator() {
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
         libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
+/// Raises the calling thread's scheduling priority by `boost` (threads it starts inherit
+/// it). A storm of short-lived processes is many runnable tasks against the daemon's two
+/// threads: at an equal share the daemon fell behind a full-speed storm on two CPUs, at
+/// nice -5 it keeps up (docs/benchmarks.md). The daemon is idle otherwise, so the boost
+/// costs nothing outside storms. Without CAP_SYS_NICE it stays as it is, with a warning.
+fn raise_priority(boost: u32) {
+    if boost == 0 {
+        return;
+    }
+    let nice = -(boost.min(20) as i32);
+    // SAFETY: setpriority only changes this thread's nice value.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) } != 0 {
+        tracing::warn!(
+            "cannot raise the daemon's priority to nice {nice} ({}): a storm of processes may \
+             outrun it (set probe.priority_boost = 0 to silence this)",
+            std::io::Error::last_os_error()
+        );
     }
 }
 
@@ -1201,6 +1224,8 @@ where
         .transpose()?;
 
     let mut probe = Probe::attach(options.probe.clone())?;
+    // Before the intake thread starts, which inherits it.
+    raise_priority(options.priority_boost);
     let mut intake = Intake::start(probe.take_events()?, options.queue_bytes)?;
     let (mut engine, inotify) = Engine::new(probe, options, state, tx)?;
     // SAFETY: the Inotify instance owns its fd for as long as the AsyncFd owns it.

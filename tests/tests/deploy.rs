@@ -41,7 +41,13 @@ const LEAST_PRIVILEGE: &str = "overlays/least-privilege";
 const ENOSYS: u64 = 38;
 
 /// The capabilities of the least-privilege variant, and nothing else.
-const LEAST_CAPABILITIES: &[&str] = &["BPF", "DAC_READ_SEARCH", "PERFMON", "SYS_PTRACE"];
+const LEAST_CAPABILITIES: &[&str] = &[
+    "BPF",
+    "DAC_READ_SEARCH",
+    "PERFMON",
+    "SYS_NICE",
+    "SYS_PTRACE",
+];
 
 // ---------------------------------------------------------------------------------------
 // Tools

@@ -618,3 +618,46 @@ fn json_logs_are_one_object_per_line() {
         assert!(v["level"].is_string() && v["fields"].is_object(), "{line}");
     }
 }
+
+/// The nice value of each thread of `pid`, by thread name.
+fn thread_nice(pid: u32) -> Vec<(String, i64)> {
+    let mut out = Vec::new();
+    for task in fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let task = task.unwrap().path();
+        let name = fs::read_to_string(task.join("comm")).unwrap_or_default();
+        let stat = fs::read_to_string(task.join("stat")).unwrap_or_default();
+        // Fields after the command's closing parenthesis: state is field 3, nice field 19.
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        if let Some(nice) = rest.split_whitespace().nth(16) {
+            out.push((name.trim().to_owned(), nice.parse().unwrap()));
+        }
+    }
+    out
+}
+
+#[test]
+fn the_daemon_raises_its_priority_so_a_storm_cannot_starve_it_unless_told_not_to() {
+    let Some(daemon) = Daemon::start(&[]) else {
+        return;
+    };
+    let threads = thread_nice(daemon.pid());
+    assert!(
+        threads.iter().any(|(name, _)| name == "td-intake"),
+        "the ring-buffer intake thread runs: {threads:?}"
+    );
+    assert!(
+        threads.iter().all(|(_, nice)| *nice == -5),
+        "every thread at the default boost (nice -5): {threads:?}"
+    );
+    drop(daemon);
+    let Some(daemon) = Daemon::start(&["--set", "probe.priority_boost=0"]) else {
+        return;
+    };
+    let threads = thread_nice(daemon.pid());
+    assert!(
+        threads.iter().all(|(_, nice)| *nice == 0),
+        "no boost when told: {threads:?}"
+    );
+}
