@@ -10,7 +10,7 @@ use std::{
     io::{BufRead, BufReader},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::{Arc, Condvar, Mutex},
+    sync::{Arc, Condvar, Mutex, mpsc},
     thread,
     time::{Duration, Instant},
 };
@@ -156,6 +156,79 @@ pub fn python_tls_server(cert: &Path, key: &Path) -> Guarded {
         key.to_str().expect("a UTF-8 path")
     );
     spawn_after_read(Command::new("/usr/bin/python3").args(["-I", "-c", &script]))
+}
+
+/// A long-running TLS agent (python3 `ssl`): builds its context once at start and again
+/// on SIGHUP, printing "loaded" each time; runs until its stdin closes. Arguments: the
+/// role, then its files: `client BUNDLE` (`create_default_context(cafile=BUNDLE)`),
+/// `default -` (the system's default CA store), `server CERT KEY`.
+pub const TLS_AGENT: &str = r#"
+import os, signal, ssl, sys
+role, first, second = sys.argv[1], sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else None
+def load(*_):
+    global ctx
+    if role == "client":
+        ctx = ssl.create_default_context(cafile=first)
+    elif role == "default":
+        ctx = ssl.create_default_context()
+    else:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(first, second)
+    # Unbuffered: the handler may run while the main thread is inside a write.
+    os.write(1, b"loaded\n")
+signal.signal(signal.SIGHUP, load)
+load()
+sys.stdin.read()
+"#;
+
+/// A process that prints "loaded" each time it (re)loads its trust material and reloads
+/// on SIGHUP, as services do: [`TLS_AGENT`], run however a test needs it.
+pub struct Reloading {
+    child: Guarded,
+    loaded: mpsc::Receiver<()>,
+}
+
+impl Reloading {
+    /// Starts `cmd` (stdin held open, stdout read here) and returns once it has loaded.
+    pub fn spawn(cmd: &mut Command) -> Self {
+        let mut child = Guarded::spawn(cmd.stdin(Stdio::piped()).stdout(Stdio::piped()));
+        let stdout = child.0.stdout.take().expect("piped");
+        let (tx, loaded) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line == "loaded" && tx.send(()).is_err() {
+                    break;
+                }
+            }
+        });
+        let me = Self { child, loaded };
+        me.wait_loaded();
+        me
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.pid()
+    }
+
+    fn wait_loaded(&self) {
+        self.loaded
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the agent loaded its trust material");
+    }
+
+    /// SIGHUP, as operators reload a service; returns once it reloaded.
+    pub fn reload(&self) {
+        // SAFETY: signalling a child we own.
+        unsafe { libc::kill(self.pid() as i32, libc::SIGHUP) };
+        self.wait_loaded();
+    }
+}
+
+impl Drop for Reloading {
+    /// Its stdin closed first: it ends on its own before [`Guarded`] kills it.
+    fn drop(&mut self) {
+        drop(self.child.0.stdin.take());
+    }
 }
 
 #[derive(Default)]

@@ -3,42 +3,19 @@
 
 use std::{
     fs,
-    io::{BufRead, BufReader, Write},
+    io::{BufRead, BufReader},
     os::unix::fs::symlink,
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    sync::mpsc,
-    thread,
     time::Duration,
 };
 
-use trustdrift_e2e::{Cert, Daemon, Guarded, TempDir, Value, replace_atomically};
+use trustdrift_e2e::{
+    Cert, Daemon, Guarded, Reloading, TLS_AGENT, TempDir, Value, replace_atomically,
+};
 
-/// A long-running TLS agent (python3 `ssl`): builds its context once at start and again
-/// on SIGHUP, printing "loaded" each time; runs until its stdin closes.
-const AGENT: &str = r#"
-import os, signal, ssl, sys
-role, first, second = sys.argv[1], sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else None
-def load(*_):
-    global ctx
-    if role == "client":
-        ctx = ssl.create_default_context(cafile=first)
-    elif role == "default":
-        ctx = ssl.create_default_context()
-    else:
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.load_cert_chain(first, second)
-    # Unbuffered: the handler may run while the main thread is inside a write.
-    os.write(1, b"loaded\n")
-signal.signal(signal.SIGHUP, load)
-load()
-sys.stdin.read()
-"#;
-
-struct Agent {
-    child: Guarded,
-    loaded: mpsc::Receiver<()>,
-}
+/// A long-running TLS agent: [`TLS_AGENT`] in one of its roles.
+struct Agent(Reloading);
 
 impl Agent {
     /// `prefix` runs the interpreter through a wrapper (unshare, chroot); `python` is the
@@ -51,25 +28,11 @@ impl Agent {
             c.args(&prefix[1..]).arg(python);
             c
         };
-        cmd.args(["-I", "-c", AGENT])
+        cmd.args(["-I", "-c", TLS_AGENT])
             .args(args)
             .env_remove("SSL_CERT_FILE")
-            .env_remove("SSL_CERT_DIR")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped());
-        let mut child = Guarded::spawn(&mut cmd);
-        let stdout = child.0.stdout.take().expect("piped");
-        let (tx, loaded) = mpsc::channel();
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if line == "loaded" && tx.send(()).is_err() {
-                    break;
-                }
-            }
-        });
-        let agent = Self { child, loaded };
-        agent.wait_loaded();
-        agent
+            .env_remove("SSL_CERT_DIR");
+        Self(Reloading::spawn(&mut cmd))
     }
 
     fn client(bundle: &Path) -> Self {
@@ -81,28 +44,11 @@ impl Agent {
     }
 
     fn pid(&self) -> u32 {
-        self.child.pid()
+        self.0.pid()
     }
 
-    fn wait_loaded(&self) {
-        self.loaded
-            .recv_timeout(Duration::from_secs(20))
-            .expect("the agent loaded its trust material");
-    }
-
-    /// SIGHUP, as operators reload a service; returns once it reloaded.
     fn reload(&self) {
-        // SAFETY: signalling a child we own.
-        unsafe { libc::kill(self.pid() as i32, libc::SIGHUP) };
-        self.wait_loaded();
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if let Some(mut stdin) = self.child.0.stdin.take() {
-            let _ = stdin.flush();
-        }
+        self.0.reload();
     }
 }
 

@@ -11,13 +11,12 @@ use std::{
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
-        mpsc,
     },
     thread,
     time::{Duration, Instant},
 };
 
-use trustdrift_e2e::{Guarded, TempDir, Value};
+use trustdrift_e2e::{Guarded, Reloading, TLS_AGENT, TempDir, Value};
 
 fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
@@ -311,24 +310,10 @@ fn cgroup2_mount() -> PathBuf {
 /// trustdrift reads their namespace, pod and container names.
 const CONTAINERD_K8S_BUNDLES: &str = "/run/containerd/io.containerd.runtime.v2.task/k8s.io";
 
-/// A long-running TLS agent (python3 `ssl`): builds its context from the bundle at start
-/// and again on SIGHUP, printing "loaded" each time; runs until its stdin closes.
-const AGENT: &str = r#"
-import os, signal, ssl, sys
-def load(*_):
-    global ctx
-    ctx = ssl.create_default_context(cafile=sys.argv[1])
-    os.write(1, b"loaded\n")
-signal.signal(signal.SIGHUP, load)
-load()
-sys.stdin.read()
-"#;
-
 /// The agent, running as `comm`: trustdrift sees every process on the machine, other
 /// tests' python3 agents included, and a name of its own keeps this one's alerts apart.
 pub struct Agent {
-    child: Guarded,
-    loaded: mpsc::Receiver<()>,
+    process: Reloading,
     pub comm: String,
     _exe_dir: TempDir,
 }
@@ -347,30 +332,15 @@ impl Agent {
             .arg("sh")
             .arg(cgroup.map_or(PathBuf::new(), Path::to_path_buf))
             .arg(&exe)
-            .args(["-I", "-c", AGENT])
+            .args(["-I", "-c", TLS_AGENT, "client"])
             .arg(bundle)
             .env_remove("SSL_CERT_FILE")
-            .env_remove("SSL_CERT_DIR")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped());
-        let mut child = Guarded::spawn(&mut cmd);
-        let stdout = child.0.stdout.take().expect("piped");
-        let (tx, loaded) = mpsc::channel();
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if line == "loaded" && tx.send(()).is_err() {
-                    break;
-                }
-            }
-        });
-        let agent = Self {
-            child,
-            loaded,
+            .env_remove("SSL_CERT_DIR");
+        Self {
+            process: Reloading::spawn(&mut cmd),
             comm,
             _exe_dir: exe_dir,
-        };
-        agent.wait_loaded();
-        agent
+        }
     }
 
     /// An agent on the host, outside any container.
@@ -379,20 +349,12 @@ impl Agent {
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.pid()
-    }
-
-    fn wait_loaded(&self) {
-        self.loaded
-            .recv_timeout(Duration::from_secs(20))
-            .expect("the agent loaded its trust material");
+        self.process.pid()
     }
 
     /// SIGHUP, as operators reload a service; returns once it reloaded.
     pub fn reload(&self) {
-        // SAFETY: signalling a child we own.
-        unsafe { libc::kill(self.pid() as i32, libc::SIGHUP) };
-        self.wait_loaded();
+        self.process.reload();
     }
 }
 
