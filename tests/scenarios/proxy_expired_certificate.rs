@@ -15,7 +15,7 @@ use std::{
 
 use trustdrift_e2e::{Cert, Daemon, Guarded, TempDir, Value, replace_atomically};
 
-use crate::support::{file, free_port, noticed, require, shas};
+use crate::support::{file, free_port, noticed, openssl_server_on, require, shas};
 
 /// Short enough to expire within the test, long enough that start-up, the first verdict
 /// and the renewal are over before it does, even with every scenario running at once.
@@ -280,29 +280,14 @@ impl Drop for Nginx {
     }
 }
 
-/// `openssl s_server`: loads its certificate once and can never reload it.
+/// `openssl s_server`: loads its certificate once and can never reload it. Only its
+/// identity: no default CA store to verify clients with.
 fn s_server(port: u16, cert: &Path, key: &Path) -> Guarded {
-    Guarded::spawn(
-        Command::new("openssl")
-            // Only its identity: no default CA store to verify clients with.
-            .args([
-                "s_server",
-                "-www",
-                "-no-CAfile",
-                "-no-CApath",
-                "-no-CAstore",
-            ])
-            .arg("-accept")
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("-cert")
-            .arg(cert)
-            .arg("-key")
-            .arg(key)
-            // Kept open for the server's life: it never reads it with -www, but an EOF
-            // on stdin is a request to quit for s_server.
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null()),
+    openssl_server_on(
+        port,
+        &["-www", "-no-CAfile", "-no-CApath", "-no-CAstore"],
+        cert,
+        key,
     )
 }
 

@@ -104,15 +104,22 @@ pub fn free_port() -> u16 {
 }
 
 /// `openssl s_server` on a free loopback port with `cert` and `key` (and `options`),
-/// returned once it listens. Its stdin is held open: an EOF there makes it quit.
+/// returned once it listens.
 pub fn openssl_server(options: &[&str], cert: &Path, key: &Path) -> (Guarded, u16) {
     let port = free_port();
+    (openssl_server_on(port, options, cert, key), port)
+}
+
+/// `openssl s_server` on loopback `port` (a restarted server takes its predecessor's),
+/// returned once it listens. Its stdin is held open for its life: an EOF there is a
+/// request to quit for s_server.
+pub fn openssl_server_on(port: u16, options: &[&str], cert: &Path, key: &Path) -> Guarded {
     let server = Guarded::spawn(
         Command::new("openssl")
             .arg("s_server")
             .args(options)
             .arg("-accept")
-            .arg(port.to_string())
+            .arg(format!("127.0.0.1:{port}"))
             .arg("-cert")
             .arg(cert)
             .arg("-key")
@@ -126,5 +133,5 @@ pub fn openssl_server(options: &[&str], cert: &Path, key: &Path) -> (Guarded, u1
         assert!(Instant::now() < deadline, "openssl s_server did not listen");
         thread::sleep(Duration::from_millis(50));
     }
-    (server, port)
+    server
 }
