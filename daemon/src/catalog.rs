@@ -444,10 +444,8 @@ impl Catalog {
     fn open_root(&mut self, key: &RootKey) -> Option<Arc<Root>> {
         let access = self.roots.get_mut(key)?;
         if access.host {
-            return self
-                .host_handle
-                .clone()
-                .or_else(|| Root::host().ok().map(Arc::new));
+            // Set together with `host`: only the host root is marked so.
+            return self.host_handle.clone();
         }
         let mut dead = Vec::new();
         let mut found = None;

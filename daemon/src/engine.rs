@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{Context, Result};
 use tokio::{io::unix::AsyncFd, signal::unix::SignalKind, sync::watch};
-use trustdrift_common::AccessKey;
+use trustdrift_common::{AccessKey, AccessStats};
 
 use crate::{
     attribution,
@@ -532,13 +532,10 @@ impl Engine {
         };
         // A process already gone cannot open or read again: its aggregate is final, and
         // is taken out of the kernel now rather than read now and again at its exit.
-        let stats = if ctx.alive {
-            self.probe.access_stats(&access.key)
-        } else {
+        if !ctx.alive {
             self.settled.insert(access.key);
-            self.probe.take_access_stats(&access.key)
         }
-        .unwrap_or_default();
+        let stats = self.aggregate(&access.key, !ctx.alive).unwrap_or_default();
         let opened = if stats.first_open_ns != 0 {
             wall(stats.first_open_ns)
         } else {
@@ -704,16 +701,21 @@ impl Engine {
         self.poll_accesses(accesses, true);
     }
 
+    /// The probe's aggregate of `access`; `exited`: its process is gone, so it cannot
+    /// move again and is taken out of the kernel in the same call.
+    fn aggregate(&mut self, access: &AccessKey, exited: bool) -> Option<AccessStats> {
+        if exited {
+            self.probe.take_access_stats(access)
+        } else {
+            self.probe.access_stats(access)
+        }
+    }
+
     /// Brings reads up to date with the probe's aggregates; `take`: removing them from
     /// the kernel (the process exited).
     fn poll_accesses(&mut self, accesses: Vec<(AccessKey, ProcKey)>, take: bool) {
         for (access, key) in accesses {
-            let stats = if take {
-                self.probe.take_access_stats(&access)
-            } else {
-                self.probe.access_stats(&access)
-            };
-            let Some(stats) = stats else {
+            let Some(stats) = self.aggregate(&access, take) else {
                 continue;
             };
             let Some(entry) = self.ledger.get_mut(&key) else {
