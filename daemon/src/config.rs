@@ -16,7 +16,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::trust_paths::{TrustPathError, TrustPaths};
+use crate::probe::trust_paths::{TrustPathError, TrustPaths};
 
 /// Where the file is looked for when `--config` is not given.
 pub const DEFAULT_PATH: &str = "/etc/trustdrift/config.toml";

@@ -8,11 +8,12 @@ use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::{EnvFilter, layer::SubscriberExt, reload, util::SubscriberInitExt};
 
 use trustdrift::{
-    api, client,
+    cli::client,
+    cli::trace,
     config::{self, Config, Override},
     engine,
     probe::{self, Capacities, Mode, ProbeOptions, Programs},
-    trace,
+    serve::api,
 };
 
 #[derive(Parser)]

@@ -607,12 +607,12 @@ fn parse_exposition(text: &str) -> Exported {
 /// Labels Prometheus adds to every series it scrapes.
 const TARGET_LABELS: &[&str] = &["job", "instance"];
 
-/// Values of `label` that docs/metrics.md documents and daemon/src/metrics.rs emits, for
+/// Values of `label` that docs/metrics.md documents and daemon/src/serve/metrics.rs emits, for
 /// those no test machine can produce on demand (`confidence="unverified"` needs a process
 /// older than the daemon whose CA store changed after it started).
 fn documented_values(label: &str) -> BTreeSet<String> {
     let docs = read("docs/metrics.md");
-    let source = read("daemon/src/metrics.rs");
+    let source = read("daemon/src/serve/metrics.rs");
     let Some((_, after)) = docs.split_once(&format!("`{label}` (")) else {
         return BTreeSet::new();
     };

@@ -190,7 +190,7 @@ impl Variant {
 /// trustdrift's default trust prefixes, read from the daemon's source so this benchmark
 /// never watches something else than trustdrift does.
 fn default_prefixes() -> Vec<String> {
-    const SOURCE: &str = include_str!("../../../daemon/src/trust_paths.rs");
+    const SOURCE: &str = include_str!("../../../daemon/src/probe/trust_paths.rs");
     let start = SOURCE
         .find("DEFAULT_PREFIXES: &[&str] = &[")
         .expect("DEFAULT_PREFIXES in trust_paths.rs");

@@ -10,12 +10,12 @@ use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
 use trustdrift_common::{AccessKey, AccessStats};
 
 use crate::{
-    attribution::{self, Attribution},
-    clock,
+    events::clock,
     events::{self, Access, Event, Task},
     probe::{Probe, ProbeOptions},
-    procfs,
-    resolution::{self, Resolver},
+    process::attribution::{self, Attribution},
+    process::procfs,
+    process::resolution::{self, Resolver},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

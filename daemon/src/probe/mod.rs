@@ -1,6 +1,12 @@
 //! Loading, configuring and attaching the kernel probe, and reading what it keeps in maps.
 //! Dropping a [`Probe`] detaches every program.
 
+pub mod layout;
+pub mod pinning;
+pub mod privileges;
+pub mod tracefs;
+pub mod trust_paths;
+
 use std::{
     os::fd::{AsFd, AsRawFd, OwnedFd},
     path::{Path, PathBuf},
@@ -20,12 +26,7 @@ use trustdrift_common::{
     PATH_CAP, PREFIX_CAP, ProcState,
 };
 
-use crate::{
-    kernel_layout,
-    pinning::{self, PinStatus},
-    privileges, tracefs,
-    trust_paths::TrustPaths,
-};
+use self::{pinning::PinStatus, trust_paths::TrustPaths};
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/probe.o"));
 
@@ -266,10 +267,10 @@ impl Probe {
                 btf_path.display()
             )
         })?;
-        let layout = kernel_layout::Btf::from_file(btf_path).ok();
+        let layout = layout::Btf::from_file(btf_path).ok();
         let exit_format = tracefs::format(tracefs, "sched", "sched_process_exit")?;
         tracefs::format(tracefs, "sched", "sched_process_exec")?;
-        let offsets = kernel_layout::discover(layout.as_ref(), Some(&exit_format));
+        let offsets = layout::discover(layout.as_ref(), Some(&exit_format));
         if offsets.task_start_boottime == KernelOffsets::UNKNOWN {
             tracing::warn!(
                 "kernel BTF has no task_struct.start_boottime: process start times come from \

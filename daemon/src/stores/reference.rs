@@ -6,7 +6,7 @@
 
 use std::{collections::BTreeMap, sync::Arc, time::SystemTime};
 
-use crate::store_format::{self, CertInfo};
+use crate::stores::formats::{self, CertInfo};
 
 #[derive(Clone, Debug)]
 pub struct Reference {
@@ -23,7 +23,7 @@ pub fn load() -> Reference {
     let mut certs = BTreeMap::new();
     let mut errors: Vec<String> = found.errors.iter().map(|e| e.to_string()).collect();
     for der in &found.certs {
-        let parsed = store_format::parse(der.as_ref());
+        let parsed = formats::parse(der.as_ref());
         errors.extend(parsed.errors);
         for c in parsed.certs {
             certs.insert(c.sha256.clone(), Arc::new(c));

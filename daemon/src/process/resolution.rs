@@ -10,7 +10,7 @@ use std::{
 
 use thiserror::Error;
 
-use crate::{events::Access, procfs, rootfs::Root};
+use crate::{events::Access, process::procfs, process::rootfs::Root};
 
 #[derive(Debug, Error)]
 pub enum ResolveError {

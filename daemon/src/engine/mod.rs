@@ -14,27 +14,27 @@ use tokio::{io::unix::AsyncFd, signal::unix::SignalKind, sync::watch};
 use trustdrift_common::{AccessKey, AccessStats};
 
 use crate::{
-    attribution,
-    catalog::{self, Catalog, FileKey, RootKey},
-    clock,
     config::Config,
+    events::clock,
+    events::intake::Intake,
     events::{self, Access, Event, Task},
-    intake::Intake,
+    judge::verdict,
+    ledger::persist::StateDir,
     ledger::{Ledger, LedgerLimits, Origin, ProcKey, ProcessInfo, TrustRead},
-    peers::Peers,
-    pinning::PinStatus,
+    probe::pinning::PinStatus,
+    probe::trust_paths::TrustPaths,
     probe::{Capacities, MapFill, Mode, ProgramStats, Programs},
     probe::{Probe, ProbeOptions},
-    procfs,
-    reference::{self, Reference},
-    report::StoreView,
-    report::{self, ProcessView},
-    resolution::Resolver,
-    seed,
-    state::StateDir,
-    trust_paths::TrustPaths,
-    verdict,
-    watch::{Change, Watcher},
+    process::attribution,
+    process::peers::Peers,
+    process::procfs,
+    process::resolution::Resolver,
+    process::seed,
+    serve::views::StoreView,
+    serve::views::{self, ProcessView},
+    stores::catalog::{self, Catalog, FileKey, RootKey},
+    stores::reference::{self, Reference},
+    stores::watch::{Change, Watcher},
 };
 
 /// Where each distribution keeps the CA store a process started now would load. A
@@ -1031,7 +1031,7 @@ impl Engine {
                 continue;
             };
             let readers = self.readers.get(key).map_or(0, BTreeSet::len);
-            views.push(report::store_view(
+            views.push(views::store_view(
                 key,
                 versions,
                 readers,
@@ -1180,7 +1180,7 @@ impl Engine {
             match verdict::judge(entry, &self.catalog, changed, now) {
                 Some(v) => {
                     self.views
-                        .insert(key, Arc::new(report::process_view(entry, &v)));
+                        .insert(key, Arc::new(views::process_view(entry, &v)));
                 }
                 None => {
                     self.views.remove(&key);

@@ -126,7 +126,7 @@ pub fn prepare(pin_dir: &Path, layout: &str) -> Result<Plan, String> {
     let generation = format!(
         "{}-{}",
         std::process::id(),
-        crate::procfs::start_ticks(std::process::id()).unwrap_or(0)
+        crate::process::procfs::start_ticks(std::process::id()).unwrap_or(0)
     );
     Ok(Plan {
         dir,

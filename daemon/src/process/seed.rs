@@ -11,7 +11,7 @@ use std::{
 
 use object::{Object, ObjectSection};
 
-use crate::{procfs, trust_paths::TrustPaths};
+use crate::{probe::trust_paths::TrustPaths, process::procfs};
 
 /// A process found in /proc at start-up.
 #[derive(Clone, Debug)]

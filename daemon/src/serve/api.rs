@@ -30,9 +30,9 @@ use tokio::sync::{Semaphore, watch};
 use crate::{
     config::Listen,
     engine::Snapshot,
-    metrics,
-    report::{CertView, ProcessView, StoreView},
-    verdict::Verdict,
+    judge::verdict::Verdict,
+    serve::metrics,
+    serve::views::{CertView, ProcessView, StoreView},
 };
 
 /// Longest query string accepted.
@@ -223,7 +223,7 @@ async fn stores(State(s): State<AppState>, RawQuery(query): RawQuery) -> Respons
     let snapshot = s.snapshot.borrow().clone();
     let body = Stores {
         host_reference: snapshot.host_reference.as_ref().map(|r| Reference {
-            loaded_at: crate::clock::rfc3339(r.loaded_at),
+            loaded_at: crate::events::clock::rfc3339(r.loaded_at),
             source: r.source.clone(),
             certificates: r
                 .certs

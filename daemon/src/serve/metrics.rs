@@ -15,8 +15,8 @@ use prometheus_client::{
 
 use crate::{
     engine::{Snapshot, StoreFigures},
-    report::{Confidence, ProcessView},
-    verdict::{TrustKind, Verdict},
+    judge::verdict::{TrustKind, Verdict},
+    serve::views::{Confidence, ProcessView},
 };
 
 type Labels = Vec<(String, String)>;
@@ -282,7 +282,7 @@ fn stores(registry: &mut Registry, stores: &[StoreFigures]) {
 /// The conventional process metrics (as client_golang's process collector names them),
 /// so the daemon's own cost sits beside node_exporter's figures.
 fn own_usage(registry: &mut Registry) {
-    let Some(u) = crate::procfs::own_usage() else {
+    let Some(u) = crate::process::procfs::own_usage() else {
         return;
     };
     let float = |registry: &mut Registry, name: &str, help: &str, value: f64| {
@@ -321,8 +321,8 @@ fn own_usage(registry: &mut Registry) {
         "Maximum number of open file descriptors",
         u.max_fds as f64,
     );
-    let started = crate::clock::wall_time(
-        u.start_ticks * (1_000_000_000 / crate::procfs::clock_ticks_per_second()),
+    let started = crate::events::clock::wall_time(
+        u.start_ticks * (1_000_000_000 / crate::process::procfs::clock_ticks_per_second()),
     );
     float(
         registry,

@@ -6,12 +6,12 @@ use std::{sync::Arc, time::SystemTime};
 use serde::{Serialize, Serializer, ser::SerializeStruct};
 
 use crate::{
-    attribution::Attribution,
-    catalog::{Content, FileKey, Version},
-    clock,
+    events::clock,
+    judge::verdict::{FileVerdict, ProcessVerdict, TrustKind, Verdict},
     ledger::{Origin, ProcessEntry, TrustRead},
-    store_format::CertInfo,
-    verdict::{FileVerdict, ProcessVerdict, TrustKind, Verdict},
+    process::attribution::Attribution,
+    stores::catalog::{Content, FileKey, Version},
+    stores::formats::CertInfo,
 };
 
 /// A time as the API writes it (RFC 3339, milliseconds, UTC), kept as a time until it is

@@ -17,9 +17,9 @@ use std::{
 use serde::Serialize;
 
 use crate::{
-    catalog::{Catalog, Content, Shape, Version},
     ledger::{Origin, ProcessEntry, TrustRead},
-    store_format::{CertInfo, ContentKind},
+    stores::catalog::{Catalog, Content, Shape, Version},
+    stores::formats::{CertInfo, ContentKind},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -392,9 +392,9 @@ mod tests {
 
     use super::*;
     use crate::{
-        catalog::{DirWatcher, FileKey, Limits, RootKey},
         ledger::{LedgerLimits, ProcKey, ProcessInfo},
-        rootfs::Root,
+        process::rootfs::Root,
+        stores::catalog::{DirWatcher, FileKey, Limits, RootKey},
     };
 
     struct NoWatch;

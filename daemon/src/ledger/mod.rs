@@ -4,6 +4,8 @@
 //! The ledger records facts; `verdict` judges them against the catalog. It is bounded:
 //! past its limits it evicts (exited processes first) and counts what it dropped.
 
+pub mod persist;
+
 use std::{
     collections::{BTreeMap, HashMap},
     path::PathBuf,
@@ -15,8 +17,8 @@ use serde::{Deserialize, Serialize};
 use trustdrift_common::AccessKey;
 
 use crate::{
-    attribution::Attribution,
-    catalog::{FileKey, RootKey, Version},
+    process::attribution::Attribution,
+    stores::catalog::{FileKey, RootKey, Version},
 };
 
 /// A process image: the pid and its start time in clock ticks (as /proc/<pid>/stat has

@@ -35,7 +35,7 @@ impl Peers {
         let same = std::fs::metadata(format!("/proc/{}/exe", key.pid))
             .is_ok_and(|m| (m.dev(), m.ino()) == own)
             // The pid may already belong to someone else.
-            && crate::procfs::start_ticks(key.pid).ok() == Some(key.start_ticks);
+            && crate::process::procfs::start_ticks(key.pid).ok() == Some(key.start_ticks);
         if same {
             tracing::info!(
                 pid = key.pid,

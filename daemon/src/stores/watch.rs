@@ -15,8 +15,8 @@ use std::{
 use inotify::{Inotify, WatchMask, Watches};
 
 use crate::{
-    catalog::{DirWatcher, RootKey},
-    rootfs::Root,
+    process::rootfs::Root,
+    stores::catalog::{DirWatcher, RootKey},
 };
 
 /// What a watch event means for the catalog.

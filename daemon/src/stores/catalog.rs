@@ -5,7 +5,7 @@
 //! file gets a new version: where the path resolved, the file's identity, the SHA-256 of
 //! its content and the certificates in it, and when that content became current. The
 //! version a process read is fixed when it reads; later versions come from watching
-//! (inotify, see [`crate::watch`]) and from periodic rescans.
+//! (inotify, see [`crate::stores::watch`]) and from periodic rescans.
 //!
 //! Containers sharing an image share content: the same (device, inode, size, mtime) is
 //! read and hashed once, whichever root it is seen from.
@@ -25,9 +25,9 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::{
-    procfs,
-    rootfs::{Resolved, Root},
-    store_format::{self, CertInfo, ContentKind},
+    process::procfs,
+    process::rootfs::{Resolved, Root},
+    stores::formats::{self, CertInfo, ContentKind},
 };
 
 /// Identity of what a process sees as `/`: its mount namespace and root directory.
@@ -888,7 +888,7 @@ impl Catalog {
                 ),
             }
         } else {
-            let parsed = store_format::parse(&bytes);
+            let parsed = formats::parse(&bytes);
             if !parsed.errors.is_empty() {
                 self.counters.parse_errors += parsed.errors.len() as u64;
             }

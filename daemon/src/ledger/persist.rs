@@ -23,10 +23,10 @@ use serde::{Deserialize, Serialize};
 use trustdrift_common::AccessKey;
 
 use crate::{
-    catalog::{Catalog, Content, FileIdentity, FileKey, RootKey, Shape, Version},
     ledger::{Ledger, Origin, ProcKey, ProcessEntry, ProcessInfo, TrustRead},
-    procfs,
-    store_format::{CertInfo, ContentKind},
+    process::procfs,
+    stores::catalog::{Catalog, Content, FileIdentity, FileKey, RootKey, Shape, Version},
+    stores::formats::{CertInfo, ContentKind},
 };
 
 /// Bumped whenever the document's meaning changes; older or newer files are set aside.
@@ -483,9 +483,9 @@ impl StateDir {
 mod tests {
     use super::*;
     use crate::{
-        catalog::{DirWatcher, Limits},
         ledger::LedgerLimits,
-        rootfs::Root,
+        process::rootfs::Root,
+        stores::catalog::{DirWatcher, Limits},
     };
 
     struct NoWatch;

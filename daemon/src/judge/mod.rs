@@ -1,0 +1,3 @@
+//! Verdicts: does what each process read still match what is on disk now?
+
+pub mod verdict;

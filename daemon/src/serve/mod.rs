@@ -1,0 +1,6 @@
+//! What the daemon shows: the HTTP API ([`api`]), the Prometheus exposition
+//! ([`metrics`]) and the views both render ([`views`]).
+
+pub mod api;
+pub mod metrics;
+pub mod views;
