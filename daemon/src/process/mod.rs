@@ -4,6 +4,7 @@
 //! ([`rootfs`]) and run under a deadline ([`deadline`]).
 
 pub mod attribution;
+pub mod deadline;
 pub mod peers;
 pub mod procfs;
 pub mod resolution;
