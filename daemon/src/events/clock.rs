@@ -12,6 +12,11 @@ fn now(clock: libc::clockid_t) -> Duration {
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
+/// `CLOCK_BOOTTIME` now, in ns: what the probe would stamp.
+pub fn boot_ns_now() -> u64 {
+    now(libc::CLOCK_BOOTTIME).as_nanos() as u64
+}
+
 /// Wall-clock time of a `CLOCK_BOOTTIME` stamp.
 pub fn wall_time(boot_ns: u64) -> SystemTime {
     let realtime = now(libc::CLOCK_REALTIME);

@@ -18,7 +18,7 @@ use trustdrift_common::AccessKey;
 
 use crate::{
     process::attribution::Attribution,
-    stores::catalog::{FileKey, RootKey, Version},
+    stores::catalog::{FileKey, RootKey, Shape, Version},
 };
 
 /// A process image: the pid and its start time in clock ticks (as /proc/<pid>/stat has
@@ -114,6 +114,26 @@ impl Default for LedgerLimits {
 pub struct LedgerCounters {
     pub processes_evicted: u64,
     pub reads_evicted: u64,
+}
+
+/// The probe's aggregate of one read, in wall-clock time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Counts {
+    pub bytes: u64,
+    pub opens: u64,
+    pub reads: u64,
+    pub last_open: SystemTime,
+    pub last_read: Option<SystemTime>,
+}
+
+/// What moved when a read's counts were brought up to date.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CountsMoved {
+    /// Opened again since the version was fixed: which version it holds may have changed.
+    pub reread: bool,
+    pub file: Option<FileKey>,
+    /// Its latest open or read.
+    pub touched: SystemTime,
 }
 
 #[derive(Default)]
@@ -225,11 +245,17 @@ impl Ledger {
     }
 
     /// Records a read; `false` when the process already has as many as the bound allows.
+    /// A read the probe saw supersedes one seeded from /proc for the same file.
     pub fn add_read(&mut self, key: &ProcKey, read: TrustRead) -> bool {
         let max = self.limits.max_reads_per_process;
         let Some(entry) = self.processes.get_mut(key) else {
             return false;
         };
+        if read.access_key.is_some() && read.file.is_some() {
+            entry
+                .reads
+                .retain(|r| r.access_key.is_some() || r.file != read.file);
+        }
         if entry.reads.len() >= max {
             self.counters.reads_evicted += 1;
             return false;
@@ -241,18 +267,83 @@ impl Ledger {
         true
     }
 
-    /// The process replaced its image: what the old one read is gone from memory.
-    /// Returns the kernel aggregates to drop.
-    pub fn exec(&mut self, key: &ProcKey, new_exec_seq: u32) -> Vec<AccessKey> {
+    /// The process replaced its image (now named `comm`): what the old one read is gone
+    /// from memory. Returns the kernel aggregates to drop.
+    pub fn exec(&mut self, key: &ProcKey, new_exec_seq: u32, comm: &str) -> Vec<AccessKey> {
         let Some(entry) = self.processes.get_mut(key) else {
             return Vec::new();
         };
         entry.exec_seq = new_exec_seq;
+        comm.clone_into(&mut entry.info.comm);
         let dropped: Vec<AccessKey> = entry.reads.drain(..).filter_map(|r| r.access_key).collect();
         for a in &dropped {
             self.by_access.remove(a);
         }
         dropped
+    }
+
+    /// Brings the read of `access` by `key` up to date with the probe's aggregate.
+    /// `None` when nothing moved (or the read is unknown); otherwise what the engine must
+    /// look at: whether the file was opened again since the version was fixed.
+    pub fn update_counts(
+        &mut self,
+        key: &ProcKey,
+        access: &AccessKey,
+        counts: &Counts,
+    ) -> Option<CountsMoved> {
+        let read = self
+            .processes
+            .get_mut(key)?
+            .reads
+            .iter_mut()
+            .find(|r| r.access_key.as_ref() == Some(access))?;
+        if counts.bytes == read.bytes && counts.opens == read.opens && counts.reads == read.reads {
+            return None;
+        }
+        let reread = counts.opens > read.opens;
+        read.bytes = counts.bytes;
+        read.opens = counts.opens;
+        read.reads = counts.reads;
+        read.last_open = counts.last_open;
+        read.last_read = counts.last_read;
+        if counts.bytes > 0 {
+            // For a directory, bytes are listed entries: it was read as a set.
+            read.listed = read
+                .version
+                .as_ref()
+                .and_then(|v| v.content.as_deref())
+                .is_some_and(|c| matches!(c.shape, Shape::Directory { .. }));
+        }
+        Some(CountsMoved {
+            reread,
+            file: read.file.clone(),
+            touched: counts
+                .last_read
+                .map_or(counts.last_open, |r| r.max(counts.last_open)),
+        })
+    }
+
+    /// Fixes which version of its file the read of `access` got, read at `read_at`.
+    pub fn set_version(
+        &mut self,
+        key: &ProcKey,
+        access: &AccessKey,
+        version: Option<Arc<Version>>,
+        read_at: SystemTime,
+    ) {
+        let Some(read) = self.processes.get_mut(key).and_then(|e| {
+            e.reads
+                .iter_mut()
+                .find(|r| r.access_key.as_ref() == Some(access))
+        }) else {
+            return;
+        };
+        // Where the path led then (a `..data` swap moves it).
+        if let Some(canonical) = version.as_ref().and_then(|v| v.canonical.clone()) {
+            read.resolved = Some(canonical);
+        }
+        read.version = version;
+        read.version_read_at = read_at;
     }
 
     pub fn exited(&mut self, key: &ProcKey, at: SystemTime) {
@@ -400,7 +491,8 @@ mod tests {
         let mut l = Ledger::new(LedgerLimits::default());
         l.upsert(key(5, 1), Origin::Observed, ProcessInfo::default());
         l.add_read(&key(5, 1), read("/etc/ssl/cert.pem", Some(access(5))));
-        assert_eq!(l.exec(&key(5, 1), 1), vec![access(5)]);
+        assert_eq!(l.exec(&key(5, 1), 1, "sh"), vec![access(5)]);
+        assert_eq!(l.get(&key(5, 1)).unwrap().info.comm, "sh");
         assert!(l.get(&key(5, 1)).unwrap().reads.is_empty());
     }
 }

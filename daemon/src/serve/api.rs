@@ -29,9 +29,9 @@ use tokio::sync::{Semaphore, watch};
 
 use crate::{
     config::Listen,
-    engine::Snapshot,
     judge::verdict::Verdict,
     serve::metrics,
+    serve::snapshot::Snapshot,
     serve::views::{CertView, ProcessView, StoreView},
 };
 

@@ -14,8 +14,8 @@ use prometheus_client::{
 };
 
 use crate::{
-    engine::{Snapshot, StoreFigures},
     judge::verdict::{TrustKind, Verdict},
+    serve::snapshot::{Snapshot, StoreFigures},
     serve::views::{Confidence, ProcessView},
 };
 
@@ -465,7 +465,7 @@ mod tests {
 
     #[test]
     fn every_series_carries_the_node_when_one_is_configured() {
-        let mut snapshot = crate::engine::Snapshot::default();
+        let mut snapshot = crate::serve::snapshot::Snapshot::default();
         let plain = render(&snapshot, &[("too_many_requests", 0)]);
         assert!(plain.contains("trustdrift_ready 0"), "{plain}");
         snapshot.options.node = Some("node-a".into());

@@ -8,6 +8,20 @@ use std::{collections::BTreeMap, sync::Arc, time::SystemTime};
 
 use crate::stores::formats::{self, CertInfo};
 
+/// Where each distribution keeps the CA store a process started now would load. A
+/// TLS-capable process that started before one of these last changed (in its root)
+/// may hold an older store: it is listed as unverified.
+pub const DEFAULT_CA_STORES: &[&str] = &[
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem",
+    "/etc/ssl/cert.pem",
+    "/etc/ssl/ca-bundle.pem",
+    "/var/lib/ca-certificates/ca-bundle.pem",
+    "/etc/ssl/certs/java/cacerts",
+    "/etc/pki/ca-trust/extracted/java/cacerts",
+];
+
 #[derive(Clone, Debug)]
 pub struct Reference {
     pub loaded_at: SystemTime,

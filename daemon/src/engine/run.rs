@@ -1,0 +1,278 @@
+//! The daemon's life: attach the probe, restore, seed, then handle records, changes and
+//! timers until SIGINT or SIGTERM; SIGHUP reloads the configuration.
+
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use anyhow::{Context, Result};
+use tokio::{io::unix::AsyncFd, signal::unix::SignalKind, sync::watch};
+
+use super::{Engine, options::EngineOptions, publisher::Publisher, runtime, start_time};
+use crate::{
+    config::Config,
+    events::{self, intake::Intake},
+    ledger::{Origin, ProcKey, ProcessInfo, TrustRead, persist::StateDir},
+    probe::{Probe, pinning::PinStatus},
+    process::{procfs, seed},
+    serve::snapshot::Snapshot,
+    stores::catalog::FileKey,
+};
+
+/// Runs the daemon until SIGINT or SIGTERM; SIGHUP reloads the configuration through
+/// `reload`. `serve` gets the snapshot receiver (the API) at once and answers `/readyz`
+/// with 503 until the probe is attached and the start-up scan is done.
+pub async fn run<F, Fut>(
+    config: Config,
+    mut reload: impl FnMut() -> Result<Config>,
+    serve: F,
+) -> Result<()>
+where
+    F: FnOnce(watch::Receiver<Arc<Snapshot>>) -> Fut,
+    Fut: std::future::Future<Output = Result<()>> + Send + 'static,
+{
+    runtime::tune_allocator();
+    let mut interrupt = tokio::signal::unix::signal(SignalKind::interrupt())?;
+    let mut terminate = tokio::signal::unix::signal(SignalKind::terminate())?;
+    let mut hangup = tokio::signal::unix::signal(SignalKind::hangup())?;
+    let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
+    let server = tokio::spawn(serve(rx));
+    let options = EngineOptions::from_config(&config);
+    let state = options
+        .state_dir
+        .as_deref()
+        .map(StateDir::open)
+        .transpose()?;
+
+    let mut probe = Probe::attach(options.probe.clone())?;
+    // Before the intake thread starts, which inherits it.
+    runtime::raise_priority(options.priority_boost);
+    let mut intake = Intake::start(probe.take_events()?, options.queue_bytes)?;
+    tracing::info!(mode = ?probe.mode, pinning = ?probe.pinning, "probe attached");
+    let publisher = Publisher::new(tx, options.metrics.clone());
+    let (mut engine, inotify) = Engine::new(Box::new(probe), options, state, publisher)?;
+    // SAFETY: the Inotify instance owns its fd for as long as the AsyncFd owns it.
+    let mut changes =
+        unsafe { AsyncFd::register_with_interest(inotify, tokio::io::Interest::READABLE) }
+            .context("watching trust directories")?;
+    let mut change_buffer = vec![0u8; 64 * 1024];
+
+    engine.start_up();
+
+    let mut config = config;
+    let mut poll_stale = tokio::time::interval(engine.options.poll);
+    let mut poll_all = tokio::time::interval(engine.options.poll * 8);
+    let mut rescan = tokio::time::interval(engine.options.rescan);
+    let mut housekeeping = tokio::time::interval(Duration::from_secs(5));
+    let mut debounce = tokio::time::interval(Duration::from_millis(20));
+    let mut save = tokio::time::interval(engine.options.save_interval);
+    for t in [
+        &mut poll_stale,
+        &mut poll_all,
+        &mut rescan,
+        &mut housekeeping,
+        &mut debounce,
+        &mut save,
+    ] {
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    }
+    loop {
+        let mut force = false;
+        // Snapshots are published at most once per debounce tick (or at once when forced):
+        // building one per ring-buffer wake-up made a storm cost the daemon O(processes)
+        // per record.
+        let mut due = false;
+        tokio::select! {
+            _ = interrupt.recv() => break,
+            _ = terminate.recv() => break,
+            _ = hangup.recv() => {
+                match reload() {
+                    Ok(new) => {
+                        tracing::info!("SIGHUP: configuration reloaded");
+                        engine.reconfigure(&config, &new);
+                        poll_stale = tokio::time::interval(engine.options.poll);
+                        poll_all = tokio::time::interval(engine.options.poll * 8);
+                        rescan = tokio::time::interval(engine.options.rescan);
+                        save = tokio::time::interval(engine.options.save_interval);
+                        config = new;
+                        force = true;
+                    }
+                    Err(e) => tracing::error!("SIGHUP: keeping the running configuration: {e:#}"),
+                }
+            }
+            batch = intake.batches.recv() => {
+                let batch = batch.context("the ring-buffer intake thread stopped")?;
+                // What the watches queued before these opens happened is known before
+                // they are judged.
+                engine.take_changes(changes.get_mut(), &mut change_buffer);
+                for record in batch.records() {
+                    match events::decode(record) {
+                        Ok(event) => engine.on_event(event),
+                        Err(e) => {
+                            engine.counters.undecodable += 1;
+                            tracing::warn!("dropping a ring-buffer record: {e}");
+                        }
+                    }
+                }
+                intake.handled(&batch);
+                engine.counters.queued_bytes = intake.queued_bytes();
+            }
+            guard = changes.readable_mut() => {
+                let mut guard = guard.context("waiting on inotify")?;
+                engine.take_changes(guard.get_inner_mut(), &mut change_buffer);
+                guard.clear_ready();
+            }
+            _ = debounce.tick() => {
+                engine.refresh_due();
+                due = true;
+            }
+            _ = poll_stale.tick() => engine.poll(true),
+            _ = poll_all.tick() => engine.poll(false),
+            _ = rescan.tick() => engine.rescan(),
+            _ = housekeeping.tick() => { engine.housekeeping(); force = true; }
+            _ = save.tick() => engine.save(false),
+        }
+        if force || due {
+            engine.publish(force);
+        }
+    }
+    server.abort();
+    engine.save(true);
+    if engine.options.unpin_on_exit {
+        engine.kernel.unpin();
+        tracing::info!("probe unpinned: it detaches as the daemon exits");
+    } else if let PinStatus::Active { dir, .. } = engine.kernel.pinning() {
+        tracing::info!(
+            dir = %dir.display(),
+            "the probe stays pinned and keeps recording until the next start"
+        );
+    }
+    tracing::info!(events = engine.records(), "daemon stopped");
+    Ok(())
+}
+
+impl Engine {
+    /// What happened before this start: the saved ledger, the host's stores, the
+    /// processes already running. Then the first snapshot says the daemon is ready.
+    fn start_up(&mut self) {
+        if let Some(state) = self.saver.state() {
+            let restored = state.restore(&mut self.ledger, &mut self.catalog);
+            if restored > 0 {
+                tracing::info!(
+                    processes = restored,
+                    "ledger restored from the state directory"
+                );
+            }
+        }
+        self.after_restore();
+        if let Some(host) = self.catalog.host_root() {
+            self.track_default_stores(host);
+        }
+        let reference = self.load_reference();
+        self.publisher.set_host_reference(reference);
+        self.seed();
+        self.counters.map_fill = self.kernel.map_fill();
+        self.publisher.set_ready();
+        self.publish(true);
+        self.save(true);
+        runtime::release_freed_memory();
+        tracing::info!(
+            processes = self.ledger.len(),
+            "start-up scan done; serving verdicts"
+        );
+    }
+
+    /// After a restore: restored processes that are alive are ways back into their roots
+    /// again, and the files they read are watched and re-checked (they may have changed
+    /// while the daemon was down).
+    fn after_restore(&mut self) {
+        let alive: Vec<ProcKey> = self
+            .ledger
+            .processes()
+            .filter(|p| p.exited_at.is_none())
+            .map(|p| p.key)
+            .collect();
+        for key in &alive {
+            self.catalog.root_of(key.pid, key.start_ticks);
+        }
+        for p in self.ledger.processes() {
+            for r in &p.reads {
+                if let Some(f) = &r.file {
+                    self.index.add(f.clone(), p.key);
+                }
+            }
+        }
+        let files: Vec<FileKey> = self.index.files().cloned().collect();
+        for file in files {
+            if self.catalog.root_reachable(&file.root) {
+                self.catalog.refresh(&file, &mut self.watcher);
+            }
+        }
+        self.publisher
+            .mark_all(self.ledger.processes().map(|p| p.key));
+    }
+
+    /// Processes that were running before the probe attached.
+    fn seed(&mut self) {
+        let mut go = seed::GoBinaries::default();
+        let now = SystemTime::now();
+        for found in seed::scan(&self.paths, &mut go) {
+            let key = ProcKey {
+                pid: found.pid,
+                start_ticks: found.start_ticks,
+            };
+            let Some((root, _)) = self.catalog.root_of(key.pid, key.start_ticks) else {
+                continue;
+            };
+            self.track_default_stores(root);
+            let origin = if found.trust_files.is_empty() {
+                Origin::TlsCapable
+            } else {
+                Origin::Seeded
+            };
+            let info = ProcessInfo {
+                comm: found.comm.clone(),
+                exe: found.exe.clone(),
+                cmdline: found.cmdline.clone(),
+                uid: found.uid,
+                cgroup_id: 0,
+                attribution: self.attribution_of(key.pid),
+                mnt_ns: procfs::mount_namespace_of(key.pid).unwrap_or(0),
+                root: Some(root),
+                start_time: Some(start_time(key.start_ticks)),
+                tls_library: found.tls.clone(),
+            };
+            if self.ledger.upsert(key, origin, info).is_none() {
+                continue;
+            }
+            for path in found.trust_files {
+                let file = FileKey { root, path };
+                let version = self.catalog.observe(&file, &mut self.watcher);
+                let resolved = version.as_ref().and_then(|v| v.canonical.clone());
+                let read = TrustRead {
+                    access_key: None,
+                    path: file.path.clone(),
+                    file: Some(file.clone()),
+                    resolved,
+                    resolve_error: None,
+                    // Only known to be no later than now: it was open when we looked.
+                    first_open: now,
+                    last_open: now,
+                    last_read: None,
+                    bytes: 0,
+                    opens: 1,
+                    reads: 0,
+                    version,
+                    version_read_at: now,
+                    listed: false,
+                };
+                if self.ledger.add_read(&key, read) {
+                    self.index.add(file, key);
+                }
+            }
+            self.publisher.stores_changed();
+            self.publisher.mark(key);
+        }
+    }
+}

@@ -1,0 +1,290 @@
+//! The engine's decisions, driven through a fake of the kernel tables: real processes
+//! (children of the test) and real files, no probe.
+
+use std::{
+    collections::HashMap,
+    fs,
+    path::{Path, PathBuf},
+    process::{Child, Command},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::Result;
+use tokio::sync::watch;
+use trustdrift_common::{AccessKey, AccessStats, Loss};
+
+use super::{Engine, kernel::Kernel, options::EngineOptions, publisher::Publisher};
+use crate::{
+    config::Config,
+    events::{Access, Event, Task},
+    ledger::ProcKey,
+    probe::{MapFill, ProgramStats, pinning::PinStatus, trust_paths::TrustPaths},
+    process::procfs,
+    serve::snapshot::Snapshot,
+};
+
+/// What the fake kernel holds and what was asked of it.
+#[derive(Default)]
+struct Tables {
+    accesses: HashMap<AccessKey, AccessStats>,
+    forgotten: Vec<AccessKey>,
+    taken: Vec<AccessKey>,
+}
+
+struct FakeKernel(Arc<Mutex<Tables>>, PinStatus);
+
+impl Kernel for FakeKernel {
+    fn access_stats(&self, key: &AccessKey) -> Option<AccessStats> {
+        self.0.lock().unwrap().accesses.get(key).copied()
+    }
+    fn take_access_stats(&mut self, key: &AccessKey) -> Option<AccessStats> {
+        let mut t = self.0.lock().unwrap();
+        t.taken.push(*key);
+        t.accesses.remove(key)
+    }
+    fn forget_access(&mut self, key: &AccessKey) {
+        let mut t = self.0.lock().unwrap();
+        t.forgotten.push(*key);
+        t.accesses.remove(key);
+    }
+    fn losses(&self) -> Vec<(Loss, u64)> {
+        Vec::new()
+    }
+    fn map_fill(&self) -> Vec<MapFill> {
+        Vec::new()
+    }
+    fn program_stats(&self) -> Vec<ProgramStats> {
+        Vec::new()
+    }
+    fn set_paths(&mut self, _: &TrustPaths) -> Result<()> {
+        Ok(())
+    }
+    fn pinning(&self) -> &PinStatus {
+        &self.1
+    }
+    fn unpin(&mut self) {}
+}
+
+/// An engine over a fake kernel, and a temporary directory of trust files.
+struct Bench {
+    engine: Engine,
+    tables: Arc<Mutex<Tables>>,
+    dir: PathBuf,
+    _rx: watch::Receiver<Arc<Snapshot>>,
+    children: Vec<Child>,
+}
+
+impl Bench {
+    fn new(name: &str, config: &str) -> Self {
+        let dir =
+            std::env::temp_dir().join(format!("trustdrift-engine-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let config = Config::from_toml(config, "test").unwrap();
+        let mut options = EngineOptions::from_config(&config);
+        options.state_dir = None;
+        let tables = Arc::new(Mutex::new(Tables::default()));
+        let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
+        let publisher = Publisher::new(tx, options.metrics.clone());
+        let kernel = Box::new(FakeKernel(Arc::clone(&tables), PinStatus::Disabled));
+        let (engine, _inotify) = Engine::new(kernel, options, None, publisher).unwrap();
+        Self {
+            engine,
+            tables,
+            dir,
+            _rx: rx,
+            children: Vec::new(),
+        }
+    }
+
+    fn file(&self, name: &str, content: &str) -> PathBuf {
+        let p = self.dir.join(name);
+        fs::write(&p, content).unwrap();
+        p
+    }
+
+    /// A live process to attribute accesses to (it sleeps until the bench ends).
+    fn process(&mut self) -> Task {
+        let child = Command::new("sleep").arg("60").spawn().unwrap();
+        let pid = child.id();
+        self.children.push(child);
+        let ticks = procfs::start_ticks(pid).unwrap();
+        Task {
+            tgid: pid,
+            tid: pid,
+            uid: 0,
+            start_ns: ticks * (1_000_000_000 / procfs::clock_ticks_per_second()),
+            ts_ns: 0,
+            cgroup_id: 0,
+            mnt_ns: procfs::mount_namespace_of(pid).unwrap_or(0),
+            exec_seq: 0,
+            comm: "sleep".into(),
+        }
+    }
+
+    /// `task` opened `path` (the probe announced it), with these aggregates in the kernel.
+    fn open(&mut self, task: &Task, path: &Path, stats: AccessStats) -> AccessKey {
+        let key = AccessKey {
+            tgid: task.tgid,
+            exec_seq: task.exec_seq,
+            start_ns: task.start_ns,
+            path_hash: path.to_string_lossy().len() as u64 ^ 0x9e37,
+        };
+        self.tables.lock().unwrap().accesses.insert(key, stats);
+        let inode = fs::metadata(path).ok().map(|m| {
+            (
+                std::os::unix::fs::MetadataExt::ino(&m),
+                std::os::unix::fs::MetadataExt::dev(&m),
+            )
+        });
+        self.engine.on_event(Event::Access(Access {
+            task: task.clone(),
+            key,
+            dir_path_hash: 0,
+            open_flags: 0,
+            dirfd: -100,
+            fd: -1,
+            inode,
+            match_flags: 0,
+            path: path.to_path_buf(),
+        }));
+        key
+    }
+
+    fn key_of(task: &Task) -> ProcKey {
+        ProcKey {
+            pid: task.tgid,
+            start_ticks: procfs::start_ns_to_ticks(task.start_ns),
+        }
+    }
+}
+
+impl Drop for Bench {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn stats(opens: u64, reads: u64, bytes: u64) -> AccessStats {
+    let now = crate::events::clock::boot_ns_now();
+    AccessStats {
+        first_open_ns: now,
+        last_open_ns: now,
+        first_read_ns: if reads > 0 { now } else { 0 },
+        last_read_ns: if reads > 0 { now } else { 0 },
+        bytes,
+        opens,
+        reads,
+        ..AccessStats::default()
+    }
+}
+
+#[test]
+fn an_access_records_the_version_the_process_read_and_who_reads_the_file() {
+    let mut b = Bench::new("access", "");
+    let bundle = b.file("bundle.pem", "first");
+    let task = b.process();
+    b.open(&task, &bundle, stats(1, 1, 5));
+    let key = Bench::key_of(&task);
+    let entry = b.engine.ledger.get(&key).expect("listed");
+    let read = &entry.reads[0];
+    assert_eq!(read.bytes, 5);
+    let version = read.version.as_ref().expect("a version");
+    assert_eq!(version.content.as_ref().unwrap().size, 5);
+    let file = read.file.clone().unwrap();
+    assert_eq!(
+        b.engine.index.readers_of(&file).collect::<Vec<_>>(),
+        vec![key]
+    );
+}
+
+#[test]
+fn a_reread_after_a_change_takes_the_new_version() {
+    let mut b = Bench::new("reread", "");
+    let bundle = b.file("bundle.pem", "first");
+    let task = b.process();
+    let access = b.open(&task, &bundle, stats(1, 1, 5));
+    let key = Bench::key_of(&task);
+    let first = b.engine.ledger.get(&key).unwrap().reads[0]
+        .version
+        .clone()
+        .unwrap();
+    // The file changes, then the process opens and reads it again.
+    std::thread::sleep(Duration::from_millis(20));
+    fs::write(&bundle, "second!").unwrap();
+    let mut again = stats(2, 2, 12);
+    let meta = fs::metadata(&bundle).unwrap();
+    again.last_ino = std::os::unix::fs::MetadataExt::ino(&meta);
+    b.tables.lock().unwrap().accesses.insert(access, again);
+    b.engine.poll(false);
+    let read = &b.engine.ledger.get(&key).unwrap().reads[0];
+    assert_eq!((read.opens, read.reads, read.bytes), (2, 2, 12));
+    let now = read.version.as_ref().unwrap();
+    assert_ne!(now.id, first.id, "the re-read holds the new version");
+    assert_eq!(now.content.as_ref().unwrap().size, 7);
+}
+
+#[test]
+fn an_exit_takes_the_final_aggregates_out_of_the_kernel() {
+    let mut b = Bench::new("exit", "");
+    let bundle = b.file("bundle.pem", "content");
+    let task = b.process();
+    let access = b.open(&task, &bundle, stats(1, 1, 7));
+    b.tables
+        .lock()
+        .unwrap()
+        .accesses
+        .insert(access, stats(1, 3, 21));
+    b.engine.on_event(Event::Exit(task.clone()));
+    let t = b.tables.lock().unwrap();
+    assert_eq!(t.taken, vec![access], "taken at the exit");
+    assert!(
+        !t.accesses.contains_key(&access),
+        "and gone from the kernel"
+    );
+    drop(t);
+    let entry = b.engine.ledger.get(&Bench::key_of(&task)).unwrap();
+    assert!(entry.exited_at.is_some());
+    assert_eq!(
+        entry.reads[0].bytes, 21,
+        "with its last word on what it read"
+    );
+}
+
+#[test]
+fn an_exec_forgets_the_old_image_and_drops_its_aggregates() {
+    let mut b = Bench::new("exec", "");
+    let bundle = b.file("bundle.pem", "content");
+    let task = b.process();
+    let access = b.open(&task, &bundle, stats(1, 1, 7));
+    let mut exec = task.clone();
+    exec.comm = "newimage".into();
+    b.engine.on_event(Event::Exec(exec));
+    let entry = b.engine.ledger.get(&Bench::key_of(&task)).unwrap();
+    assert!(entry.reads.is_empty());
+    assert_eq!(entry.info.comm, "newimage");
+    assert_eq!(b.tables.lock().unwrap().forgotten, vec![access]);
+}
+
+#[test]
+fn a_repeated_announcement_of_a_known_access_changes_nothing() {
+    let mut b = Bench::new("repeat", "");
+    let bundle = b.file("bundle.pem", "content");
+    let task = b.process();
+    b.open(&task, &bundle, stats(1, 1, 7));
+    b.open(&task, &bundle, stats(1, 1, 7));
+    assert_eq!(
+        b.engine
+            .ledger
+            .get(&Bench::key_of(&task))
+            .unwrap()
+            .reads
+            .len(),
+        1
+    );
+}

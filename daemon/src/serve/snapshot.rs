@@ -1,0 +1,58 @@
+//! What the engine publishes for the serving side: the processes' views, the stores' views
+//! and figures, and the daemon's own health. Plain data: the engine fills it, the API and
+//! the metrics render it.
+
+use std::{collections::BTreeMap, sync::Arc, time::SystemTime};
+
+use crate::{
+    probe::{MapFill, ProgramStats},
+    serve::views::{ProcessView, StoreView},
+    stores::reference::Reference,
+};
+
+/// What the metrics may show beyond the bounded default.
+#[derive(Clone, Debug, Default)]
+pub struct MetricsOptions {
+    pub per_process: bool,
+    pub container_stores: bool,
+    /// The `node` label every series carries, when set.
+    pub node: Option<Arc<str>>,
+}
+
+/// One store for the metrics: its label and current figures.
+#[derive(Clone, Debug)]
+pub struct StoreFigures {
+    pub store: String,
+    pub certificates: usize,
+    pub changed_at: SystemTime,
+    pub sha256: String,
+}
+
+/// The daemon's own health, for `/metrics`.
+#[derive(Clone, Debug, Default)]
+pub struct Health {
+    pub events: BTreeMap<String, u64>,
+    pub lost: BTreeMap<String, u64>,
+    pub scan_errors: BTreeMap<String, u64>,
+    pub parse_errors: u64,
+    pub contents_hashed: u64,
+    pub probe_attached: bool,
+    pub pinned: bool,
+    pub programs: Vec<ProgramStats>,
+    pub maps: Vec<MapFill>,
+    pub tracked: BTreeMap<String, u64>,
+    pub last_save: Option<SystemTime>,
+}
+
+/// What the API serves.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    pub processes: Vec<Arc<ProcessView>>,
+    /// The probe is attached and the start-up scan of /proc is done.
+    pub ready: bool,
+    pub options: MetricsOptions,
+    pub stores: Arc<Vec<StoreFigures>>,
+    pub store_views: Arc<Vec<StoreView>>,
+    pub host_reference: Option<Arc<Reference>>,
+    pub health: Health,
+}
