@@ -50,6 +50,10 @@ pub struct CertInfo {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Parsed {
     pub kind: ContentKind,
+    /// The content holds (or may hold, where it cannot be read without a password) key
+    /// material: a private or secret key. Such content is never fingerprinted in the
+    /// open (see `stores::digest`).
+    pub secret: bool,
     /// In file order; a certificate seen twice (same sha256) is kept once.
     pub certs: Vec<CertInfo>,
     /// One human-readable line per problem; never any key material.
@@ -136,6 +140,8 @@ fn is_sequence(h: &Header) -> bool {
 #[derive(Default)]
 struct Collector {
     certs: Vec<CertInfo>,
+    /// Key material seen, or content that may hold it and could not be read.
+    secret: bool,
     seen: HashSet<[u8; 32]>,
     errors: Vec<String>,
     suppressed: usize,
@@ -183,6 +189,7 @@ impl Collector {
         }
         Parsed {
             kind,
+            secret: self.secret,
             certs: self.certs,
             errors: self.errors,
         }
@@ -248,754 +255,9 @@ fn quoted(bytes: &[u8]) -> String {
     format!("{cut:?}")
 }
 
-mod pem {
-    //! PEM bundles as OpenSSL reads them: blocks between BEGIN and END lines, any text
-    //! around them ignored.
-
-    use super::{Collector, ContentKind, quoted};
-
-    enum BlockKind {
-        Certificate,
-        PrivateKey,
-        Other,
-    }
-
-    struct Open<'a> {
-        label: &'a [u8],
-        line: usize,
-        /// Certificates only: key blocks are never decoded, other blocks are skipped.
-        cert: Option<(usize, Base64)>,
-    }
-
-    /// Returns None when no BEGIN line exists, so the content is not PEM.
-    pub(super) fn read(bytes: &[u8], col: &mut Collector) -> Option<ContentKind> {
-        let mut open: Option<Open> = None;
-        let mut saw_block = false;
-        let mut saw_cert = false;
-        let mut saw_key = false;
-        for (index, raw_line) in bytes.split(|&b| b == b'\n').enumerate() {
-            let lineno = index + 1;
-            let line = trim(raw_line, index == 0);
-            if let Some(label) = armour(line, b"-----BEGIN ") {
-                if let Some(block) = open.take() {
-                    unterminated(block, col);
-                }
-                saw_block = true;
-                let cert = match classify(label) {
-                    BlockKind::Certificate => {
-                        saw_cert = true;
-                        Some((col.next_ordinal(), Base64::default()))
-                    }
-                    BlockKind::PrivateKey => {
-                        saw_key = true;
-                        None
-                    }
-                    BlockKind::Other => None,
-                };
-                open = Some(Open {
-                    label,
-                    line: lineno,
-                    cert,
-                });
-                continue;
-            }
-            let Some(block) = open.as_mut() else {
-                continue;
-            };
-            if let Some(end_label) = armour(line, b"-----END ") {
-                if let Some(block) = open.take() {
-                    close(block, end_label, lineno, col);
-                }
-                continue;
-            }
-            if let Some((_, b64)) = block.cert.as_mut() {
-                b64.feed(line, lineno);
-            }
-        }
-        if let Some(block) = open.take() {
-            unterminated(block, col);
-        }
-        if !saw_block {
-            return None;
-        }
-        // A key beside certificates is the server's own pair: the certificates are what
-        // the catalog compares. A key with only parameters beside it (`openssl ecparam
-        // -genkey`) is still a key file.
-        Some(if saw_key && !saw_cert {
-            ContentKind::PrivateKey
-        } else {
-            ContentKind::PemBundle
-        })
-    }
-
-    fn close(block: Open<'_>, end_label: &[u8], end_line: usize, col: &mut Collector) {
-        let whence = format!("PEM block at line {}", block.line);
-        if end_label != block.label {
-            let problem = format!("ends with END {} at line {end_line}", quoted(end_label));
-            match block.cert {
-                Some((n, _)) => col.cert_error(n, whence, problem),
-                None => col.error(format!(
-                    "PEM block {} at line {}: {problem}",
-                    quoted(block.label),
-                    block.line
-                )),
-            }
-            return;
-        }
-        let Some((n, b64)) = block.cert else {
-            return;
-        };
-        match b64.finish() {
-            Ok(der) => col.add_certificate(n, &der, whence),
-            Err(problem) => col.cert_error(n, whence, problem),
-        }
-    }
-
-    fn unterminated(block: Open<'_>, col: &mut Collector) {
-        match block.cert {
-            Some((n, _)) => col.cert_error(
-                n,
-                format!("PEM block at line {}", block.line),
-                "no END line",
-            ),
-            None => col.error(format!(
-                "PEM block {} at line {}: no END line",
-                quoted(block.label),
-                block.line
-            )),
-        }
-    }
-
-    fn classify(label: &[u8]) -> BlockKind {
-        match label {
-            b"CERTIFICATE" | b"X509 CERTIFICATE" | b"TRUSTED CERTIFICATE" => BlockKind::Certificate,
-            // PRIVATE KEY, RSA/EC/DSA PRIVATE KEY, ENCRYPTED PRIVATE KEY, OPENSSH PRIVATE KEY, …
-            l if l.ends_with(b"PRIVATE KEY") => BlockKind::PrivateKey,
-            _ => BlockKind::Other,
-        }
-    }
-
-    /// The label of a `-----BEGIN LABEL-----` (or END) line.
-    fn armour<'a>(line: &'a [u8], prefix: &[u8]) -> Option<&'a [u8]> {
-        line.strip_prefix(prefix)?.strip_suffix(b"-----")
-    }
-
-    fn trim(line: &[u8], first: bool) -> &[u8] {
-        let line = if first {
-            line.strip_prefix("\u{feff}".as_bytes()).unwrap_or(line)
-        } else {
-            line
-        };
-        line.trim_ascii()
-    }
-
-    /// Streaming decoder, so that a certificate block is decoded line by line and a bad
-    /// character can be reported with its line.
-    #[derive(Default)]
-    struct Base64 {
-        out: Vec<u8>,
-        acc: u32,
-        sextets: u8,
-        padding: u8,
-        bad_line: Option<usize>,
-    }
-
-    impl Base64 {
-        fn feed(&mut self, line: &[u8], lineno: usize) {
-            if self.bad_line.is_some() {
-                return;
-            }
-            for &c in line {
-                let value = match c {
-                    b'A'..=b'Z' => c - b'A',
-                    b'a'..=b'z' => c - b'a' + 26,
-                    b'0'..=b'9' => c - b'0' + 52,
-                    b'+' => 62,
-                    b'/' => 63,
-                    b'=' => {
-                        self.padding += 1;
-                        if self.padding > 2 {
-                            self.bad_line = Some(lineno);
-                            return;
-                        }
-                        continue;
-                    }
-                    b' ' | b'\t' | b'\r' => continue,
-                    _ => {
-                        self.bad_line = Some(lineno);
-                        return;
-                    }
-                };
-                if self.padding > 0 {
-                    self.bad_line = Some(lineno);
-                    return;
-                }
-                self.acc = (self.acc << 6) | u32::from(value);
-                self.sextets += 1;
-                if self.sextets == 4 {
-                    self.out.extend_from_slice(&self.acc.to_be_bytes()[1..]);
-                    self.acc = 0;
-                    self.sextets = 0;
-                }
-            }
-        }
-
-        fn finish(mut self) -> Result<Vec<u8>, String> {
-            if let Some(line) = self.bad_line {
-                return Err(format!("bad base64 at line {line}"));
-            }
-            match self.sextets {
-                0 => {}
-                2 => self
-                    .out
-                    .extend_from_slice(&(self.acc >> 4).to_be_bytes()[3..]),
-                3 => self
-                    .out
-                    .extend_from_slice(&(self.acc >> 2).to_be_bytes()[2..]),
-                _ => return Err("base64 ends mid-byte".to_owned()),
-            }
-            Ok(self.out)
-        }
-    }
-}
-
-mod jks {
-    //! Java keystores. Certificates are stored in the clear; the password only protects
-    //! keys and the trailing integrity hash, both skipped.
-
-    use std::fmt;
-
-    use super::{Collector, quoted};
-
-    const JKS_MAGIC: [u8; 4] = [0xfe, 0xed, 0xfe, 0xed];
-    /// JCEKS shares JKS's layout for key and certificate entries.
-    const JCEKS_MAGIC: [u8; 4] = [0xce, 0xce, 0xce, 0xce];
-
-    const TAG_PRIVATE_KEY: u32 = 1;
-    const TAG_TRUSTED_CERT: u32 = 2;
-    const TAG_SECRET_KEY: u32 = 3;
-
-    #[derive(Clone, Copy, PartialEq, Eq)]
-    pub(super) enum Flavour {
-        Jks,
-        Jceks,
-    }
-
-    pub(super) fn flavour(bytes: &[u8]) -> Option<Flavour> {
-        match bytes.get(..4)? {
-            m if m == JKS_MAGIC => Some(Flavour::Jks),
-            m if m == JCEKS_MAGIC => Some(Flavour::Jceks),
-            _ => None,
-        }
-    }
-
-    /// A read past the end: every length in a keystore is checked against what is left
-    /// before anything is taken, so a lying length costs an error, not an allocation.
-    struct Short {
-        what: &'static str,
-        at: usize,
-        need: u64,
-        left: usize,
-    }
-
-    impl fmt::Display for Short {
-        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            write!(
-                f,
-                "truncated: {} at offset {} needs {} bytes, {} left",
-                self.what, self.at, self.need, self.left
-            )
-        }
-    }
-
-    impl From<Short> for String {
-        fn from(short: Short) -> Self {
-            short.to_string()
-        }
-    }
-
-    struct Reader<'a> {
-        bytes: &'a [u8],
-        pos: usize,
-    }
-
-    impl<'a> Reader<'a> {
-        fn left(&self) -> usize {
-            self.bytes.len().saturating_sub(self.pos)
-        }
-
-        fn take(&mut self, need: u64, what: &'static str) -> Result<&'a [u8], Short> {
-            let slice = usize::try_from(need)
-                .ok()
-                .and_then(|n| self.bytes.get(self.pos..self.pos.checked_add(n)?));
-            let Some(slice) = slice else {
-                return Err(Short {
-                    what,
-                    at: self.pos,
-                    need,
-                    left: self.left(),
-                });
-            };
-            self.pos += slice.len();
-            Ok(slice)
-        }
-
-        fn array<const N: usize>(&mut self, what: &'static str) -> Result<[u8; N], Short> {
-            let slice = self.take(N as u64, what)?;
-            let mut out = [0; N];
-            out.copy_from_slice(slice);
-            Ok(out)
-        }
-
-        fn u16(&mut self, what: &'static str) -> Result<u16, Short> {
-            self.array(what).map(u16::from_be_bytes)
-        }
-
-        fn u32(&mut self, what: &'static str) -> Result<u32, Short> {
-            self.array(what).map(u32::from_be_bytes)
-        }
-
-        /// Java's DataOutput.writeUTF: u16 length, then modified UTF-8.
-        fn utf(&mut self, what: &'static str) -> Result<&'a [u8], Short> {
-            let len = self.u16(what)?;
-            self.take(u64::from(len), what)
-        }
-    }
-
-    pub(super) fn read(bytes: &[u8], flavour: Flavour, col: &mut Collector) {
-        let name = match flavour {
-            Flavour::Jks => "JKS",
-            Flavour::Jceks => "JCEKS",
-        };
-        let mut r = Reader { bytes, pos: 4 };
-        let header = r
-            .u32("version")
-            .and_then(|v| Ok((v, r.u32("entry count")?)));
-        let (version, count) = match header {
-            Ok(h) => h,
-            Err(short) => {
-                col.error(format!("{name} header {short}"));
-                return;
-            }
-        };
-        if version != 1 && version != 2 {
-            col.error(format!("{name} version {version} not supported"));
-            return;
-        }
-        for index in 0..count {
-            if r.left() == 0 {
-                col.error(format!(
-                    "{name} keystore declares {count} entries but ends after {index}"
-                ));
-                return;
-            }
-            let mut entry = Entry {
-                name,
-                number: u64::from(index) + 1,
-                count,
-                alias: None,
-                version,
-                flavour,
-            };
-            if let Err(problem) = entry.read(&mut r, col) {
-                col.error(format!("{}: {problem}", entry.context()));
-                // Lengths past this point cannot be trusted to find the next entry.
-                return;
-            }
-        }
-        // What follows is the keyed SHA-1 of the store: checking it needs the password,
-        // and the certificates are used whether it matches or not.
-    }
-
-    struct Entry<'a> {
-        name: &'static str,
-        number: u64,
-        count: u32,
-        alias: Option<&'a [u8]>,
-        version: u32,
-        flavour: Flavour,
-    }
-
-    impl<'a> Entry<'a> {
-        fn context(&self) -> String {
-            match self.alias {
-                Some(alias) => format!(
-                    "{} entry {} of {} (alias {})",
-                    self.name,
-                    self.number,
-                    self.count,
-                    quoted(alias)
-                ),
-                None => format!("{} entry {} of {}", self.name, self.number, self.count),
-            }
-        }
-
-        fn read(&mut self, r: &mut Reader<'a>, col: &mut Collector) -> Result<(), String> {
-            let tag = r.u32("entry tag")?;
-            self.alias = Some(r.utf("alias")?);
-            r.take(8, "timestamp")?;
-            match tag {
-                TAG_PRIVATE_KEY => {
-                    let key_len = r.u32("protected key length")?;
-                    r.take(u64::from(key_len), "protected key")?;
-                    let chain = r.u32("chain length")?;
-                    for link in 1..=chain {
-                        self.certificate(r, col, Some(link))?;
-                    }
-                    Ok(())
-                }
-                TAG_TRUSTED_CERT => self.certificate(r, col, None),
-                TAG_SECRET_KEY if self.flavour == Flavour::Jceks => Err(
-                    "secret-key entry is a serialised Java object; later entries not read"
-                        .to_owned(),
-                ),
-                other => Err(format!("unknown entry tag {other}; later entries not read")),
-            }
-        }
-
-        fn certificate(
-            &self,
-            r: &mut Reader<'a>,
-            col: &mut Collector,
-            link: Option<u32>,
-        ) -> Result<(), String> {
-            let cert_type = if self.version == 2 {
-                Some(r.utf("certificate type")?)
-            } else {
-                None
-            };
-            let len = r.u32("certificate length")?;
-            let der = r.take(u64::from(len), "certificate")?;
-            let n = col.next_ordinal();
-            let whence = match link {
-                Some(link) => format!("{}, chain certificate {link}", self.context()),
-                None => self.context(),
-            };
-            match cert_type {
-                Some(t) if t != b"X.509" => {
-                    col.cert_error(n, whence, format!("type {} is not X.509", quoted(t)));
-                }
-                _ => col.add_certificate(n, der, whence),
-            }
-            Ok(())
-        }
-    }
-}
-
-mod pkcs12 {
-    //! PKCS#12 (RFC 7292) stores, as far as they can be read without a password: the
-    //! certBags of unencrypted SafeContents, which is how OpenJDK ships its PKCS#12
-    //! cacerts. BER is accepted, since some producers use indefinite lengths.
-
-    use super::{Any, Class, Collector, Cow, FromBer, Header, Oid, Tag, asn1_rs};
-
-    /// 1.2.840.113549.1.7 (PKCS#7 content types), the prefix every authSafe type shares.
-    const OID_PKCS7: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x07];
-    /// 1.2.840.113549.1.7.1
-    pub(super) const OID_DATA: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x07, 0x01];
-    /// 1.2.840.113549.1.7.2
-    pub(super) const OID_SIGNED_DATA: &[u8] =
-        &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x07, 0x02];
-    /// 1.2.840.113549.1.7.3
-    pub(super) const OID_ENVELOPED_DATA: &[u8] =
-        &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x07, 0x03];
-    /// 1.2.840.113549.1.7.6
-    pub(super) const OID_ENCRYPTED_DATA: &[u8] =
-        &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x07, 0x06];
-    /// 1.2.840.113549.1.12.10.1.3
-    pub(super) const OID_CERT_BAG: &[u8] = &[
-        0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x0c, 0x0a, 0x01, 0x03,
-    ];
-    /// 1.2.840.113549.1.12.10.1.6
-    pub(super) const OID_SAFE_CONTENTS_BAG: &[u8] = &[
-        0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x0c, 0x0a, 0x01, 0x06,
-    ];
-    /// 1.2.840.113549.1.9.22.1
-    pub(super) const OID_X509_CERTIFICATE: &[u8] =
-        &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x09, 0x16, 0x01];
-
-    pub(super) const ENCRYPTED_SKIPPED: &str =
-        "PKCS#12 encrypted contents skipped (password needed)";
-
-    /// Nested safeContentsBags are legal but unused in practice; the cap only bounds
-    /// recursion on hostile input.
-    const MAX_NESTING: usize = 4;
-
-    /// PFX ::= SEQUENCE { version INTEGER (3), authSafe ContentInfo, … }. Only headers
-    /// are checked, so that a truncated store is still recognised as one.
-    pub(super) fn looks_like(bytes: &[u8]) -> bool {
-        let sniff = || -> Option<bool> {
-            let (rest, pfx) = Header::from_ber(bytes).ok()?;
-            let (rest, version) = Any::from_ber(rest).ok()?;
-            let (rest, auth_safe) = Header::from_ber(rest).ok()?;
-            let (_, content_type) = Any::from_ber(rest).ok()?;
-            Some(
-                is_universal(&pfx, Tag::Sequence)
-                    && is_universal(&version.header, Tag::Integer)
-                    && version.data == [3]
-                    && is_universal(&auth_safe, Tag::Sequence)
-                    && is_universal(&content_type.header, Tag::Oid)
-                    && content_type.data.starts_with(OID_PKCS7),
-            )
-        };
-        sniff().unwrap_or(false)
-    }
-
-    pub(super) fn read(bytes: &[u8], col: &mut Collector) {
-        let mut walk = Walk {
-            col,
-            bags: 0,
-            encrypted_reported: false,
-        };
-        if let Err(problem) = walk.pfx(bytes) {
-            walk.col.error(format!("PKCS#12: {problem}"));
-        }
-    }
-
-    struct Walk<'c> {
-        col: &'c mut Collector,
-        bags: usize,
-        encrypted_reported: bool,
-    }
-
-    impl Walk<'_> {
-        fn pfx(&mut self, bytes: &[u8]) -> Result<(), String> {
-            let (_, pfx) = Any::from_ber(bytes).map_err(|e| format!("PFX: {}", problem(&e)))?;
-            let mut items = Elements::of(&pfx, "PFX")?;
-            items.next_required("version")?;
-            let auth_safe = items.next_required("authSafe")?;
-            let (content_type, content) = content_info(&auth_safe, "authSafe")?;
-            match content_type {
-                OID_DATA => {
-                    let octets = explicit_octets(content, "authSafe")?;
-                    self.authenticated_safe(&octets)
-                }
-                OID_SIGNED_DATA => {
-                    Err("public-key integrity mode (signedData) not supported".to_owned())
-                }
-                other => Err(format!(
-                    "authSafe content type {} not supported",
-                    oid_name(other)
-                )),
-            }
-        }
-
-        /// AuthenticatedSafe ::= SEQUENCE OF ContentInfo. A broken ContentInfo is reported
-        /// and the next one still read: each is delimited by its own length.
-        fn authenticated_safe(&mut self, bytes: &[u8]) -> Result<(), String> {
-            let (_, seq) =
-                Any::from_ber(bytes).map_err(|e| format!("AuthenticatedSafe: {}", problem(&e)))?;
-            for (index, item) in Elements::of(&seq, "AuthenticatedSafe")?.enumerate() {
-                if let Err(problem) = item.and_then(|ci| self.safe_contents_info(&ci)) {
-                    self.col
-                        .error(format!("PKCS#12 ContentInfo {}: {problem}", index + 1));
-                }
-            }
-            Ok(())
-        }
-
-        fn safe_contents_info(&mut self, ci: &Any<'_>) -> Result<(), String> {
-            let (content_type, content) = content_info(ci, "ContentInfo")?;
-            match content_type {
-                OID_DATA => {
-                    let octets = explicit_octets(content, "SafeContents")?;
-                    let (_, seq) = Any::from_ber(&octets)
-                        .map_err(|e| format!("SafeContents: {}", problem(&e)))?;
-                    self.safe_contents(&seq, 0)
-                }
-                // One line for the whole store: a password opens all of its parts or none.
-                OID_ENCRYPTED_DATA => {
-                    if !self.encrypted_reported {
-                        self.encrypted_reported = true;
-                        self.col.error(ENCRYPTED_SKIPPED.to_owned());
-                    }
-                    Ok(())
-                }
-                OID_ENVELOPED_DATA => {
-                    Err("enveloped contents skipped (recipient's private key needed)".to_owned())
-                }
-                other => Err(format!("content type {} skipped", oid_name(other))),
-            }
-        }
-
-        /// SafeContents ::= SEQUENCE OF SafeBag.
-        fn safe_contents(&mut self, seq: &Any<'_>, depth: usize) -> Result<(), String> {
-            for bag in Elements::of(seq, "SafeContents")? {
-                self.bags += 1;
-                let number = self.bags;
-                if let Err(problem) = bag.and_then(|bag| self.safe_bag(&bag, number, depth)) {
-                    self.col.error(format!("PKCS#12 bag {number}: {problem}"));
-                }
-            }
-            Ok(())
-        }
-
-        /// SafeBag ::= SEQUENCE { bagId OID, bagValue [0] EXPLICIT ANY, bagAttributes … }.
-        /// Key bags are left undecoded; CRL and secret bags hold no certificates.
-        fn safe_bag(&mut self, bag: &Any<'_>, number: usize, depth: usize) -> Result<(), String> {
-            let mut items = Elements::of(bag, "SafeBag")?;
-            let bag_id = expect_oid(&items.next_required("bagId")?, "bagId")?;
-            match bag_id {
-                OID_CERT_BAG => {
-                    let value = explicit(&items.next_required("bagValue")?, "bagValue")?;
-                    self.cert_bag(&value, number)
-                }
-                OID_SAFE_CONTENTS_BAG if depth < MAX_NESTING => {
-                    let value = explicit(&items.next_required("bagValue")?, "bagValue")?;
-                    self.safe_contents(&value, depth + 1)
-                }
-                OID_SAFE_CONTENTS_BAG => Err("safeContentsBag nested too deeply".to_owned()),
-                _ => Ok(()),
-            }
-        }
-
-        /// CertBag ::= SEQUENCE { certId OID, certValue [0] EXPLICIT OCTET STRING }.
-        fn cert_bag(&mut self, value: &Any<'_>, number: usize) -> Result<(), String> {
-            let mut items = Elements::of(value, "CertBag")?;
-            let cert_id = expect_oid(&items.next_required("certId")?, "certId")?;
-            let n = self.col.next_ordinal();
-            let whence = format!("PKCS#12 bag {number}");
-            if cert_id != OID_X509_CERTIFICATE {
-                self.col.cert_error(
-                    n,
-                    whence,
-                    format!("type {} is not X.509", oid_name(cert_id)),
-                );
-                return Ok(());
-            }
-            let cert_value = items.next_required("certValue")?;
-            match explicit(&cert_value, "certValue").and_then(|v| octets(&v, "certValue", 0)) {
-                Ok(der) => self.col.add_certificate(n, &der, whence),
-                Err(problem) => self.col.cert_error(n, whence, problem),
-            }
-            Ok(())
-        }
-    }
-
-    /// The elements of a constructed value, in order; stops after the first unreadable one.
-    struct Elements<'a> {
-        rest: &'a [u8],
-        what: &'static str,
-    }
-
-    impl<'a> Elements<'a> {
-        fn of(any: &Any<'a>, what: &'static str) -> Result<Self, String> {
-            if !is_universal(&any.header, Tag::Sequence) {
-                return Err(format!("{what}: not a SEQUENCE"));
-            }
-            Ok(Elements {
-                rest: any.data,
-                what,
-            })
-        }
-
-        fn next_required(&mut self, field: &str) -> Result<Any<'a>, String> {
-            self.next()
-                .unwrap_or_else(|| Err(format!("{}: {field} missing", self.what)))
-        }
-    }
-
-    impl<'a> Iterator for Elements<'a> {
-        type Item = Result<Any<'a>, String>;
-
-        fn next(&mut self) -> Option<Self::Item> {
-            if self.rest.is_empty() {
-                return None;
-            }
-            match Any::from_ber(self.rest) {
-                Ok((rest, any)) => {
-                    self.rest = rest;
-                    Some(Ok(any))
-                }
-                Err(e) => {
-                    self.rest = &[];
-                    Some(Err(format!("{}: {}", self.what, problem(&e))))
-                }
-            }
-        }
-    }
-
-    /// ContentInfo ::= SEQUENCE { contentType OID, content [0] EXPLICIT ANY OPTIONAL }.
-    fn content_info<'a>(
-        ci: &Any<'a>,
-        what: &'static str,
-    ) -> Result<(&'a [u8], Option<Any<'a>>), String> {
-        let mut items = Elements::of(ci, what)?;
-        let content_type = expect_oid(&items.next_required("contentType")?, what)?;
-        let content = match items.next() {
-            Some(item) => Some(explicit(&item?, what)?),
-            None => None,
-        };
-        Ok((content_type, content))
-    }
-
-    fn explicit_octets<'a>(
-        content: Option<Any<'a>>,
-        what: &'static str,
-    ) -> Result<Cow<'a, [u8]>, String> {
-        let content = content.ok_or_else(|| format!("{what}: content missing"))?;
-        octets(&content, what, 0)
-    }
-
-    /// The value inside a [0] EXPLICIT tag.
-    fn explicit<'a>(tagged: &Any<'a>, what: &str) -> Result<Any<'a>, String> {
-        let h = &tagged.header;
-        if h.class() != Class::ContextSpecific || h.tag() != Tag(0) || !h.is_constructed() {
-            return Err(format!("{what}: expected [0]"));
-        }
-        Any::from_ber(tagged.data)
-            .map(|(_, inner)| inner)
-            .map_err(|e| format!("{what}: {}", problem(&e)))
-    }
-
-    /// BER allows an OCTET STRING to arrive in constructed chunks; they are joined.
-    fn octets<'a>(any: &Any<'a>, what: &str, depth: usize) -> Result<Cow<'a, [u8]>, String> {
-        if any.header.class() != Class::Universal || any.header.tag() != Tag::OctetString {
-            return Err(format!("{what}: not an OCTET STRING"));
-        }
-        if !any.header.is_constructed() {
-            return Ok(Cow::Borrowed(any.data));
-        }
-        if depth >= MAX_NESTING {
-            return Err(format!("{what}: OCTET STRING chunks nested too deeply"));
-        }
-        let mut joined = Vec::new();
-        let mut rest = any.data;
-        while !rest.is_empty() {
-            let (next, chunk) =
-                Any::from_ber(rest).map_err(|e| format!("{what}: {}", problem(&e)))?;
-            joined.extend_from_slice(&octets(&chunk, what, depth + 1)?);
-            rest = next;
-        }
-        Ok(Cow::Owned(joined))
-    }
-
-    fn expect_oid<'a>(any: &Any<'a>, what: &str) -> Result<&'a [u8], String> {
-        if is_universal(&any.header, Tag::Oid) {
-            Ok(any.data)
-        } else {
-            Err(format!("{what}: not an OBJECT IDENTIFIER"))
-        }
-    }
-
-    fn is_universal(h: &Header<'_>, tag: Tag) -> bool {
-        h.class() == Class::Universal && h.tag() == tag
-    }
-
-    pub(super) fn oid_name(raw: &[u8]) -> String {
-        if raw.len() > 32 {
-            return "(overlong OID)".to_owned();
-        }
-        Oid::new(Cow::Borrowed(raw)).to_id_string()
-    }
-
-    fn problem(e: &asn1_rs::Err<asn1_rs::Error>) -> String {
-        match e {
-            asn1_rs::Err::Incomplete(_) => "truncated".to_owned(),
-            asn1_rs::Err::Error(e) | asn1_rs::Err::Failure(e) => e.to_string(),
-        }
-    }
-}
+mod jks;
+mod pem;
+mod pkcs12;
 
 #[cfg(test)]
 mod tests {
@@ -1048,6 +310,7 @@ mod tests {
         assert_eq!(parsed.kind, ContentKind::PemBundle);
         assert_eq!(parsed.errors, Vec::<String>::new());
         assert_eq!(parsed.certs.len(), 2);
+        assert!(!parsed.secret, "certificates alone are public");
         let (ca, leaf) = (&parsed.certs[0], &parsed.certs[1]);
 
         assert_eq!(ca.sha256, CA_SHA256);
@@ -1264,6 +527,7 @@ mod tests {
             parsed,
             Parsed {
                 kind: ContentKind::PrivateKey,
+                secret: true,
                 certs: vec![],
                 errors: vec![]
             }
@@ -1316,6 +580,10 @@ mod tests {
         assert_eq!(parsed.kind, ContentKind::PemBundle);
         assert_eq!(shas(&parsed), [LEAF_SHA256]);
         assert!(parsed.errors.is_empty());
+        assert!(
+            parsed.secret,
+            "a key beside the certificate is key material"
+        );
     }
 
     #[test]
@@ -1323,6 +591,7 @@ mod tests {
         let parsed = parse(&fixture("trusted-certs.jks"));
         assert_eq!(parsed.kind, ContentKind::Jks);
         assert!(parsed.errors.is_empty(), "{:?}", parsed.errors);
+        assert!(!parsed.secret);
         // Java writes entries in its hash table's order, not import order.
         let mut got = shas(&parsed);
         got.sort_unstable();
@@ -1334,6 +603,7 @@ mod tests {
     fn jks_private_key_entry_yields_its_chain() {
         let parsed = parse(&fixture("test-only-throwaway-keypair.jks"));
         assert_eq!(parsed.kind, ContentKind::Jks);
+        assert!(parsed.secret, "a private-key entry is key material");
         assert!(parsed.errors.is_empty(), "{:?}", parsed.errors);
         assert_eq!(shas(&parsed), [KEYPAIR_SHA256]);
         // keytool -list -v: "Serial number: 1590c98ab7fd5779".
@@ -1580,6 +850,7 @@ mod tests {
                     [openssl_init]\nproviders = provider_sect\n\n[ req ]\ndefault_bits = 2048\n";
         let empty = Parsed {
             kind: ContentKind::Unknown,
+            secret: false,
             certs: vec![],
             errors: vec![],
         };
