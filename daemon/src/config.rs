@@ -132,6 +132,10 @@ pub struct Catalog {
     pub max_file_bytes: u64,
     pub rescan_interval: String,
     pub max_files: usize,
+    /// The longest one read in a process's world may take (a FIFO, a FUSE file that never
+    /// answers, a hung NFS mount); past it the read is given up, counted
+    /// (`trustdrift_scan_errors_total{reason="timeout"}`) and retried after a back-off.
+    pub io_timeout: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -219,6 +223,7 @@ impl Default for Catalog {
             max_file_bytes: 16 << 20,
             rescan_interval: "30s".into(),
             max_files: 16384,
+            io_timeout: "2s".into(),
         }
     }
 }
@@ -466,6 +471,7 @@ impl Config {
         for (key, value) in [
             ("api.request_timeout", &self.api.request_timeout),
             ("catalog.rescan_interval", &self.catalog.rescan_interval),
+            ("catalog.io_timeout", &self.catalog.io_timeout),
             ("ledger.exit_grace", &self.ledger.exit_grace),
             ("ledger.poll_interval", &self.ledger.poll_interval),
             ("state.save_interval", &self.state.save_interval),

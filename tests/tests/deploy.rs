@@ -695,13 +695,13 @@ fn assert_sees_the_node(r: &Rendered) {
     assert_host_path(pod, daemon, "/var/lib/trustdrift", false);
     assert_host_path(pod, daemon, "/sys/fs/bpf", false);
     // The sched tracepoints, where the daemon looks for tracefs.
-    for tracefs in daemon_strings("tracefs.rs", "MOUNT_POINT") {
+    for tracefs in daemon_strings("probe/tracefs.rs", "MOUNT_POINT") {
         assert_host_path(pod, daemon, &tracefs, false);
     }
     assert_host_path(pod, daemon, "/sys/fs/cgroup", true);
     // Every runtime bundle directory the daemon reads Kubernetes names from, read-only,
     // following the node's unmounts (a private copy would pin exited containers' roots).
-    let bundles = daemon_strings("attribution.rs", "BUNDLE_DIRS");
+    let bundles = daemon_strings("process/attribution.rs", "BUNDLE_DIRS");
     assert!(!bundles.is_empty(), "the daemon names no bundle directory");
     for dir in bundles {
         assert_host_path(pod, daemon, &dir, true);

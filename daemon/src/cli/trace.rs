@@ -15,7 +15,11 @@ use crate::{
     probe::{Probe, ProbeOptions},
     process::attribution::{self, Attribution},
     process::procfs,
-    process::resolution::{self, Resolver},
+    process::{
+        deadline::{self, Deadline},
+        resolution::{self, Resolver},
+        rootfs::Root,
+    },
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -147,6 +151,7 @@ struct Tracer {
     probe: Probe,
     printer: Printer,
     resolver: Resolver,
+    io: Deadline,
     rows: HashMap<AccessKey, Row>,
     events: u64,
     undecodable: u64,
@@ -165,13 +170,44 @@ impl Tracer {
         }
     }
 
-    fn on_access(&mut self, access: Access) {
-        let resolved = self
+    /// Where the access's path leads in its process's root, under the deadline (the
+    /// root's filesystem may never answer).
+    fn resolve(&mut self, access: &Access, alive: bool) -> Result<String, String> {
+        let absolute = self
             .resolver
-            .resolve(&access)
-            .map(|r| resolution::display(&r.canonical))
-            .map_err(|e| e.to_string());
+            .absolute(access, alive)
+            .map_err(|e| e.to_string())?;
+        let pid = access.task.tgid;
+        let root = match Root::of_pid(pid) {
+            Ok(root) if procfs::is_same_process(pid, access.task.start_ns) => root,
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                return Err(
+                    "permission denied opening the process's root (the daemon needs \
+                            CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH)"
+                        .into(),
+                );
+            }
+            _ if access.task.mnt_ns != 0
+                && procfs::host_mount_namespace() == Some(access.task.mnt_ns) =>
+            {
+                Root::host().map_err(|e| e.to_string())?
+            }
+            _ => return Err("process exited before its root could be read".into()),
+        };
+        let canonical = self
+            .io
+            .run(deadline::key(("trace", pid, &absolute)), move || {
+                root.canonicalize(&absolute)
+            })
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        self.resolver.remember(access, &canonical);
+        Ok(resolution::display(&canonical))
+    }
+
+    fn on_access(&mut self, access: Access) {
         let alive = procfs::is_same_process(access.task.tgid, access.task.start_ns);
+        let resolved = self.resolve(&access, alive);
         let attribution = alive
             .then(|| procfs::cgroup_path(access.task.tgid))
             .flatten()
@@ -287,6 +323,7 @@ pub async fn run(options: TraceOptions) -> Result<()> {
             out: std::io::stdout(),
         },
         resolver: Resolver::default(),
+        io: Deadline::new(deadline::Limits::default()),
         rows: HashMap::new(),
         events: 0,
         undecodable: 0,

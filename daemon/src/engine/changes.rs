@@ -63,7 +63,7 @@ impl Engine {
 
     pub(super) fn refresh_due(&mut self) {
         for file in self.catalog.take_due(SystemTime::now()) {
-            if self.catalog.refresh(&file, &mut self.watcher) {
+            if self.catalog.refresh(&file, &mut self.watcher, &mut self.io) {
                 self.mark_readers(&file);
             }
         }
@@ -77,7 +77,7 @@ impl Engine {
             .cloned()
             .collect();
         for file in files {
-            if self.catalog.refresh(&file, &mut self.watcher) {
+            if self.catalog.refresh(&file, &mut self.watcher, &mut self.io) {
                 self.mark_readers(&file);
             }
         }

@@ -43,10 +43,13 @@ use crate::{
     judge::verdict,
     ledger::{Counts, Ledger, Origin, ProcKey, ProcessInfo, TrustRead, persist::StateDir},
     probe::{MapFill, ProbeOptions, pinning::PinStatus, trust_paths::TrustPaths},
-    process::{attribution, peers::Peers, procfs, resolution::Resolver},
+    process::{
+        attribution, deadline::Deadline, peers::Peers, procfs, resolution::Resolver, rootfs::Root,
+    },
     serve::snapshot::Health,
     stores::{
-        catalog::{self, Catalog, FileKey, RootKey},
+        catalog::{self, Catalog, Expect, FileKey, RootKey, Unobserved},
+        digest::NodeKey,
         reference::{self, DEFAULT_CA_STORES, Reference},
         watch::Watcher,
     },
@@ -69,6 +72,8 @@ pub struct Engine {
     options: EngineOptions,
     kernel: Box<dyn Kernel>,
     catalog: Catalog,
+    /// Every read in another process's world runs on its workers, under a deadline.
+    io: Deadline,
     ledger: Ledger,
     watcher: Watcher,
     resolver: Resolver,
@@ -106,6 +111,27 @@ fn start_time(ticks: u64) -> SystemTime {
     wall(ticks * (1_000_000_000 / procfs::clock_ticks_per_second()))
 }
 
+/// Where an access's path led when the engine looked.
+#[derive(Default)]
+struct Found {
+    /// The file in the catalog, when it is one the process could have opened.
+    file: Option<FileKey>,
+    canonical: Option<PathBuf>,
+    resolve_error: Option<String>,
+    current: Option<Arc<catalog::Version>>,
+    /// Why what the process read cannot be known.
+    unverifiable: Option<String>,
+}
+
+impl Found {
+    fn error(reason: String) -> Self {
+        Self {
+            resolve_error: Some(reason),
+            ..Self::default()
+        }
+    }
+}
+
 /// The probe's aggregate in wall-clock time.
 fn counts(stats: &AccessStats) -> Counts {
     Counts {
@@ -125,6 +151,7 @@ impl Engine {
         options: EngineOptions,
         state: Option<StateDir>,
         publisher: Publisher,
+        key: NodeKey,
     ) -> Result<(Self, inotify::Inotify)> {
         let (watcher, inotify) =
             Watcher::new(options.max_watches).context("initialising inotify")?;
@@ -132,7 +159,8 @@ impl Engine {
         Ok((
             Self {
                 kernel,
-                catalog: Catalog::new(options.catalog),
+                catalog: Catalog::new(options.catalog, key),
+                io: Deadline::new(options.io),
                 ledger: Ledger::new(options.ledger),
                 watcher,
                 resolver: Resolver::default(),
@@ -175,8 +203,8 @@ impl Engine {
             };
             let present = self
                 .catalog
-                .observe(&file, &mut self.watcher)
-                .is_some_and(|v| v.content.is_some());
+                .observe(&file, None, &mut self.watcher, &mut self.io)
+                .is_ok_and(|v| v.content.is_some());
             if present {
                 stores.insert(file);
             }
@@ -204,31 +232,33 @@ impl Engine {
         })
     }
 
-    /// The context of `key`, looked up the first time.
-    fn context(&mut self, key: &ProcKey, task: &Task) -> ProcessContext {
+    /// The context of `key`, looked up the first time; with the process's root handle
+    /// when it was just opened.
+    fn context(&mut self, key: &ProcKey, task: &Task) -> (ProcessContext, Option<Arc<Root>>) {
         if let Some(ctx) = self.contexts.get(key) {
-            return ctx;
+            return (ctx, None);
         }
-        let root = self
-            .catalog
-            .root_of(key.pid, key.start_ticks)
-            .map(|(root, _)| root);
-        let alive = root.is_some() || procfs::start_ticks(key.pid).ok() == Some(key.start_ticks);
+        let found = self.catalog.root_of(key.pid, key.start_ticks);
+        let alive = found.is_some() || procfs::start_ticks(key.pid).ok() == Some(key.start_ticks);
+        let (root, handle) = match found {
+            Some((root, handle)) => (Some(root), Some(handle)),
+            None => (self.host_root_if_shared(task.mnt_ns), None),
+        };
         let ctx = ProcessContext {
             peer: alive && self.peers.is_peer(key),
-            root: root.or_else(|| self.host_root_if_shared(task.mnt_ns)),
+            root,
             alive,
         };
         self.contexts.insert(*key, ctx);
-        ctx
+        (ctx, handle)
     }
 
-    fn attribution_of(&mut self, pid: u32) -> attribution::Attribution {
+    /// Who `pid` belongs to; `root`: its root, to read its service account's namespace in.
+    fn attribution_of(&mut self, pid: u32, root: Option<Arc<Root>>) -> attribution::Attribution {
         let mut a = procfs::cgroup_path(pid)
             .map(|p| attribution::from_cgroup_path(&p))
             .unwrap_or_default();
-        self.names
-            .enrich(&mut a, &PathBuf::from(format!("/proc/{pid}/root")));
+        self.names.enrich(&mut a, &mut self.io, root);
         a
     }
 
@@ -236,20 +266,24 @@ impl Engine {
         &mut self,
         task: &Task,
         key: &ProcKey,
-        root: Option<RootKey>,
-        alive: bool,
+        ctx: ProcessContext,
+        handle: Option<Arc<Root>>,
     ) -> ProcessInfo {
+        let alive = ctx.alive;
         let attribution = if alive {
-            self.attribution_of(key.pid)
+            let handle = handle.or_else(|| {
+                self.catalog
+                    .root_of(key.pid, key.start_ticks)
+                    .map(|(_, h)| h)
+            });
+            self.attribution_of(key.pid, handle)
         } else {
             attribution::Attribution::default()
         };
+        let root = ctx.root;
         ProcessInfo {
             comm: task.comm.clone(),
-            exe: alive
-                .then(|| std::fs::read_link(format!("/proc/{}/exe", key.pid)).ok())
-                .flatten()
-                .map(|p| p.to_string_lossy().into_owned()),
+            exe: alive.then(|| procfs::exe_path(key.pid)).flatten(),
             cmdline: alive.then(|| procfs::cmdline(key.pid)).flatten(),
             uid: task.uid,
             cgroup_id: task.cgroup_id,
@@ -297,12 +331,14 @@ impl Engine {
 
     fn on_access(&mut self, access: Access) {
         let Some(key) = proc_key(&access.task) else {
+            // Nothing to attribute it to: the kernel must not keep it for nobody.
+            self.kernel.forget_access(&access.key);
             return;
         };
         if self.ledger.owner_of(&access.key).is_some() {
             return;
         }
-        let ctx = self.context(&key, &access.task);
+        let (ctx, handle) = self.context(&key, &access.task);
         if ctx.peer {
             self.kernel.forget_access(&access.key);
             return;
@@ -316,17 +352,25 @@ impl Engine {
         let info = if self.ledger.get(&key).is_some() {
             ProcessInfo::default()
         } else {
-            self.process_info(&access.task, &key, root, ctx.alive)
+            self.process_info(&access.task, &key, ctx, handle)
         };
         if self.ledger.upsert(key, Origin::Observed, info).is_none() {
+            // The ledger refused the process: its entry leaves the kernel at once, or the
+            // refused would fill the kernel's table for everyone else.
+            self.kernel.forget_access(&access.key);
             return;
         }
-        let (file, canonical, resolve_error, current) = match self.recently_seen(&access, root) {
+        let found = match self.recently_seen(&access, root) {
             Some((file, version, canonical)) => {
                 self.resolver.remember(&access, &canonical);
-                (Some(file), Some(canonical), None, Some(version))
+                Found {
+                    file: Some(file),
+                    canonical: Some(canonical),
+                    current: Some(version),
+                    ..Found::default()
+                }
             }
-            None => self.look_up(&access, root),
+            None => self.look_up(&access, root, ctx.alive),
         };
         // A process already gone cannot open or read again: its aggregate is final, and
         // is taken out of the kernel now rather than read now and again at its exit.
@@ -341,11 +385,11 @@ impl Engine {
         };
         // Which version it got: the inode the probe saw it open, when the history (or the
         // fd it still holds) says which version that was. An inode neither knows was
-        // replaced before anyone looked: a version of unknown content, not the current one.
-        // Only compared on the same device: on overlayfs the kernel's inode is the
-        // overlay's while stat may report the layer's, and a false "unseen" would be a
-        // false alert.
-        let version = match (&file, access.inode, &current) {
+        // replaced before anyone looked (the catalog only keeps a path whose current file
+        // is that inode, or lives where the kernel says the opened one did): a version of
+        // unknown content, not the current one. Only compared on the same device: on
+        // overlayfs the kernel's inode is the overlay's while stat may report the layer's.
+        let version = match (&found.file, access.inode, &found.current) {
             (Some(f), Some((ino, dev)), Some(now_there))
                 if now_there
                     .identity
@@ -354,19 +398,25 @@ impl Engine {
                 self.catalog
                     .version_of_inode(f, dev, ino, opened)
                     .or_else(|| {
-                        self.catalog
-                            .adopt_open_file(f, key.pid, access.fd, dev, ino)
+                        self.catalog.adopt_open_file(
+                            f,
+                            key.pid,
+                            access.fd,
+                            (dev, ino),
+                            &mut self.io,
+                        )
                     })
                     .or_else(|| Some(self.catalog.unseen_version(dev, ino, opened)))
             }
-            _ => current,
+            _ => found.current.clone(),
         };
+        let file = found.file.clone();
         let read = TrustRead {
             access_key: Some(access.key),
             path: access.path.clone(),
             file: file.clone(),
-            resolved: canonical,
-            resolve_error,
+            resolved: found.canonical,
+            resolve_error: found.resolve_error,
             first_open: opened,
             last_open: if stats.last_open_ns != 0 {
                 wall(stats.last_open_ns)
@@ -380,11 +430,15 @@ impl Engine {
             version,
             version_read_at: opened,
             listed: false,
+            unverifiable: found.unverifiable,
         };
         if self.ledger.add_read(&key, read) {
             if let Some(f) = file {
                 self.index.add(f, key);
             }
+        } else {
+            // Refused (too many reads for one process): out of the kernel at once.
+            self.kernel.forget_access(&access.key);
         }
         self.publisher.stores_changed();
         self.publisher.mark(key);
@@ -416,38 +470,64 @@ impl Engine {
         same_inode.then_some((file, version, canonical))
     }
 
-    /// Resolves an access's path in its process's root and looks at the file now.
-    fn look_up(
-        &mut self,
-        access: &Access,
-        root: Option<RootKey>,
-    ) -> (
-        Option<FileKey>,
-        Option<PathBuf>,
-        Option<String>,
-        Option<Arc<catalog::Version>>,
-    ) {
-        let resolved = self.resolver.resolve(access);
-        let (file, canonical, resolve_error) = match (&resolved, root) {
-            (Ok(r), Some(root)) => (
-                Some(FileKey {
-                    root,
-                    path: r.absolute.clone(),
-                }),
-                Some(r.canonical.clone()),
-                None,
-            ),
-            (Ok(r), None) => (
-                None,
-                Some(r.canonical.clone()),
-                Some("process root unknown".into()),
-            ),
-            (Err(e), _) => (None, None, Some(e.to_string())),
+    /// Makes an access's path absolute in its process's root and looks at the file now:
+    /// read only if it is the file the open got (or lives where the kernel says that one
+    /// did). Anything else is unverifiable, never judged against some other file.
+    fn look_up(&mut self, access: &Access, root: Option<RootKey>, alive: bool) -> Found {
+        let absolute = match self.resolver.absolute(access, alive) {
+            Ok(p) => p,
+            Err(e) => return Found::error(e.to_string()),
         };
-        let current = file
-            .as_ref()
-            .and_then(|f| self.catalog.observe(f, &mut self.watcher));
-        (file, canonical, resolve_error, current)
+        let Some(root) = root else {
+            return Found::error("process root unknown".into());
+        };
+        let file = FileKey {
+            root,
+            path: absolute,
+        };
+        let expect = access.inode.map(|(ino, dev)| Expect {
+            dev,
+            ino,
+            kernel_path: access.kernel_path.clone(),
+        });
+        match self
+            .catalog
+            .observe(&file, expect.as_ref(), &mut self.watcher, &mut self.io)
+        {
+            Ok(version) => {
+                if let Some(canonical) = &version.canonical {
+                    self.resolver.remember(access, canonical);
+                }
+                Found {
+                    canonical: version.canonical.clone(),
+                    current: Some(version),
+                    file: Some(file),
+                    ..Found::default()
+                }
+            }
+            Err(Unobserved::Elsewhere { canonical }) => Found {
+                canonical: Some(canonical),
+                unverifiable: Some(
+                    "the path leads to another file than the one the process opened (it \
+                     changed directory, remounted, or rewrote the path after the open): not \
+                     read, not judged"
+                        .into(),
+                ),
+                ..Found::default()
+            },
+            Err(Unobserved::Refused(refused)) => Found {
+                // Kept: a later re-read or rescan looks again, once the back-off allows.
+                file: Some(file),
+                resolve_error: Some(format!("looking at the file {refused}")),
+                ..Found::default()
+            },
+            Err(Unobserved::RootUnreachable) => {
+                Found::error("the process's root is no longer reachable".into())
+            }
+            Err(Unobserved::Untracked) => {
+                Found::error("not tracked: the catalog is full (catalog.max_files)".into())
+            }
+        }
     }
 
     /// Reads the probe's aggregates: bytes and counts move; a re-read (an open or read
@@ -516,7 +596,7 @@ impl Engine {
             };
             if let (true, Some(file)) = (moved.reread, moved.file) {
                 // Make sure a change that raced the watcher is in the history first.
-                if self.catalog.refresh(&file, &mut self.watcher) {
+                if self.catalog.refresh(&file, &mut self.watcher, &mut self.io) {
                     self.mark_readers(&file);
                 }
                 // The inode the latest open got says which version it was; the time is
@@ -607,6 +687,7 @@ impl Engine {
             }
         }
         self.catalog.set_limits(options.catalog);
+        self.io.set_limits(options.io);
         self.ledger.set_limits(options.ledger);
         self.publisher.set_options(options.metrics.clone());
         // What is fixed until a restart stays as the probe was built.
@@ -652,10 +733,15 @@ impl Engine {
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
         .collect();
+        let mut scan_errors = c.read_errors.clone();
+        let io = self.io.counts();
+        // Every look in a process's world that did not finish in time, whatever it was.
+        *scan_errors.entry("timeout".into()).or_default() += io.timed_out;
+        *scan_errors.entry("io_saturated".into()).or_default() += io.saturated;
         Health {
             events: self.counters.events.clone(),
             lost,
-            scan_errors: c.read_errors.clone(),
+            scan_errors,
             parse_errors: c.parse_errors,
             contents_hashed: c.contents_hashed,
             probe_attached: true,

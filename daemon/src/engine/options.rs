@@ -6,6 +6,7 @@ use crate::{
     config::Config,
     ledger::LedgerLimits,
     probe::{Capacities, Mode, ProbeOptions, Programs},
+    process::deadline,
     serve::snapshot::MetricsOptions,
     stores::catalog,
 };
@@ -15,6 +16,8 @@ use crate::{
 pub struct EngineOptions {
     pub probe: ProbeOptions,
     pub catalog: catalog::Limits,
+    /// Deadlines of reads in processes' worlds.
+    pub io: deadline::Limits,
     pub ledger: LedgerLimits,
     pub max_watches: usize,
     /// Bound of the queue between the ring buffer and the engine.
@@ -57,6 +60,10 @@ impl EngineOptions {
                 max_file_bytes: c.catalog.max_file_bytes,
                 max_files: c.catalog.max_files,
                 ..catalog::Limits::default()
+            },
+            io: deadline::Limits {
+                timeout: Config::duration_of(&c.catalog.io_timeout),
+                ..deadline::Limits::default()
             },
             ledger: LedgerLimits {
                 exit_grace: Config::duration_of(&c.ledger.exit_grace),

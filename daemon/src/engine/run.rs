@@ -17,7 +17,7 @@ use crate::{
     probe::{Probe, pinning::PinStatus},
     process::{procfs, seed},
     serve::snapshot::Snapshot,
-    stores::catalog::FileKey,
+    stores::{catalog::FileKey, digest::NodeKey},
 };
 
 /// Runs the daemon until SIGINT or SIGTERM; SIGHUP reloads the configuration through
@@ -51,7 +51,8 @@ where
     let mut intake = Intake::start(probe.take_events()?, options.queue_bytes)?;
     tracing::info!(mode = ?probe.mode, pinning = ?probe.pinning, "probe attached");
     let publisher = Publisher::new(tx, options.metrics.clone());
-    let (mut engine, inotify) = Engine::new(Box::new(probe), options, state, publisher)?;
+    let key = NodeKey::random().context("drawing the node's digest key")?;
+    let (mut engine, inotify) = Engine::new(Box::new(probe), options, state, publisher, key)?;
     // SAFETY: the Inotify instance owns its fd for as long as the AsyncFd owns it.
     let mut changes =
         unsafe { AsyncFd::register_with_interest(inotify, tokio::io::Interest::READABLE) }
@@ -206,7 +207,7 @@ impl Engine {
         let files: Vec<FileKey> = self.index.files().cloned().collect();
         for file in files {
             if self.catalog.root_reachable(&file.root) {
-                self.catalog.refresh(&file, &mut self.watcher);
+                self.catalog.refresh(&file, &mut self.watcher, &mut self.io);
             }
         }
         self.publisher
@@ -217,12 +218,12 @@ impl Engine {
     fn seed(&mut self) {
         let mut go = seed::GoBinaries::default();
         let now = SystemTime::now();
-        for found in seed::scan(&self.paths, &mut go) {
+        for found in seed::scan(&self.paths, &mut go, &mut self.io) {
             let key = ProcKey {
                 pid: found.pid,
                 start_ticks: found.start_ticks,
             };
-            let Some((root, _)) = self.catalog.root_of(key.pid, key.start_ticks) else {
+            let Some((root, handle)) = self.catalog.root_of(key.pid, key.start_ticks) else {
                 continue;
             };
             self.track_default_stores(root);
@@ -237,7 +238,7 @@ impl Engine {
                 cmdline: found.cmdline.clone(),
                 uid: found.uid,
                 cgroup_id: 0,
-                attribution: self.attribution_of(key.pid),
+                attribution: self.attribution_of(key.pid, Some(handle)),
                 mnt_ns: procfs::mount_namespace_of(key.pid).unwrap_or(0),
                 root: Some(root),
                 start_time: Some(start_time(key.start_ticks)),
@@ -248,7 +249,11 @@ impl Engine {
             }
             for path in found.trust_files {
                 let file = FileKey { root, path };
-                let version = self.catalog.observe(&file, &mut self.watcher);
+                // What it holds open: read only if the path still leads there.
+                let version = self
+                    .catalog
+                    .observe(&file, None, &mut self.watcher, &mut self.io)
+                    .ok();
                 let resolved = version.as_ref().and_then(|v| v.canonical.clone());
                 let read = TrustRead {
                     access_key: None,
@@ -266,6 +271,7 @@ impl Engine {
                     version,
                     version_read_at: now,
                     listed: false,
+                    unverifiable: None,
                 };
                 if self.ledger.add_read(&key, read) {
                     self.index.add(file, key);

@@ -88,7 +88,8 @@ impl Bench {
         let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
         let publisher = Publisher::new(tx, options.metrics.clone());
         let kernel = Box::new(FakeKernel(Arc::clone(&tables), PinStatus::Disabled));
-        let (engine, _inotify) = Engine::new(kernel, options, None, publisher).unwrap();
+        let key = crate::stores::digest::NodeKey::random().unwrap();
+        let (engine, _inotify) = Engine::new(kernel, options, None, publisher, key).unwrap();
         Self {
             engine,
             tables,
@@ -148,6 +149,7 @@ impl Bench {
             inode,
             match_flags: 0,
             path: path.to_path_buf(),
+            kernel_path: None,
         }));
         key
     }

@@ -59,6 +59,9 @@ pub struct Access {
     pub match_flags: u32,
     /// The path exactly as the process passed it.
     pub path: PathBuf,
+    /// The opened file's path in the process's root as the kernel knew it at the open
+    /// (its dentries and mounts), when the probe could tell.
+    pub kernel_path: Option<PathBuf>,
 }
 
 impl Access {
@@ -155,6 +158,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 inode: (e.ino != 0).then(|| (e.ino, userspace_dev(e.dev))),
                 match_flags: e.match_flags,
                 path: PathBuf::from(OsStr::from_bytes(path)),
+                kernel_path: None,
             }))
         }
         EventKind::Exec => {

@@ -123,7 +123,7 @@ fn first_change_after(history: &[Arc<Version>], read: &Version) -> Option<System
         .unwrap_or_else(|| history.partition_point(|v| v.seen_at <= read.seen_at));
     history[start..]
         .iter()
-        .find(|v| v.content.as_ref().map(|c| c.sha256) != read.content.as_ref().map(|c| c.sha256))
+        .find(|v| !v.same_content(read))
         .map(|v| v.seen_at)
 }
 
@@ -153,6 +153,13 @@ pub fn judge_read(
     catalog: &Catalog,
     now: SystemTime,
 ) -> FileVerdict {
+    if let Some(why) = &read.unverifiable {
+        // What it read is unknown; what the path names now is not it.
+        return FileVerdict {
+            verdict: Verdict::Unverified,
+            ..fresh(TrustKind::Ca, None, Some(why.clone()))
+        };
+    }
     let Some(file) = &read.file else {
         return fresh(
             TrustKind::Ca,
@@ -220,7 +227,10 @@ pub fn judge_read(
                 .unwrap_or_else(|| "unknown reason".into())
         )
     });
-    if read_content.map(|c| c.sha256) == current_content.map(|c| c.sha256) {
+    let unchanged = current
+        .as_ref()
+        .is_some_and(|c| c.id == read_version.id || c.same_content(read_version));
+    if unchanged {
         return fresh(kind, current, None);
     }
     let history = catalog.history(file);
@@ -393,16 +403,10 @@ mod tests {
     use super::*;
     use crate::{
         ledger::{LedgerLimits, ProcKey, ProcessInfo},
-        process::rootfs::Root,
-        stores::catalog::{DirWatcher, FileKey, Limits, RootKey},
+        stores::catalog::{FileKey, Limits},
     };
 
-    struct NoWatch;
-    impl DirWatcher for NoWatch {
-        fn watch(&mut self, _: &Root, _: RootKey, _: &Path) -> bool {
-            true
-        }
-    }
+    use crate::stores::catalog::tests::{NoWatch, catalog as new_catalog, io};
 
     fn fixture(name: &str) -> String {
         let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/store_format");
@@ -422,7 +426,7 @@ mod tests {
             fs::create_dir_all(&dir).unwrap();
             Self {
                 dir,
-                catalog: Catalog::new(Limits::default()),
+                catalog: new_catalog(Limits::default()),
             }
         }
 
@@ -436,7 +440,10 @@ mod tests {
         /// A process that reads `name` now.
         fn read(&mut self, name: &str) -> TrustRead {
             let file = self.key(name);
-            let version = self.catalog.observe(&file, &mut NoWatch);
+            let version = self
+                .catalog
+                .observe(&file, None, &mut NoWatch, &mut io())
+                .ok();
             let now = SystemTime::now();
             TrustRead {
                 access_key: None,
@@ -453,6 +460,7 @@ mod tests {
                 version,
                 version_read_at: now,
                 listed: false,
+                unverifiable: None,
             }
         }
 
@@ -460,7 +468,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
             fs::write(self.dir.join(name), content).unwrap();
             let key = self.key(name);
-            self.catalog.refresh(&key, &mut NoWatch);
+            self.catalog.refresh(&key, &mut NoWatch, &mut io());
         }
     }
 
@@ -638,14 +646,14 @@ mod tests {
         // A file without a CA coming and going is no drift.
         fs::write(s.dir.join("certs/NOTES"), "still not a certificate").unwrap();
         let key = s.key("certs");
-        s.catalog.refresh(&key, &mut NoWatch);
+        s.catalog.refresh(&key, &mut NoWatch, &mut io());
         assert_eq!(
             judge_read(&dir_read, &reads, &s.catalog, SystemTime::now()).verdict,
             Verdict::Fresh
         );
         // A CA file added: missing for the process, although no file it read changed.
         fs::write(s.dir.join("certs/b.pem"), fixture("v1-root.pem")).unwrap();
-        s.catalog.refresh(&key, &mut NoWatch);
+        s.catalog.refresh(&key, &mut NoWatch, &mut io());
         let v = judge_read(&dir_read, &reads, &s.catalog, SystemTime::now());
         assert_eq!(v.verdict, Verdict::Stale);
         assert_eq!(
@@ -654,7 +662,7 @@ mod tests {
         );
         // The CA file it read removed: still trusted in memory.
         fs::remove_file(s.dir.join("certs/a.pem")).unwrap();
-        s.catalog.refresh(&key, &mut NoWatch);
+        s.catalog.refresh(&key, &mut NoWatch, &mut io());
         let v = judge_read(&dir_read, &reads, &s.catalog, SystemTime::now());
         assert_eq!(
             subjects(&v.removed_cas_trusted),

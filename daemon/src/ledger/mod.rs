@@ -80,6 +80,9 @@ pub struct TrustRead {
     pub version_read_at: SystemTime,
     /// A directory it listed (getdents): it trusts the set it read there.
     pub listed: bool,
+    /// Why what it read cannot be known (the path leads elsewhere than the file its open
+    /// got): such a read is never judged against the file the path names.
+    pub unverifiable: Option<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -413,6 +416,7 @@ mod tests {
             version: None,
             version_read_at: now,
             listed: false,
+            unverifiable: None,
         }
     }
 

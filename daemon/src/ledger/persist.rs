@@ -26,11 +26,14 @@ use crate::{
     ledger::{Ledger, Origin, ProcKey, ProcessEntry, ProcessInfo, TrustRead},
     process::procfs,
     stores::catalog::{Catalog, Content, FileIdentity, FileKey, RootKey, Shape, Version},
+    stores::digest::Digest,
     stores::formats::{CertInfo, ContentKind},
 };
 
-/// Bumped whenever the document's meaning changes; older or newer files are set aside.
-pub const FORMAT: u32 = 1;
+/// Bumped whenever the document's meaning changes; newer files are set aside, older ones
+/// read as far as they can be. 2: contents are keyed by `Digest::to_saved`, and only
+/// certificates by their plain SHA-256 (format 1 had a plain SHA-256 for everything).
+pub const FORMAT: u32 = 2;
 const FILE: &str = "ledger.json";
 
 fn ns(t: SystemTime) -> u64 {
@@ -48,6 +51,9 @@ struct Document {
     format: u32,
     saved_at_ns: u64,
     boot_id: String,
+    /// `NodeKey::id` of the key keyed digests were made under.
+    #[serde(default)]
+    key_id: String,
     contents: BTreeMap<String, SavedContent>,
     files: Vec<SavedFile>,
     processes: Vec<SavedProcess>,
@@ -120,6 +126,8 @@ struct SavedRead {
     version: Option<SavedVersion>,
     version_read_at_ns: u64,
     listed: bool,
+    #[serde(default)]
+    unverifiable: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -139,21 +147,25 @@ fn boot_id() -> String {
         .unwrap_or_default()
 }
 
-/// Collects content (shared by sha256) while versions are saved. Every read of a storm's
-/// processes names a content: its hex is formatted once, not once per read.
+/// Collects content (shared by digest) while versions are saved. Every read of a storm's
+/// processes names a content: its name is formatted once, not once per read.
 #[derive(Default)]
 struct ContentTable {
     saved: BTreeMap<String, SavedContent>,
-    hex: HashMap<[u8; 32], String>,
+    names: HashMap<*const Content, String>,
 }
 
 impl ContentTable {
     fn add(&mut self, content: &Content) -> String {
-        if let Some(sha) = self.hex.get(&content.sha256) {
-            return sha.clone();
+        if let Some(name) = self.names.get(&std::ptr::from_ref(content)) {
+            return name.clone();
         }
-        let sha = content.sha256_hex();
-        self.hex.insert(content.sha256, sha.clone());
+        let sha = match content.digest {
+            // Nothing tells two foreign contents apart: each is its own entry.
+            Digest::Foreign => format!("foreign:{}", self.names.len()),
+            d => d.to_saved(),
+        };
+        self.names.insert(std::ptr::from_ref(content), sha.clone());
         if !self.saved.contains_key(&sha) {
             let shape = match &content.shape {
                 Shape::File {
@@ -200,21 +212,12 @@ impl ContentTable {
     }
 }
 
-/// Rebuilds content from the table, sharing it by sha256.
+/// Rebuilds content from the table, sharing it by name.
 struct Contents<'a> {
     saved: &'a BTreeMap<String, SavedContent>,
     built: BTreeMap<String, Arc<Content>>,
-}
-
-fn unhex(s: &str) -> Option<[u8; 32]> {
-    let mut out = [0u8; 32];
-    if s.len() != 64 {
-        return None;
-    }
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(s.get(i * 2..i * 2 + 2)?, 16).ok()?;
-    }
-    Some(out)
+    /// The keyed digests were made under the key in use now.
+    same_key: bool,
 }
 
 impl Contents<'_> {
@@ -245,8 +248,13 @@ impl Contents<'_> {
                 reason: reason.clone(),
             },
         };
+        let digest = if sha.starts_with("foreign:") {
+            Digest::Foreign
+        } else {
+            Digest::from_saved(sha, self.same_key)?
+        };
         let content = Arc::new(Content {
-            sha256: unhex(sha)?,
+            digest,
             size: saved.size,
             shape,
         });
@@ -337,6 +345,7 @@ impl StateDir {
                         version: r.version.as_deref().map(|v| table.version(v)),
                         version_read_at_ns: ns(r.version_read_at),
                         listed: r.listed,
+                        unverifiable: r.unverifiable.clone(),
                     })
                     .collect(),
             })
@@ -345,6 +354,7 @@ impl StateDir {
             format: FORMAT,
             saved_at_ns: ns(SystemTime::now()),
             boot_id: boot_id(),
+            key_id: catalog.node_key().id(),
             contents: table.saved,
             files,
             processes,
@@ -395,7 +405,8 @@ impl StateDir {
             format: u32,
         }
         match serde_json::from_slice::<Head>(&bytes) {
-            Ok(Head { format }) if format == FORMAT => {}
+            // Format 1's digests all come back foreign (it fingerprinted keys in the open).
+            Ok(Head { format }) if format == FORMAT || format == 1 => {}
             Ok(Head { format }) => {
                 self.set_aside(&format!("has format {format}, this version reads {FORMAT}"));
                 return 0;
@@ -416,9 +427,11 @@ impl StateDir {
             tracing::info!("state file is from before the last boot: nothing to restore");
             return 0;
         }
+        let same_key = doc.format == FORMAT && doc.key_id == catalog.node_key().id();
         let mut contents = Contents {
             saved: &doc.contents,
             built: BTreeMap::new(),
+            same_key,
         };
         for f in &doc.files {
             let versions = f
@@ -463,6 +476,7 @@ impl StateDir {
                     version: r.version.as_ref().map(|v| Arc::new(contents.version(v))),
                     version_read_at: at(r.version_read_at_ns),
                     listed: r.listed,
+                    unverifiable: r.unverifiable,
                 })
                 .collect();
             ledger.restore(ProcessEntry {
@@ -482,18 +496,9 @@ impl StateDir {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        ledger::LedgerLimits,
-        process::rootfs::Root,
-        stores::catalog::{DirWatcher, Limits},
-    };
+    use crate::{ledger::LedgerLimits, stores::catalog::Limits};
 
-    struct NoWatch;
-    impl DirWatcher for NoWatch {
-        fn watch(&mut self, _: &Root, _: RootKey, _: &Path) -> bool {
-            true
-        }
-    }
+    use crate::stores::catalog::tests::{NoWatch, catalog as new_catalog, io};
 
     struct Tmp(PathBuf);
     impl Tmp {
@@ -525,12 +530,12 @@ mod tests {
         let t = Tmp::new("roundtrip");
         let bundle = t.0.join("bundle.pem");
         fs::write(&bundle, fixture("ca.pem")).unwrap();
-        let mut catalog = Catalog::new(Limits::default());
+        let mut catalog = new_catalog(Limits::default());
         let file = FileKey {
             root: catalog.host_root().unwrap(),
             path: bundle.clone(),
         };
-        let version = catalog.observe(&file, &mut NoWatch);
+        let version = catalog.observe(&file, None, &mut NoWatch, &mut io()).ok();
         let mut ledger = Ledger::new(LedgerLimits::default());
         // Ourselves: alive, so restored as alive.
         let me = std::process::id();
@@ -562,6 +567,7 @@ mod tests {
                 version: version.clone(),
                 version_read_at: read_at,
                 listed: false,
+                unverifiable: None,
             },
         );
         // A process that is gone: a pid with a start time that is not its own.
@@ -579,7 +585,7 @@ mod tests {
 
         let dir = StateDir::open(&t.0.join("state")).unwrap();
         let mut ledger2 = Ledger::new(LedgerLimits::default());
-        let mut catalog2 = Catalog::new(Limits::default());
+        let mut catalog2 = new_catalog(Limits::default());
         assert_eq!(dir.restore(&mut ledger2, &mut catalog2), 2);
         let p = ledger2.get(&key).unwrap();
         assert!(p.exited_at.is_none());
@@ -616,7 +622,7 @@ mod tests {
             fs::write(state.join(FILE), content).unwrap();
             let dir = StateDir::open(&state).unwrap();
             let mut l = Ledger::new(LedgerLimits::default());
-            let mut c = Catalog::new(Limits::default());
+            let mut c = new_catalog(Limits::default());
             assert_eq!(dir.restore(&mut l, &mut c), 0, "{why}");
             assert!(!state.join(FILE).exists(), "{why}: moved away");
             let aside = fs::read_dir(&state)

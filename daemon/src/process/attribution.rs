@@ -2,14 +2,24 @@
 //! docker, podman), Kubernetes pod UID and systemd unit; from the container runtime's
 //! OCI bundle annotations, the Kubernetes namespace, pod and container names (no API
 //! server needed on the node).
+//!
+//! Both the bundle (on the node) and a pod's service-account mount (in the container) are
+//! read through the safe resolver under a deadline, and a name is kept only if it is a
+//! valid Kubernetes name: a container controls its own files, and what it writes there
+//! must neither reach outside its root nor become an arbitrary metric label.
 
 use std::{
     collections::HashMap,
-    fs,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use serde::{Deserialize, Serialize};
+
+use crate::process::{
+    deadline::{self, Deadline},
+    rootfs::Root,
+};
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Attribution {
@@ -31,6 +41,12 @@ pub const BUNDLE_DIRS: &[&str] = &[
     "/run/docker/containerd/daemon/io.containerd.runtime.v2.task/moby",
 ];
 
+/// Where a pod's service-account mount names its namespace, inside the container.
+const SERVICE_ACCOUNT_NAMESPACE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
+
+/// An OCI bundle's config.json is a few KiB; a runtime that wrote more is not believed.
+const MAX_BUNDLE_CONFIG: u64 = 1 << 20;
+
 /// (namespace, pod, container) of one container, as far as they are known.
 type K8sNames = (Option<String>, Option<String>, Option<String>);
 
@@ -38,6 +54,8 @@ type K8sNames = (Option<String>, Option<String>, Option<String>);
 pub struct Names {
     bundle_dirs: Vec<PathBuf>,
     known: HashMap<String, K8sNames>,
+    /// The node's root, where runtimes keep bundles.
+    host: Option<Arc<Root>>,
 }
 
 impl Default for Names {
@@ -46,10 +64,58 @@ impl Default for Names {
     }
 }
 
-fn annotation(config: &serde_json::Value, keys: &[&str]) -> Option<String> {
+/// A DNS-1123 label (RFC 1123): what Kubernetes accepts as a namespace or container name.
+pub fn is_dns1123_label(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0].is_ascii_alphanumeric()
+        && b[b.len() - 1].is_ascii_alphanumeric()
+}
+
+/// A DNS-1123 subdomain: what Kubernetes accepts as a pod name.
+pub fn is_dns1123_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(is_dns1123_label)
+}
+
+fn annotation(
+    config: &serde_json::Value,
+    keys: &[&str],
+    valid: fn(&str) -> bool,
+) -> Option<String> {
     let annotations = config.get("annotations")?;
     keys.iter()
-        .find_map(|k| annotations.get(*k)?.as_str().map(str::to_owned))
+        .find_map(|k| annotations.get(*k)?.as_str())
+        .filter(|v| valid(v))
+        .map(str::to_owned)
+}
+
+fn names_in(config: &serde_json::Value) -> K8sNames {
+    (
+        annotation(
+            config,
+            &[
+                "io.kubernetes.cri.sandbox-namespace",
+                "io.kubernetes.pod.namespace",
+            ],
+            is_dns1123_label,
+        ),
+        annotation(
+            config,
+            &["io.kubernetes.cri.sandbox-name", "io.kubernetes.pod.name"],
+            is_dns1123_subdomain,
+        ),
+        annotation(
+            config,
+            &[
+                "io.kubernetes.cri.container-name",
+                "io.kubernetes.container.name",
+            ],
+            is_dns1123_label,
+        ),
+    )
 }
 
 impl Names {
@@ -57,15 +123,19 @@ impl Names {
         Self {
             bundle_dirs,
             known: HashMap::new(),
+            host: Root::host().ok().map(Arc::new),
         }
     }
 
     /// (namespace, pod, container) from the container's OCI bundle annotations.
-    fn lookup(&mut self, id: &str) -> K8sNames {
+    fn lookup(&mut self, io: &mut Deadline, id: &str) -> K8sNames {
         if let Some(hit) = self.known.get(id) {
             return hit.clone();
         }
-        let found = self
+        let Some(host) = self.host.clone() else {
+            return K8sNames::default();
+        };
+        let candidates: Vec<PathBuf> = self
             .bundle_dirs
             .iter()
             .flat_map(|d| {
@@ -74,33 +144,21 @@ impl Names {
                     d.join(id).join("userdata/config.json"),
                 ]
             })
-            .find_map(|p| {
-                let text = fs::read_to_string(p).ok()?;
-                serde_json::from_str::<serde_json::Value>(&text).ok()
+            .collect();
+        let found = io
+            .run(deadline::key(("bundle", id)), move || {
+                candidates.iter().find_map(|p| {
+                    let bytes = host.read_small(p, MAX_BUNDLE_CONFIG).ok()?;
+                    serde_json::from_slice::<serde_json::Value>(&bytes).ok()
+                })
             })
-            .map(|config| {
-                (
-                    annotation(
-                        &config,
-                        &[
-                            "io.kubernetes.cri.sandbox-namespace",
-                            "io.kubernetes.pod.namespace",
-                        ],
-                    ),
-                    annotation(
-                        &config,
-                        &["io.kubernetes.cri.sandbox-name", "io.kubernetes.pod.name"],
-                    ),
-                    annotation(
-                        &config,
-                        &[
-                            "io.kubernetes.cri.container-name",
-                            "io.kubernetes.container.name",
-                        ],
-                    ),
-                )
-            })
-            .unwrap_or_default();
+            .ok()
+            .flatten()
+            .map(|config| names_in(&config));
+        let Some(found) = found else {
+            // Not cached: the runtime may not have written the bundle yet.
+            return K8sNames::default();
+        };
         if self.known.len() > 4096 {
             self.known.clear();
         }
@@ -108,21 +166,26 @@ impl Names {
         found
     }
 
-    /// Fills the Kubernetes names of `a` (a process of root `root_path`, e.g.
-    /// `/proc/<pid>/root`), when it runs in a container.
-    pub fn enrich(&mut self, a: &mut Attribution, root_path: &Path) {
+    /// Fills the Kubernetes names of `a` (a process whose root is `root`), when it runs in
+    /// a container.
+    pub fn enrich(&mut self, a: &mut Attribution, io: &mut Deadline, root: Option<Arc<Root>>) {
         let Some(id) = a.container_id.clone() else {
             return;
         };
-        let (namespace, pod, container) = self.lookup(&id);
+        let (namespace, pod, container) = self.lookup(io, &id);
         a.namespace = namespace.or_else(|| {
-            // Without runtime annotations, a pod's service-account mount still names it.
-            fs::read_to_string(
-                root_path.join("var/run/secrets/kubernetes.io/serviceaccount/namespace"),
-            )
+            // Without runtime annotations, a pod's service-account mount still names it:
+            // read inside the container's own root, as a small regular file only.
+            let root = root?;
+            io.run(deadline::key(("namespace", &id)), move || {
+                root.read_small(Path::new(SERVICE_ACCOUNT_NAMESPACE), 256)
+                    .ok()
+            })
             .ok()
+            .flatten()
+            .and_then(|bytes| String::from_utf8(bytes).ok())
             .map(|s| s.trim().to_owned())
-            .filter(|s| !s.is_empty())
+            .filter(|s| is_dns1123_label(s))
         });
         a.pod = pod;
         a.container = container;
@@ -188,7 +251,10 @@ impl Attribution {
 
 #[cfg(test)]
 mod tests {
+    use std::fs;
+
     use super::*;
+    use crate::process::deadline::Deadline;
 
     const ID: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 
@@ -255,10 +321,11 @@ mod tests {
         )
         .unwrap();
         let mut names = Names::new(vec![containerd, crio]);
+        let mut io = Deadline::new(crate::process::deadline::Limits::default());
         let mut a = from_cgroup_path(&format!(
             "/kubepods/pod5f2b8a1e-3c4d-4e5f-8a9b-0c1d2e3f4a5b/{ID}"
         ));
-        names.enrich(&mut a, Path::new("/nonexistent"));
+        names.enrich(&mut a, &mut io, None);
         assert_eq!(
             (
                 a.namespace.as_deref(),
@@ -268,11 +335,50 @@ mod tests {
             (Some("payments"), Some("agent-7f9c"), Some("agent"))
         );
         let mut b = from_cgroup_path(&format!("/system.slice/crio-{other}.scope"));
-        names.enrich(&mut b, Path::new("/nonexistent"));
+        names.enrich(&mut b, &mut io, None);
         assert_eq!(b.container.as_deref(), Some("envoy"));
         let mut host = from_cgroup_path("/system.slice/nginx.service");
-        names.enrich(&mut host, Path::new("/"));
+        names.enrich(&mut host, &mut io, Root::own().ok().map(Arc::new));
         assert_eq!(host.namespace, None);
         let _ = fs::remove_dir_all(&base);
+    }
+
+    #[test]
+    fn only_valid_kubernetes_names_become_labels() {
+        for ok in [
+            "default",
+            "kube-system",
+            "a",
+            "payments-7f9c",
+            &"a".repeat(63),
+        ] {
+            assert!(is_dns1123_label(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "Default",
+            "-lead",
+            "trail-",
+            "under_score",
+            "new\nline",
+            "sp ace",
+            &"a".repeat(64),
+            "ns\u{0}",
+        ] {
+            assert!(!is_dns1123_label(bad), "{bad:?}");
+        }
+        assert!(is_dns1123_subdomain("agent-7f9c.payments"));
+        assert!(!is_dns1123_subdomain("agent..x"));
+        assert!(!is_dns1123_subdomain(&"a.".repeat(130)));
+    }
+
+    #[test]
+    fn annotations_that_are_not_kubernetes_names_are_dropped() {
+        let config: serde_json::Value = serde_json::from_str(
+            r#"{"annotations": {"io.kubernetes.cri.sandbox-namespace": "root:x:0:0:root:/root:/bin/bash",
+                "io.kubernetes.cri.sandbox-name": "ok-pod", "io.kubernetes.cri.container-name": "UPPER"}}"#,
+        )
+        .unwrap();
+        assert_eq!(names_in(&config), (None, Some("ok-pod".into()), None));
     }
 }

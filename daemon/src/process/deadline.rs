@@ -8,12 +8,15 @@
 //! bounded, and past the bound jobs are refused at once rather than queued for ever.
 //!
 //! What timed out is quarantined by its key with a growing back-off, so one hostile path
-//! costs the caller one deadline per back-off period, not one per look.
+//! costs the caller one deadline per back-off period, not one per look; and a key whose
+//! job is still blocked is not tried again at all, so one hung mount holds at most one
+//! worker however long it stays hung.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
+    hash::{DefaultHasher, Hash, Hasher},
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, AtomicUsize, Ordering},
         mpsc,
     },
@@ -83,12 +86,21 @@ struct Quarantine {
     backoff: Duration,
 }
 
+/// A key for [`Deadline::run`] from whatever names what a job touches.
+pub fn key(what: impl Hash) -> u64 {
+    let mut h = DefaultHasher::new();
+    what.hash(&mut h);
+    h.finish()
+}
+
 /// The pool. Used from one thread (the engine); workers are its own.
 pub struct Deadline {
     limits: Limits,
     worker: Option<Worker>,
     /// Workers abandoned on a job that have not come back yet.
     blocked: Arc<AtomicUsize>,
+    /// Keys of the jobs those workers are blocked on.
+    blocked_keys: Arc<Mutex<HashSet<u64>>>,
     quarantine: HashMap<u64, Quarantine>,
     counts: Counts,
     spawned: u64,
@@ -100,6 +112,7 @@ impl Deadline {
             limits,
             worker: None,
             blocked: Arc::new(AtomicUsize::new(0)),
+            blocked_keys: Arc::default(),
             quarantine: HashMap::new(),
             counts: Counts::default(),
             spawned: 0,
@@ -124,6 +137,13 @@ impl Deadline {
         self.quarantine
             .get(&key)
             .is_some_and(|q| Instant::now() < q.until)
+            || self.still_blocked(key)
+    }
+
+    fn still_blocked(&self, key: u64) -> bool {
+        self.blocked_keys
+            .lock()
+            .is_ok_and(|keys| keys.contains(&key))
     }
 
     /// Runs `job` on a worker and waits for it at most the deadline. `key` names what the
@@ -133,21 +153,23 @@ impl Deadline {
         T: Send + 'static,
         F: FnOnce() -> T + Send + 'static,
     {
-        let now = Instant::now();
-        if let Some(q) = self.quarantine.get(&key) {
-            if now < q.until {
-                self.counts.quarantined += 1;
-                return Err(Refused::Quarantined);
-            }
+        if self.is_quarantined(key) {
+            self.counts.quarantined += 1;
+            return Err(Refused::Quarantined);
         }
         if self.blocked.load(Ordering::SeqCst) >= self.limits.max_blocked {
             self.counts.saturated += 1;
             return Err(Refused::Saturated);
         }
         let (tx, rx) = mpsc::sync_channel(1);
+        let blocked_keys = Arc::clone(&self.blocked_keys);
         let boxed: Job = Box::new(move || {
             // The caller may have given up: a closed channel is not an error here.
             let _ = tx.send(job());
+            // Back: whatever blocked it is not blocking any more.
+            if let Ok(mut keys) = blocked_keys.lock() {
+                keys.remove(&key);
+            }
         });
         let worker = self.worker()?;
         if worker.jobs.send(boxed).is_err() {
@@ -162,6 +184,9 @@ impl Deadline {
             }
             Err(_) => {
                 self.counts.timed_out += 1;
+                if let Ok(mut keys) = self.blocked_keys.lock() {
+                    keys.insert(key);
+                }
                 self.abandon();
                 let backoff = self.quarantine.get(&key).map_or(self.limits.backoff, |q| {
                     (q.backoff * 2).min(self.limits.max_backoff)
@@ -264,6 +289,9 @@ mod tests {
         // The same key is not tried again during its back-off; another key is, at once.
         assert_eq!(d.run(7, || ()), Err(Refused::Quarantined));
         assert_eq!(d.run(8, || 1), Ok(1));
+        // Nor after its back-off while its first job is still blocked.
+        thread::sleep(Duration::from_millis(350));
+        assert_eq!(d.run(7, || ()), Err(Refused::Quarantined));
         // The blocked worker coming back is no longer counted as blocked.
         release.send(()).unwrap();
         for _ in 0..100 {
@@ -277,7 +305,7 @@ mod tests {
         thread::sleep(Duration::from_millis(350));
         assert_eq!(d.run(7, || 2), Ok(2));
         assert_eq!(d.counts().timed_out, 1);
-        assert_eq!(d.counts().quarantined, 1);
+        assert_eq!(d.counts().quarantined, 2);
     }
 
     #[test]

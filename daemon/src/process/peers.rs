@@ -3,9 +3,16 @@
 //! suite, a rollout that overlaps, a second `run` by hand) must not list each other as
 //! hundreds-of-files readers. The probe already skips this process's own tgid.
 
-use std::{collections::HashSet, os::unix::fs::MetadataExt};
+use std::collections::HashSet;
 
-use crate::ledger::ProcKey;
+use crate::{ledger::ProcKey, process::rootfs};
+
+/// (device, inode) of the executable `pid` runs, from cached attributes only (its
+/// filesystem is not asked: it may be a FUSE mount that never answers).
+fn exe_identity(pid: u32) -> Option<(u64, u64)> {
+    let handle = rootfs::open_process_exe(pid).ok()?;
+    rootfs::cached_identity(&handle).ok()
+}
 
 #[derive(Debug, Default)]
 pub struct Peers {
@@ -17,9 +24,7 @@ pub struct Peers {
 impl Peers {
     pub fn new() -> Self {
         Self {
-            own_exe: std::fs::metadata("/proc/self/exe")
-                .ok()
-                .map(|m| (m.dev(), m.ino())),
+            own_exe: exe_identity(std::process::id()),
             known: HashSet::new(),
         }
     }
@@ -32,8 +37,7 @@ impl Peers {
         let Some(own) = self.own_exe else {
             return false;
         };
-        let same = std::fs::metadata(format!("/proc/{}/exe", key.pid))
-            .is_ok_and(|m| (m.dev(), m.ino()) == own)
+        let same = exe_identity(key.pid) == Some(own)
             // The pid may already belong to someone else.
             && crate::process::procfs::start_ticks(key.pid).ok() == Some(key.start_ticks);
         if same {

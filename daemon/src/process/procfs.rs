@@ -1,11 +1,84 @@
 //! Facts about live processes from /proc, always checked against the process start time
 //! the probe recorded: a pid alone names whoever holds it now, not whoever read the file.
+//!
+//! This is the one place that reads files under `/proc/<pid>/`, and it reads only what the
+//! kernel generates (stat, status, cgroup, maps, cmdline, links), each bounded in size.
+//! Nothing here follows a process's links into its files: that is `rootfs`'s job.
 
 use std::{
-    fs, io,
+    fs,
+    io::{self, Read},
     path::{Path, PathBuf},
     sync::OnceLock,
 };
+
+/// At most `cap` bytes of `/proc/<pid>/<name>` as text: generated files, but some
+/// (maps, cmdline) grow with what the process does.
+fn read_capped(pid: u32, name: &str, cap: u64) -> io::Result<String> {
+    let mut text = String::new();
+    fs::File::open(format!("/proc/{pid}/{name}"))?
+        .take(cap)
+        .read_to_string(&mut text)
+        .or_else(|e| {
+            // A cut in the middle of a UTF-8 sequence (a path in maps): keep what is whole.
+            if e.kind() == io::ErrorKind::InvalidData {
+                Ok(0)
+            } else {
+                Err(e)
+            }
+        })?;
+    Ok(text)
+}
+
+/// Every pid in /proc.
+pub fn pids() -> Vec<u32> {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .collect()
+}
+
+/// The process's memory map (`/proc/<pid>/maps`), up to 8 MiB (about 80,000 mappings).
+pub fn maps(pid: u32) -> Option<String> {
+    read_capped(pid, "maps", 8 << 20).ok()
+}
+
+/// The process's name (`/proc/<pid>/comm`).
+pub fn comm(pid: u32) -> Option<String> {
+    read_capped(pid, "comm", 64)
+        .ok()
+        .map(|c| c.trim_end().to_owned())
+}
+
+/// The real uid (`Uid:` in `/proc/<pid>/status`).
+pub fn uid(pid: u32) -> Option<u32> {
+    read_capped(pid, "status", 64 << 10)
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+/// Where its executable is, as the kernel names it (text only; nothing is opened).
+pub fn exe_path(pid: u32) -> Option<String> {
+    fs::read_link(format!("/proc/{pid}/exe"))
+        .ok()
+        .map(|p| p.to_string_lossy().into_owned())
+}
+
+/// The process's open fds.
+pub fn fds(pid: u32) -> Vec<i32> {
+    let Ok(entries) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .collect()
+}
 
 /// `sysconf(_SC_CLK_TCK)`: the unit of the start time in /proc/<pid>/stat.
 pub fn clock_ticks_per_second() -> u64 {
@@ -24,7 +97,7 @@ pub fn start_ns_to_ticks(start_ns: u64) -> u64 {
 
 /// Field 22 of /proc/<pid>/stat: start time since boot, in clock ticks.
 pub fn start_ticks(pid: u32) -> io::Result<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let stat = read_capped(pid, "stat", 4096)?;
     parse_start_ticks(&stat).ok_or_else(|| io::Error::other(format!("unparsable /proc/{pid}/stat")))
 }
 
@@ -84,7 +157,7 @@ pub fn own_usage() -> Option<OwnUsage> {
 
 /// The process's cgroup v2 path (the `0::` line), if it has one.
 pub fn cgroup_path(pid: u32) -> Option<String> {
-    let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let text = read_capped(pid, "cgroup", 64 << 10).ok()?;
     text.lines()
         .find_map(|l| l.strip_prefix("0::"))
         .map(str::to_owned)
@@ -115,7 +188,12 @@ pub fn own_mount_namespace() -> Option<u32> {
 /// The command line, arguments joined by spaces, cut at 256 bytes (it can hold secrets
 /// and be huge; enough to tell processes apart).
 pub fn cmdline(pid: u32) -> Option<String> {
-    let raw = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let mut raw = Vec::new();
+    fs::File::open(format!("/proc/{pid}/cmdline"))
+        .ok()?
+        .take(4096)
+        .read_to_end(&mut raw)
+        .ok()?;
     if raw.is_empty() {
         return None;
     }

@@ -1,9 +1,14 @@
 //! Paths as a process sees them: resolved inside the process's own root (its mount
 //! namespace and chroot), following symlinks the way the process would, never escaping.
+//! This is the one place that opens anything inside another process's root.
 //!
 //! Every lookup goes through `openat2(RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)` from an
 //! `O_PATH` handle on the root, so an absolute symlink or `..` inside a container lands
-//! on the container's own `/`, not the host's.
+//! on the container's own `/`, not the host's. A file is read only after an `O_PATH`
+//! handle and `fstat` say it is a regular file (a FIFO, device or socket is never opened
+//! for reading), then it is opened `O_NONBLOCK`, checked to be the very inode the handle
+//! named, and read up to a cap. Whatever can still block (FUSE, NFS) runs under
+//! `process::deadline`.
 
 use std::{
     collections::VecDeque,
@@ -14,6 +19,9 @@ use std::{
 };
 
 use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags, openat2, readlinkat, statat};
+use thiserror::Error;
+
+use crate::stores::identity::FileIdentity;
 
 /// Symlinks followed before giving up, as the kernel does (`MAXSYMLINKS`).
 const MAX_LINKS: usize = 40;
@@ -138,11 +146,155 @@ impl Root {
     }
 
     /// Identity of this root directory (device, inode): two processes with the same
-    /// mount namespace and root identity see the same files.
+    /// mount namespace and root identity see the same files. Cached attributes only: a
+    /// network or FUSE filesystem is not asked (it may never answer).
     pub fn identity(&self) -> io::Result<(u64, u64)> {
-        let st = rustix::fs::fstat(&self.fd)?;
-        Ok((st.st_dev, st.st_ino))
+        cached_identity(&self.fd)
     }
+
+    /// An `O_PATH` handle on `path` inside the root. `no_symlinks`: the path is already
+    /// canonical, and a symlink met on the way (swapped in since) is an error, not followed.
+    pub fn open_path(&self, path: &Path, no_symlinks: bool) -> io::Result<OwnedFd> {
+        let mut how = resolve_flags();
+        if no_symlinks {
+            how |= ResolveFlags::NO_SYMLINKS;
+        }
+        Ok(openat2(
+            &self.fd,
+            path,
+            OFlags::PATH | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+            Mode::empty(),
+            how,
+        )?)
+    }
+
+    /// Opens the canonical `path` for reading, only if it is still the inode `expect`
+    /// named (a swap between the two opens is an error, not a read of something else).
+    pub fn open_verified(
+        &self,
+        path: &Path,
+        expect: &FileIdentity,
+        directory: bool,
+    ) -> io::Result<OwnedFd> {
+        let mut flags = OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC;
+        if directory {
+            flags |= OFlags::DIRECTORY;
+        }
+        let fd = openat2(
+            &self.fd,
+            path,
+            flags,
+            Mode::empty(),
+            resolve_flags() | ResolveFlags::NO_SYMLINKS,
+        )?;
+        verify(&fd, expect)?;
+        Ok(fd)
+    }
+
+    /// A small file of this root (a service account's namespace, say), read safely: a
+    /// regular file only, at most `cap` bytes.
+    pub fn read_small(&self, path: &Path, cap: u64) -> Result<Vec<u8>, SafeReadError> {
+        let resolved = self.canonicalize(path)?;
+        let handle = self.open_path(&resolved, true)?;
+        let st = rustix::fs::fstat(&handle).map_err(io::Error::from)?;
+        if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile {
+            return Err(SafeReadError::NotRegular);
+        }
+        if st.st_size as u64 > cap {
+            return Err(SafeReadError::TooLarge(cap));
+        }
+        let fd = self.open_verified(&resolved, &FileIdentity::of(&st), false)?;
+        let (bytes, over) = read_capped(fd, cap)?;
+        if over {
+            return Err(SafeReadError::TooLarge(cap));
+        }
+        Ok(bytes)
+    }
+}
+
+/// Why a safe read gave nothing.
+#[derive(Debug, Error)]
+pub enum SafeReadError {
+    #[error("not a regular file: not read")]
+    NotRegular,
+    #[error("larger than {0} bytes: not read")]
+    TooLarge(u64),
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+/// (device, inode) of an open handle from cached attributes (`AT_STATX_DONT_SYNC`).
+pub fn cached_identity(fd: &OwnedFd) -> io::Result<(u64, u64)> {
+    let stx = rustix::fs::statx(
+        fd,
+        "",
+        AtFlags::EMPTY_PATH | AtFlags::STATX_DONT_SYNC,
+        rustix::fs::StatxFlags::INO,
+    )?;
+    Ok((
+        libc::makedev(stx.stx_dev_major, stx.stx_dev_minor),
+        stx.stx_ino,
+    ))
+}
+
+/// Fails unless `fd` is the inode `expect` names.
+fn verify(fd: &OwnedFd, expect: &FileIdentity) -> io::Result<()> {
+    let st = rustix::fs::fstat(fd)?;
+    if expect.is(st.st_dev, st.st_ino) {
+        Ok(())
+    } else {
+        Err(io::Error::other("replaced while it was being opened"))
+    }
+}
+
+/// Reads at most `cap` bytes; `true` in the second field if there was more.
+pub fn read_capped(fd: OwnedFd, cap: u64) -> io::Result<(Vec<u8>, bool)> {
+    use std::io::Read;
+    let mut buf = Vec::new();
+    let mut file = std::fs::File::from(fd).take(cap + 1);
+    file.read_to_end(&mut buf)?;
+    let over = buf.len() as u64 > cap;
+    buf.truncate(cap as usize);
+    Ok((buf, over))
+}
+
+/// An `O_PATH` handle on what fd `fd` of process `pid` is open on: the very file it
+/// opened, even when no path leads to it any more. The magic link is the kernel's record of
+/// what the process holds, not a path the process chose.
+pub fn open_process_fd(pid: u32, fd: i32) -> io::Result<OwnedFd> {
+    Ok(rustix::fs::open(
+        format!("/proc/{pid}/fd/{fd}").as_str(),
+        OFlags::PATH | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?)
+}
+
+/// An `O_PATH` handle on the executable process `pid` runs.
+pub fn open_process_exe(pid: u32) -> io::Result<OwnedFd> {
+    Ok(rustix::fs::open(
+        format!("/proc/{pid}/exe").as_str(),
+        OFlags::PATH | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?)
+}
+
+/// Opens for reading the regular file an `O_PATH` handle names, if it is `expect`.
+pub fn reopen_verified(handle: &OwnedFd, expect: &FileIdentity) -> io::Result<OwnedFd> {
+    use std::os::fd::AsRawFd;
+    let st = rustix::fs::fstat(handle)?;
+    if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile {
+        return Err(io::Error::other("not a regular file"));
+    }
+    if !expect.is(st.st_dev, st.st_ino) {
+        return Err(io::Error::other("not the file that was opened"));
+    }
+    let fd = rustix::fs::open(
+        format!("/proc/self/fd/{}", handle.as_raw_fd()).as_str(),
+        OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    verify(&fd, expect)?;
+    Ok(fd)
 }
 
 /// The normal components of `path`, with `..` kept (folded during resolution).

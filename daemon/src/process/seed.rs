@@ -3,15 +3,18 @@
 //! or mapped, and whether they use TLS at all (a TLS library mapped, a JVM, or a Go
 //! binary linking crypto/x509).
 
-use std::{
-    collections::HashMap,
-    fs,
-    path::{Path, PathBuf},
-};
+use std::{collections::HashMap, path::PathBuf};
 
 use object::{Object, ObjectSection};
 
-use crate::{probe::trust_paths::TrustPaths, process::procfs};
+use crate::{
+    probe::trust_paths::TrustPaths,
+    process::{
+        deadline::{self, Deadline},
+        procfs, rootfs,
+    },
+    stores::identity::FileIdentity,
+};
 
 /// A process found in /proc at start-up.
 #[derive(Clone, Debug)]
@@ -46,31 +49,41 @@ pub struct GoBinaries {
     known: HashMap<(u64, u64), bool>,
 }
 
+/// The largest `.gopclntab` looked through: Kubernetes' own binaries have ~30 MiB.
+const MAX_PCLNTAB: u64 = 256 << 20;
+
 impl GoBinaries {
-    /// Whether `/proc/<pid>/exe` is a Go binary that links crypto/x509.
-    fn uses_crypto_x509(&mut self, pid: u32) -> bool {
-        let exe = format!("/proc/{pid}/exe");
-        let Ok(meta) = fs::metadata(&exe) else {
+    /// Whether the executable `pid` runs is a Go binary that links crypto/x509. The very
+    /// file the kernel executed is read (through `/proc/<pid>/exe`), under the deadline:
+    /// it may sit on a filesystem that never answers.
+    fn uses_crypto_x509(&mut self, io: &mut Deadline, pid: u32) -> bool {
+        let Ok(handle) = rootfs::open_process_exe(pid) else {
             return false;
         };
-        let id = (
-            std::os::unix::fs::MetadataExt::dev(&meta),
-            std::os::unix::fs::MetadataExt::ino(&meta),
-        );
+        let Ok(id) = rootfs::cached_identity(&handle) else {
+            return false;
+        };
         if let Some(known) = self.known.get(&id) {
             return *known;
         }
-        let answer = go_links_crypto_x509(Path::new(&exe));
-        self.known.insert(id, answer);
-        answer
+        let answer = io
+            .run(deadline::key(("dev", id.0)), move || {
+                let st = rustix::fs::fstat(&handle).ok()?;
+                let fd = rootfs::reopen_verified(&handle, &FileIdentity::of(&st)).ok()?;
+                Some(go_links_crypto_x509(std::fs::File::from(fd)))
+            })
+            .ok()
+            .flatten();
+        // Unknown (timed out, unreadable) is not remembered: asked again next time.
+        if let Some(answer) = answer {
+            self.known.insert(id, answer);
+        }
+        answer.unwrap_or(false)
     }
 }
 
 /// Reads only the ELF headers and, for Go binaries, the function name table.
-fn go_links_crypto_x509(exe: &Path) -> bool {
-    let Ok(file) = fs::File::open(exe) else {
-        return false;
-    };
+fn go_links_crypto_x509(file: std::fs::File) -> bool {
     let cache = object::ReadCache::new(file);
     let Ok(elf) = object::File::parse(&cache) else {
         return false;
@@ -82,7 +95,7 @@ fn go_links_crypto_x509(exe: &Path) -> bool {
     let Some(pclntab) = elf.section_by_name(".gopclntab") else {
         return false;
     };
-    if pclntab.size() > 256 << 20 {
+    if pclntab.size() > MAX_PCLNTAB {
         return false;
     }
     pclntab
@@ -108,27 +121,10 @@ fn mapped_paths(maps: &str) -> impl Iterator<Item = &str> {
         .filter(|p| p.starts_with('/'))
 }
 
-fn uid_of(pid: u32) -> u32 {
-    fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 /// Paths of the trust files `pid` holds open, inside its root.
 fn open_trust_files(pid: u32, paths: &TrustPaths) -> Vec<PathBuf> {
-    let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
-        return vec![];
-    };
     let mut out = Vec::new();
-    for fd in fds.flatten() {
-        let Some(fd) = fd.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
-            continue;
-        };
+    for fd in procfs::fds(pid) {
         let Ok(path) = procfs::base_dir(pid, fd) else {
             continue;
         };
@@ -140,24 +136,14 @@ fn open_trust_files(pid: u32, paths: &TrustPaths) -> Vec<PathBuf> {
 }
 
 /// Every user process in /proc but ourselves, with what the daemon can learn about it.
-pub fn scan(paths: &TrustPaths, go: &mut GoBinaries) -> Vec<Found> {
+pub fn scan(paths: &TrustPaths, go: &mut GoBinaries, io: &mut Deadline) -> Vec<Found> {
     let me = std::process::id();
-    let Ok(entries) = fs::read_dir("/proc") else {
-        return vec![];
-    };
     let mut found = Vec::new();
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
+    for pid in procfs::pids() {
         if pid == me {
             continue;
         }
-        let Ok(maps) = fs::read_to_string(format!("/proc/{pid}/maps")) else {
+        let Some(maps) = procfs::maps(pid) else {
             continue;
         };
         // Kernel threads map nothing.
@@ -175,7 +161,7 @@ pub fn scan(paths: &TrustPaths, go: &mut GoBinaries) -> Vec<Found> {
             }
         }
         let tls = tls_library_in(&maps).map(str::to_owned).or_else(|| {
-            go.uses_crypto_x509(pid)
+            go.uses_crypto_x509(io, pid)
                 .then(|| "go crypto/x509".to_owned())
         });
         if trust_files.is_empty() && tls.is_none() {
@@ -184,14 +170,10 @@ pub fn scan(paths: &TrustPaths, go: &mut GoBinaries) -> Vec<Found> {
         found.push(Found {
             pid,
             start_ticks,
-            comm: fs::read_to_string(format!("/proc/{pid}/comm"))
-                .map(|c| c.trim_end().to_owned())
-                .unwrap_or_default(),
-            exe: fs::read_link(format!("/proc/{pid}/exe"))
-                .ok()
-                .map(|p| p.to_string_lossy().into_owned()),
+            comm: procfs::comm(pid).unwrap_or_default(),
+            exe: procfs::exe_path(pid),
             cmdline: procfs::cmdline(pid),
-            uid: uid_of(pid),
+            uid: procfs::uid(pid).unwrap_or(0),
             trust_files,
             tls,
         });
@@ -223,9 +205,13 @@ mod tests {
         let mut found = None;
         for _ in 0..100 {
             std::thread::sleep(std::time::Duration::from_millis(50));
-            found = scan(&TrustPaths::defaults(), &mut GoBinaries::default())
-                .into_iter()
-                .find(|f| f.pid == pid && f.tls.is_some());
+            found = scan(
+                &TrustPaths::defaults(),
+                &mut GoBinaries::default(),
+                &mut Deadline::new(deadline::Limits::default()),
+            )
+            .into_iter()
+            .find(|f| f.pid == pid && f.tls.is_some());
             if found.is_some() {
                 break;
             }

@@ -25,7 +25,8 @@ pub struct StoreFigures {
     pub store: String,
     pub certificates: usize,
     pub changed_at: SystemTime,
-    pub sha256: String,
+    /// Of a store of certificates only: nothing else is fingerprinted in the open.
+    pub sha256: Option<String>,
 }
 
 /// The daemon's own health, for `/metrics`.

@@ -92,9 +92,13 @@ impl Serialize for VersionView {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let v = &self.version;
         let content: Option<&Content> = v.content.as_deref();
-        let mut out = s.serialize_struct("VersionView", 5)?;
-        // SHA-256 of the content (for a directory: of its entries' names and hashes).
-        out.serialize_field("sha256", &content.map(Content::sha256_hex))?;
+        let mut out = s.serialize_struct("VersionView", 7)?;
+        // SHA-256 of the content (for a directory: of its entries' names and hashes), for
+        // certificates only: a key or any other secret is never fingerprinted in the open.
+        out.serialize_field("sha256", &content.and_then(Content::sha256_hex))?;
+        // The file's change counter: a new version is a new revision.
+        out.serialize_field("revision", &v.id)?;
+        out.serialize_field("size", &content.map(|c| c.size))?;
         // When this content became what the path names.
         out.serialize_field("since", &Stamp(v.seen_at))?;
         out.serialize_field(

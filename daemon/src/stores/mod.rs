@@ -3,6 +3,8 @@
 //! ([`watch`]), and what a new process on the host would trust ([`reference`]).
 
 pub mod catalog;
+pub mod digest;
 pub mod formats;
+pub mod identity;
 pub mod reference;
 pub mod watch;

@@ -10,12 +10,16 @@ use std::{
     collections::HashMap,
     os::fd::AsRawFd,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use inotify::{Inotify, WatchMask, Watches};
 
 use crate::{
-    process::rootfs::Root,
+    process::{
+        deadline::{self, Deadline},
+        rootfs::Root,
+    },
     stores::catalog::{DirWatcher, RootKey},
 };
 
@@ -97,17 +101,30 @@ impl Watcher {
 }
 
 impl DirWatcher for Watcher {
-    fn watch(&mut self, root: &Root, root_key: RootKey, dir: &Path) -> bool {
+    fn watch(
+        &mut self,
+        io: &mut Deadline,
+        root: &Arc<Root>,
+        root_key: RootKey,
+        dir: &Path,
+    ) -> bool {
         if self.by_wd.len() >= self.max_watches {
             self.failures += 1;
             return false;
         }
-        let Ok(handle) = root.open_dir(dir) else {
-            return false;
-        };
-        let proc_path = format!("/proc/self/fd/{}", handle.as_raw_fd());
-        match self.watches.add(&proc_path, mask()) {
-            Ok(wd) => {
+        // Opening the directory asks its filesystem (a FUSE server may never answer).
+        let (mut watches, root_for_job, dir_for_job) =
+            (self.watches.clone(), Arc::clone(root), dir.to_path_buf());
+        let added = io.run(deadline::key(("watch", root_key, dir)), move || {
+            // A directory already gone (a rotation removed it) is not a failure to watch.
+            let Ok(handle) = root_for_job.open_dir(&dir_for_job) else {
+                return None;
+            };
+            let proc_path = format!("/proc/self/fd/{}", handle.as_raw_fd());
+            Some(watches.add(&proc_path, mask()))
+        });
+        match added {
+            Ok(Some(Ok(wd))) => {
                 let list = self.by_wd.entry(wd.get_watch_descriptor_id()).or_default();
                 let entry = (root_key, dir.to_path_buf());
                 if !list.contains(&entry) {
@@ -115,9 +132,15 @@ impl DirWatcher for Watcher {
                 }
                 true
             }
-            Err(e) => {
+            Ok(None) => false,
+            Ok(Some(Err(e))) => {
                 self.failures += 1;
                 tracing::debug!("cannot watch {} in {root_key}: {e}", dir.display());
+                false
+            }
+            Err(refused) => {
+                self.failures += 1;
+                tracing::debug!("cannot watch {} in {root_key}: {refused}", dir.display());
                 false
             }
         }

@@ -1,0 +1,40 @@
+//! When files are looked at again: a watched directory changed (after a short debounce
+//! that coalesces a rename sequence), or everything at once after the watcher overflowed.
+
+use std::{collections::BTreeMap, time::SystemTime};
+
+use crate::stores::identity::FileKey;
+
+#[derive(Default)]
+pub struct Schedule {
+    due: BTreeMap<FileKey, SystemTime>,
+}
+
+impl Schedule {
+    /// `file` is to be looked at again from `at` on (an earlier date stands).
+    pub fn mark(&mut self, file: &FileKey, at: SystemTime) {
+        self.due.entry(file.clone()).or_insert(at);
+    }
+
+    pub fn contains(&self, file: &FileKey) -> bool {
+        self.due.contains_key(file)
+    }
+
+    /// Files whose time has come, no longer scheduled.
+    pub fn take_due(&mut self, now: SystemTime) -> Vec<FileKey> {
+        let due: Vec<FileKey> = self
+            .due
+            .iter()
+            .filter(|(_, t)| **t <= now)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in &due {
+            self.due.remove(k);
+        }
+        due
+    }
+
+    pub fn retain(&mut self, keep: impl Fn(&FileKey) -> bool) {
+        self.due.retain(|k, _| keep(k));
+    }
+}
