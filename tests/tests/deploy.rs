@@ -178,6 +178,9 @@ fn kustomization_file(dir: &Path) -> Option<PathBuf> {
 enum Kind {
     Kustomization,
     Component,
+    /// A kustomization of transformer configurations (`apiVersion: builtin`), for a
+    /// user's `transformers:`, not a deployment (deploy/monitoring/runbook-url).
+    Transformers,
 }
 
 /// Every directory under deploy/ holding a kustomization, by path relative to deploy/.
@@ -208,6 +211,9 @@ fn kustomizations(tools: &Tools) -> BTreeMap<String, Kind> {
         );
         let kind = match doc[0]["kind"].as_str() {
             Some("Component") => Kind::Component,
+            None | Some("Kustomization") if only_transformers(tools, &dir, &doc[0]) => {
+                Kind::Transformers
+            }
             None | Some("Kustomization") => Kind::Kustomization,
             Some(other) => panic!("{}: unknown kind {other}", file.display()),
         };
@@ -221,6 +227,27 @@ fn kustomizations(tools: &Tools) -> BTreeMap<String, Kind> {
         }
     }
     found
+}
+
+/// Whether every resource of the kustomization in `dir` is a builtin transformer's
+/// configuration.
+fn only_transformers(tools: &Tools, dir: &Path, kustomization: &Value) -> bool {
+    let resources = list(&kustomization["resources"]);
+    !resources.is_empty()
+        && resources.iter().all(|r| {
+            let path = dir.join(str_of(r, "a resource"));
+            let Ok(text) = fs::read_to_string(&path) else {
+                return false;
+            };
+            let docs = json(
+                &run(
+                    Command::new(&tools.python).args(["-c", YAML_TO_JSON]),
+                    text.as_bytes(),
+                ),
+                &path.display().to_string(),
+            );
+            list(&docs).iter().all(|d| d["apiVersion"] == "builtin")
+        })
 }
 
 /// `to` relative to `from` (both absolute): kustomize refuses absolute paths.
@@ -1150,4 +1177,88 @@ fn every_container_runs_the_image_of_this_workspace_version() {
             );
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// The alert rules' runbook links
+
+/// The runbook base the rules ship with (docs/alerts.md).
+const RUNBOOK_BASE: &str = "https://github.com/trustdrift/trustdrift/blob/main/docs/runbooks/";
+
+/// Every rule of a rendered PrometheusRule: (alert, runbook_url).
+fn runbook_urls(r: &Rendered) -> Vec<(String, String)> {
+    let rule = one(r, "PrometheusRule");
+    list(&rule["spec"]["groups"])
+        .iter()
+        .flat_map(|g| list(&g["rules"]))
+        .map(|rule| {
+            (
+                str_of(&rule["alert"], "an alert").to_owned(),
+                str_of(&rule["annotations"]["runbook_url"], "a runbook_url").to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn one_value_in_a_users_kustomization_moves_every_runbook_link() {
+    let Some(tools) = tools() else { return };
+    let deploy = repo().join("deploy");
+    // As shipped: absolute links under the one base, each to a runbook this repository has.
+    let shipped = kustomize_build(&tools, &deploy.join("monitoring"), "monitoring");
+    let urls = runbook_urls(&shipped);
+    assert!(!urls.is_empty());
+    for (alert, url) in &urls {
+        assert_eq!(*url, format!("{RUNBOOK_BASE}{alert}.md"));
+        assert!(
+            repo()
+                .join("docs/runbooks")
+                .join(format!("{alert}.md"))
+                .is_file(),
+            "{url}: no such runbook"
+        );
+    }
+    // As docs/deploy.md tells users: their base, in one ConfigMap value, and the
+    // transformer. Every link moves; the ConfigMap is not applied.
+    let base = "https://wiki.example.com/ops/runbooks/trust-drift/";
+    let scratch = TempDir::new("deploy-runbooks");
+    let dir = scratch.join("mine");
+    fs::create_dir_all(&dir).expect("a scratch kustomization");
+    fs::write(
+        dir.join("kustomization.yaml"),
+        format!(
+            "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n\
+             namespace: trustdrift\nresources:\n  - {monitoring}\n\
+             configMapGenerator:\n  - name: trustdrift-runbooks\n    \
+             literals: [url={base}]\n    options:\n      disableNameSuffixHash: true\n      \
+             annotations: {{config.kubernetes.io/local-config: \"true\"}}\n\
+             transformers:\n  - {transformer}\n",
+            monitoring = relative(&dir, &deploy.join("monitoring")).display(),
+            transformer = relative(&dir, &deploy.join("monitoring/runbook-url")).display(),
+        ),
+    )
+    .expect("writing a kustomization");
+    let mine = kustomize_build(&tools, &dir, "monitoring with another runbook base");
+    assert_eq!(
+        mine.objects.len(),
+        1,
+        "only the PrometheusRule is applied: {:?}",
+        mine.objects
+    );
+    let moved = runbook_urls(&mine);
+    assert_eq!(moved.len(), urls.len());
+    for (alert, url) in moved {
+        assert_eq!(url, format!("{base}{alert}.md"), "{alert} kept its link");
+    }
+    // Nothing else in the rules changed.
+    let strip = |r: &Rendered| {
+        let mut rule = one(r, "PrometheusRule")["spec"].clone();
+        for g in rule["groups"].as_array_mut().expect("groups") {
+            for r in g["rules"].as_array_mut().expect("rules") {
+                r["annotations"]["runbook_url"] = Value::Null;
+            }
+        }
+        rule
+    };
+    assert_eq!(strip(&shipped), strip(&mine));
 }
