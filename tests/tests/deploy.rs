@@ -997,6 +997,18 @@ fn the_api_listens_on_the_node_loopback_and_the_node_ip_only() {
 }
 
 #[test]
+fn both_variants_run_as_node_critical() {
+    let Some(all) = rendered() else { return };
+    for name in [PRIVILEGED, LEAST_PRIVILEGE] {
+        assert_eq!(
+            pod(variant(all, name))["priorityClassName"],
+            "system-node-critical",
+            "{name}: a node agent is the last to be evicted"
+        );
+    }
+}
+
+#[test]
 fn the_daemon_accepts_the_configmap_and_keeps_its_state_and_pins_on_the_node() {
     let Some(all) = rendered() else { return };
     let Some(tools) = tools() else { return };
