@@ -40,13 +40,16 @@ const LEAST_PRIVILEGE: &str = "overlays/least-privilege";
 /// ENOSYS, the same on x86-64 and arm64.
 const ENOSYS: u64 = 38;
 
-/// The capabilities of the least-privilege variant, and nothing else.
+/// The capabilities of the least-privilege variant, and nothing else (docs/deploy.md
+/// says what each is for).
 const LEAST_CAPABILITIES: &[&str] = &[
     "BPF",
     "DAC_READ_SEARCH",
     "PERFMON",
+    "SETPCAP",
     "SYS_NICE",
     "SYS_PTRACE",
+    "SYS_RESOURCE",
 ];
 
 // ---------------------------------------------------------------------------------------
@@ -759,7 +762,7 @@ fn the_privileged_daemonset_sees_host_processes_and_pins_its_probe() {
 }
 
 #[test]
-fn the_least_privilege_daemonset_has_four_capabilities_a_read_only_root_and_its_own_seccomp_profile()
+fn the_least_privilege_daemonset_has_seven_capabilities_a_read_only_root_and_its_own_seccomp_profile()
  {
     let Some(all) = rendered() else { return };
     let r = variant(all, LEAST_PRIVILEGE);
@@ -916,6 +919,21 @@ fn the_least_privilege_seccomp_profile_denies_open_by_handle_at_and_reaches_ever
         "mkdirat",
         "renameat",
         "fsync",
+        // What the daemon's privilege drop, persistence and priority use.
+        "openat2",
+        "capset",
+        "capget",
+        "prctl",
+        "setpriority",
+        "getrandom",
+        "ioctl",
+        "umask",
+        "fchmod",
+        "fchmodat",
+        "unlinkat",
+        "renameat2",
+        "flock",
+        "fdatasync",
     ] {
         assert!(
             allowed_always(needed),
