@@ -15,7 +15,7 @@
 //! how to install them; elsewhere they say they are skipped.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     env, fs,
     io::Write,
     path::{Component, Path, PathBuf},
@@ -40,14 +40,26 @@ const LEAST_PRIVILEGE: &str = "overlays/least-privilege";
 /// ENOSYS, the same on x86-64 and arm64.
 const ENOSYS: u64 = 38;
 
-/// The capabilities of the least-privilege variant, and nothing else.
+/// The capabilities of the least-privilege variant, and nothing else (docs/deploy.md
+/// says what each is for).
 const LEAST_CAPABILITIES: &[&str] = &[
     "BPF",
     "DAC_READ_SEARCH",
     "PERFMON",
+    "SETPCAP",
     "SYS_NICE",
     "SYS_PTRACE",
+    "SYS_RESOURCE",
 ];
+
+/// Where the daemon listens in both variants: the node's loopback only.
+const DAEMON_LISTEN: &str = "127.0.0.1:9477";
+/// kube-rbac-proxy, pinned, as kube-prometheus runs it in front of node_exporter.
+const PROXY: &str = "kube-rbac-proxy";
+const PROXY_IMAGE: &str = "quay.io/brancz/kube-rbac-proxy:v0.19.1";
+const SERVICE_ACCOUNT_TOKEN_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+/// Objects without a namespace.
+const CLUSTER_SCOPED: &[&str] = &["Namespace", "ClusterRole", "ClusterRoleBinding"];
 
 // ---------------------------------------------------------------------------------------
 // Tools
@@ -178,6 +190,9 @@ fn kustomization_file(dir: &Path) -> Option<PathBuf> {
 enum Kind {
     Kustomization,
     Component,
+    /// A kustomization of transformer configurations (`apiVersion: builtin`), for a
+    /// user's `transformers:`, not a deployment (deploy/monitoring/runbook-url).
+    Transformers,
 }
 
 /// Every directory under deploy/ holding a kustomization, by path relative to deploy/.
@@ -208,6 +223,9 @@ fn kustomizations(tools: &Tools) -> BTreeMap<String, Kind> {
         );
         let kind = match doc[0]["kind"].as_str() {
             Some("Component") => Kind::Component,
+            None | Some("Kustomization") if only_transformers(tools, &dir, &doc[0]) => {
+                Kind::Transformers
+            }
             None | Some("Kustomization") => Kind::Kustomization,
             Some(other) => panic!("{}: unknown kind {other}", file.display()),
         };
@@ -221,6 +239,27 @@ fn kustomizations(tools: &Tools) -> BTreeMap<String, Kind> {
         }
     }
     found
+}
+
+/// Whether every resource of the kustomization in `dir` is a builtin transformer's
+/// configuration.
+fn only_transformers(tools: &Tools, dir: &Path, kustomization: &Value) -> bool {
+    let resources = list(&kustomization["resources"]);
+    !resources.is_empty()
+        && resources.iter().all(|r| {
+            let path = dir.join(str_of(r, "a resource"));
+            let Ok(text) = fs::read_to_string(&path) else {
+                return false;
+            };
+            let docs = json(
+                &run(
+                    Command::new(&tools.python).args(["-c", YAML_TO_JSON]),
+                    text.as_bytes(),
+                ),
+                &path.display().to_string(),
+            );
+            list(&docs).iter().all(|d| d["apiVersion"] == "builtin")
+        })
 }
 
 /// `to` relative to `from` (both absolute): kustomize refuses absolute paths.
@@ -732,7 +771,7 @@ fn the_privileged_daemonset_sees_host_processes_and_pins_its_probe() {
 }
 
 #[test]
-fn the_least_privilege_daemonset_has_four_capabilities_a_read_only_root_and_its_own_seccomp_profile()
+fn the_least_privilege_daemonset_has_seven_capabilities_a_read_only_root_and_its_own_seccomp_profile()
  {
     let Some(all) = rendered() else { return };
     let r = variant(all, LEAST_PRIVILEGE);
@@ -889,6 +928,21 @@ fn the_least_privilege_seccomp_profile_denies_open_by_handle_at_and_reaches_ever
         "mkdirat",
         "renameat",
         "fsync",
+        // What the daemon's privilege drop, persistence and priority use.
+        "openat2",
+        "capset",
+        "capget",
+        "prctl",
+        "setpriority",
+        "getrandom",
+        "ioctl",
+        "umask",
+        "fchmod",
+        "fchmodat",
+        "unlinkat",
+        "renameat2",
+        "flock",
+        "fdatasync",
     ] {
         assert!(
             allowed_always(needed),
@@ -909,22 +963,24 @@ fn the_least_privilege_seccomp_profile_denies_open_by_handle_at_and_reaches_ever
 }
 
 #[test]
-fn both_variants_are_ready_on_readyz_and_alive_on_healthz_on_the_api_port() {
+fn both_variants_are_ready_on_readyz_and_alive_on_healthz_on_the_daemons_loopback() {
     let Some(all) = rendered() else { return };
+    let (host, port) = DAEMON_LISTEN.rsplit_once(':').expect("host:port");
     for name in [PRIVILEGED, LEAST_PRIVILEGE] {
-        let daemon = daemon(variant(all, name));
-        let ports: BTreeMap<&str, &Value> = list(&daemon["ports"])
-            .iter()
-            .map(|p| (str_of(&p["name"], "a port name"), &p["containerPort"]))
-            .collect();
+        let pod = pod(variant(all, name));
+        let daemon = container(pod, "trustdrift");
+        // The pod shares the node's network, where the kubelet runs: its probes reach the
+        // daemon's loopback listener directly, not through the proxy, whose failure must
+        // not restart the daemon.
+        assert_eq!(pod["hostNetwork"], true, "{name}");
         for (probe, path) in [("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")] {
             let get = &daemon[probe]["httpGet"];
             assert_eq!(get["path"], path, "{name}: {probe}");
-            let port = str_of(&get["port"], "a probe's port");
-            assert_eq!(
-                ports.get(port).copied(),
-                Some(&Value::from(9477)),
-                "{name}: {probe} asks port {port}, which is not the API's"
+            assert_eq!(get["host"], host, "{name}: {probe} must go to the loopback");
+            assert_eq!(get["port"].to_string(), port, "{name}: {probe}");
+            assert!(
+                get["scheme"].is_null() || get["scheme"] == "HTTP",
+                "{name}: {probe}"
             );
         }
     }
@@ -947,24 +1003,239 @@ fn every_series_is_labelled_with_the_node_name_from_the_downward_api() {
 }
 
 #[test]
-fn the_api_listens_on_the_node_loopback_and_the_node_ip_only() {
+fn the_daemon_listens_on_the_node_loopback_only_and_kube_rbac_proxy_serves_it_on_the_node_ip() {
     let Some(all) = rendered() else { return };
     let Some(tools) = tools() else { return };
     for name in [PRIVILEGED, LEAST_PRIVILEGE] {
         let r = variant(all, name);
-        // The node's network: `curl localhost:9477` on the node reaches it.
-        assert_eq!(pod(r)["hostNetwork"], true, "{name}");
-        assert!(
-            list(&daemon(r)["ports"])
-                .iter()
-                .all(|p| p["hostPort"].is_null() || p["hostPort"] == p["containerPort"]),
-            "{name}: with hostNetwork a hostPort can only repeat the containerPort"
-        );
+        let pod = pod(r);
+        // The node's network: `curl 127.0.0.1:9477` on the node reaches the daemon.
+        assert_eq!(pod["hostNetwork"], true, "{name}");
         let config = effective_config(&tools, r);
         assert_eq!(
-            config["api"]["listen"],
-            format!("127.0.0.1:9477,{HOST_IP}:9477"),
-            "{name}: the daemon would listen elsewhere"
+            config["api"]["listen"], DAEMON_LISTEN,
+            "{name}: the daemon must listen on the node's loopback, and only there"
+        );
+        // Nothing of the daemon's is published: the pod's one port is the proxy's.
+        assert!(
+            list(&daemon(r)["ports"]).is_empty(),
+            "{name}: the daemon publishes a port"
+        );
+
+        let proxy = container(pod, PROXY);
+        assert_eq!(proxy["image"], PROXY_IMAGE, "{name}");
+        let env = environment(proxy);
+        let args: Vec<String> = list(&proxy["args"])
+            .iter()
+            .map(|a| {
+                let mut a = str_of(a, "an argument").to_owned();
+                for (var, value) in &env {
+                    a = a.replace(&format!("$({var})"), value);
+                }
+                a
+            })
+            .collect();
+        let flag = |name: &str| -> String {
+            let prefix = format!("--{name}=");
+            let found: Vec<&String> = args.iter().filter(|a| a.starts_with(&prefix)).collect();
+            assert_eq!(found.len(), 1, "kube-rbac-proxy has one --{name}: {args:?}");
+            found[0][prefix.len()..].to_owned()
+        };
+        // TLS on the node's IP, the same port as the daemon's on loopback; the upstream is
+        // exactly where the daemon listens, in plain HTTP on loopback.
+        let ports: Vec<&Value> = list(&proxy["ports"]).iter().collect();
+        assert_eq!(ports.len(), 1, "{name}: {ports:?}");
+        let port = ports[0]["containerPort"].to_string();
+        assert_eq!(
+            flag("secure-listen-address"),
+            format!("[{HOST_IP}]:{port}"),
+            "{name}"
+        );
+        assert_eq!(
+            flag("upstream"),
+            format!("http://{DAEMON_LISTEN}/"),
+            "{name}"
+        );
+        assert!(
+            args.iter()
+                .all(|a| !a.starts_with("--insecure-listen-address")),
+            "{name}: a plain-HTTP listener on the proxy"
+        );
+        let ciphers = flag("tls-cipher-suites");
+        assert!(
+            ciphers
+                .split(',')
+                .all(|c| c.starts_with("TLS_ECDHE_")
+                    && (c.contains("GCM") || c.contains("CHACHA20"))),
+            "{name}: forward-secret AEAD suites only: {ciphers}"
+        );
+        // The API's read paths; the kubelet's probes do not come this way.
+        let allowed: Vec<String> = flag("allow-paths").split(',').map(str::to_owned).collect();
+        for path in ["/metrics", "/processes", "/processes/*", "/stores"] {
+            assert!(
+                allowed.iter().any(|a| a == path),
+                "{name}: {path} not allowed: {allowed:?}"
+            );
+        }
+        assert!(
+            args.iter().all(|a| !a.starts_with("--ignore-paths")),
+            "{name}: nothing passes unauthenticated"
+        );
+        // Hardened as kube-prometheus' proxy is.
+        let security = &proxy["securityContext"];
+        assert_eq!(security["runAsNonRoot"], true, "{name}");
+        assert!(
+            security["runAsUser"].as_u64().is_some_and(|u| u > 0),
+            "{name}"
+        );
+        assert_eq!(security["allowPrivilegeEscalation"], false, "{name}");
+        assert_eq!(security["readOnlyRootFilesystem"], true, "{name}");
+        assert_eq!(list(&security["capabilities"]["drop"]), ["ALL"], "{name}");
+        assert!(security["capabilities"]["add"].is_null(), "{name}");
+        assert_eq!(
+            security["seccompProfile"]["type"], "RuntimeDefault",
+            "{name}"
+        );
+        for resource in ["cpu", "memory"] {
+            assert!(
+                !proxy["resources"]["requests"][resource].is_null(),
+                "{name}: the proxy requests no {resource}"
+            );
+        }
+    }
+}
+
+#[test]
+fn only_kube_rbac_proxy_gets_a_token_and_it_may_review_tokens_and_access_nothing_else() {
+    let Some(all) = rendered() else { return };
+    for name in [PRIVILEGED, LEAST_PRIVILEGE] {
+        let r = variant(all, name);
+        let pod = pod(r);
+        // No token mounted by default: the daemon, root with host access, holds none.
+        assert_eq!(pod["automountServiceAccountToken"], false, "{name}");
+        let account = str_of(&pod["serviceAccountName"], "serviceAccountName");
+        let namespace = str_of(
+            &one(r, "DaemonSet")["metadata"]["namespace"],
+            "the DaemonSet's namespace",
+        );
+        for c in list(&pod["containers"])
+            .iter()
+            .chain(list(&pod["initContainers"]))
+        {
+            let token = list(&c["volumeMounts"])
+                .iter()
+                .find(|m| m["mountPath"] == SERVICE_ACCOUNT_TOKEN_DIR);
+            if c["name"] != PROXY {
+                assert!(token.is_none(), "{name}: {} gets a token", c["name"]);
+                continue;
+            }
+            let (_, volume) = mounted(pod, c, SERVICE_ACCOUNT_TOKEN_DIR);
+            let sources = list(&volume["projected"]["sources"]);
+            assert!(
+                sources
+                    .iter()
+                    .any(|s| s["serviceAccountToken"]["path"] == "token"),
+                "{name}: the proxy's token volume projects no token: {volume}"
+            );
+            assert!(
+                sources
+                    .iter()
+                    .any(|s| s["configMap"]["name"] == "kube-root-ca.crt"),
+                "{name}: the proxy cannot verify the API server: {volume}"
+            );
+        }
+
+        // The service account may create TokenReviews and SubjectAccessReviews, nothing
+        // else.
+        let roles: BTreeMap<&str, &Value> = objects_of(r, "ClusterRole")
+            .into_iter()
+            .map(|o| (str_of(&o["metadata"]["name"], "a name"), o))
+            .collect();
+        let bindings = objects_of(r, "ClusterRoleBinding");
+        let bound_to = |subject_ns: &str, subject: &str| -> Vec<&Value> {
+            bindings
+                .iter()
+                .filter(|b| {
+                    list(&b["subjects"]).iter().any(|s| {
+                        s["kind"] == "ServiceAccount"
+                            && s["name"] == subject
+                            && s["namespace"] == subject_ns
+                    })
+                })
+                .map(|b| {
+                    let role = str_of(&b["roleRef"]["name"], "roleRef");
+                    assert_eq!(b["roleRef"]["kind"], "ClusterRole", "{name}");
+                    *roles
+                        .get(role)
+                        .unwrap_or_else(|| panic!("{name}: no ClusterRole {role}"))
+                })
+                .collect()
+        };
+        let granted: BTreeSet<(String, String, String)> = bound_to(namespace, account)
+            .iter()
+            .flat_map(|role| list(&role["rules"]))
+            .flat_map(|rule| {
+                let groups = list(&rule["apiGroups"]);
+                let resources = list(&rule["resources"]);
+                let verbs = list(&rule["verbs"]);
+                assert!(rule["nonResourceURLs"].is_null(), "{name}: {rule}");
+                groups.iter().flat_map(move |g| {
+                    resources.iter().flat_map(move |res| {
+                        verbs.iter().map(move |v| {
+                            (
+                                str_of(g, "a group").to_owned(),
+                                str_of(res, "a resource").to_owned(),
+                                str_of(v, "a verb").to_owned(),
+                            )
+                        })
+                    })
+                })
+            })
+            .collect();
+        let expected: BTreeSet<(String, String, String)> = [
+            ("authentication.k8s.io", "tokenreviews", "create"),
+            ("authorization.k8s.io", "subjectaccessreviews", "create"),
+        ]
+        .into_iter()
+        .map(|(g, r, v)| (g.to_owned(), r.to_owned(), v.to_owned()))
+        .collect();
+        assert_eq!(
+            granted, expected,
+            "{name}: what {namespace}/{account} may do"
+        );
+
+        // Scrapers may get /metrics, and only that: kube-prometheus' Prometheus is bound.
+        let scraper = bound_to("monitoring", "prometheus-k8s");
+        assert!(!scraper.is_empty(), "{name}: Prometheus may not scrape");
+        for role in scraper {
+            for rule in list(&role["rules"]) {
+                assert_eq!(list(&rule["nonResourceURLs"]), ["/metrics"], "{name}");
+                assert_eq!(list(&rule["verbs"]), ["get"], "{name}");
+                assert!(rule["resources"].is_null(), "{name}: {rule}");
+            }
+        }
+        // The API's paths have a role of their own, for people (bound to no one here).
+        let api = roles
+            .get("trustdrift-api-reader")
+            .unwrap_or_else(|| panic!("{name}: no trustdrift-api-reader"));
+        let urls: Vec<&Value> = list(&api["rules"])
+            .iter()
+            .flat_map(|r| list(&r["nonResourceURLs"]))
+            .collect();
+        for path in ["/processes", "/processes/*", "/stores"] {
+            assert!(urls.iter().any(|u| *u == path), "{name}: {path}: {urls:?}");
+        }
+    }
+}
+
+#[test]
+fn both_variants_run_as_node_critical() {
+    let Some(all) = rendered() else { return };
+    for name in [PRIVILEGED, LEAST_PRIVILEGE] {
+        assert_eq!(
+            pod(variant(all, name))["priorityClassName"],
+            "system-node-critical",
+            "{name}: a node agent is the last to be evicted"
         );
     }
 }
@@ -1028,14 +1299,17 @@ fn the_service_is_headless_and_selects_the_daemon_pods() {
         for (k, v) in selector {
             assert_eq!(&labels[k], v, "{name}: the pods lack {k}={v}");
         }
-        let port_names: Vec<&Value> = list(&daemon(r)["ports"])
+        // Its one port is kube-rbac-proxy's: nothing reaches the daemon unauthenticated.
+        let proxy_ports: Vec<&Value> = list(&container(pod(r), PROXY)["ports"])
             .iter()
             .map(|p| &p["name"])
             .collect();
-        for port in list(&service["spec"]["ports"]) {
+        let ports = list(&service["spec"]["ports"]);
+        assert!(!ports.is_empty(), "{name}: the Service has no port");
+        for port in ports {
             assert!(
-                port_names.contains(&&port["targetPort"]),
-                "{name}: the Service targets {}, which the container does not name",
+                proxy_ports.contains(&&port["targetPort"]),
+                "{name}: the Service targets {}, which is not kube-rbac-proxy's",
                 port["targetPort"]
             );
         }
@@ -1043,7 +1317,8 @@ fn the_service_is_headless_and_selects_the_daemon_pods() {
 }
 
 #[test]
-fn the_service_monitor_scrapes_metrics_through_the_service_api_port_keeping_the_process_labels() {
+fn the_service_monitor_scrapes_metrics_through_kube_rbac_proxy_with_a_token_keeping_the_process_labels()
+ {
     let Some(all) = rendered() else { return };
     for overlay in [PRIVILEGED, LEAST_PRIVILEGE] {
         let r = monitored(all, overlay);
@@ -1076,6 +1351,22 @@ fn the_service_monitor_scrapes_metrics_through_the_service_api_port_keeping_the_
             assert_eq!(endpoint["path"], "/metrics", "{}", r.name);
             // The series name the process's pod, not trustdrift's own.
             assert_eq!(endpoint["honorLabels"], true, "{}", r.name);
+            // As kube-prometheus scrapes node_exporter through its kube-rbac-proxy: TLS,
+            // Prometheus' own service account token, the proxy's self-signed certificate
+            // not verified (or verified against a CA given here).
+            assert_eq!(endpoint["scheme"], "https", "{}", r.name);
+            assert!(
+                endpoint["bearerTokenFile"] == format!("{SERVICE_ACCOUNT_TOKEN_DIR}/token")
+                    || endpoint["authorization"]["credentials"].is_object(),
+                "{}: the scrape sends no token: {endpoint}",
+                r.name
+            );
+            assert!(
+                endpoint["tlsConfig"]["insecureSkipVerify"] == true
+                    || endpoint["tlsConfig"]["ca"].is_object(),
+                "{}: {endpoint}",
+                r.name
+            );
         }
     }
 }
@@ -1095,7 +1386,11 @@ fn everything_lives_in_a_namespace_that_admits_node_level_pods() {
             namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"], "privileged",
             "{name}"
         );
-        for o in r.objects.iter().filter(|o| o["kind"] != "Namespace") {
+        for o in r
+            .objects
+            .iter()
+            .filter(|o| !CLUSTER_SCOPED.contains(&o["kind"].as_str().unwrap_or_default()))
+        {
             assert_eq!(
                 o["metadata"]["namespace"], ns,
                 "{name}: {} {} is outside {ns}",
@@ -1142,12 +1437,97 @@ fn every_container_runs_the_image_of_this_workspace_version() {
             .iter()
             .chain(list(&pod["initContainers"]))
         {
-            assert_eq!(
-                c["image"],
-                format!("trustdrift:{version}"),
-                "{name}: {}",
-                c["name"]
-            );
+            // kube-rbac-proxy is someone else's image, pinned to a release.
+            let expected = if c["name"] == PROXY {
+                PROXY_IMAGE.to_owned()
+            } else {
+                format!("trustdrift:{version}")
+            };
+            assert_eq!(c["image"], expected, "{name}: {}", c["name"]);
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// The alert rules' runbook links
+
+/// The runbook base the rules ship with (docs/alerts.md).
+const RUNBOOK_BASE: &str = "https://github.com/trustdrift/trustdrift/blob/main/docs/runbooks/";
+
+/// Every rule of a rendered PrometheusRule: (alert, runbook_url).
+fn runbook_urls(r: &Rendered) -> Vec<(String, String)> {
+    let rule = one(r, "PrometheusRule");
+    list(&rule["spec"]["groups"])
+        .iter()
+        .flat_map(|g| list(&g["rules"]))
+        .map(|rule| {
+            (
+                str_of(&rule["alert"], "an alert").to_owned(),
+                str_of(&rule["annotations"]["runbook_url"], "a runbook_url").to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn one_value_in_a_users_kustomization_moves_every_runbook_link() {
+    let Some(tools) = tools() else { return };
+    let deploy = repo().join("deploy");
+    // As shipped: absolute links under the one base, each to a runbook this repository has.
+    let shipped = kustomize_build(&tools, &deploy.join("monitoring"), "monitoring");
+    let urls = runbook_urls(&shipped);
+    assert!(!urls.is_empty());
+    for (alert, url) in &urls {
+        assert_eq!(*url, format!("{RUNBOOK_BASE}{alert}.md"));
+        assert!(
+            repo()
+                .join("docs/runbooks")
+                .join(format!("{alert}.md"))
+                .is_file(),
+            "{url}: no such runbook"
+        );
+    }
+    // As docs/deploy.md tells users: their base, in one ConfigMap value, and the
+    // transformer. Every link moves; the ConfigMap is not applied.
+    let base = "https://wiki.example.com/ops/runbooks/trust-drift/";
+    let scratch = TempDir::new("deploy-runbooks");
+    let dir = scratch.join("mine");
+    fs::create_dir_all(&dir).expect("a scratch kustomization");
+    fs::write(
+        dir.join("kustomization.yaml"),
+        format!(
+            "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n\
+             namespace: trustdrift\nresources:\n  - {monitoring}\n\
+             configMapGenerator:\n  - name: trustdrift-runbooks\n    \
+             literals: [url={base}]\n    options:\n      disableNameSuffixHash: true\n      \
+             annotations: {{config.kubernetes.io/local-config: \"true\"}}\n\
+             transformers:\n  - {transformer}\n",
+            monitoring = relative(&dir, &deploy.join("monitoring")).display(),
+            transformer = relative(&dir, &deploy.join("monitoring/runbook-url")).display(),
+        ),
+    )
+    .expect("writing a kustomization");
+    let mine = kustomize_build(&tools, &dir, "monitoring with another runbook base");
+    assert_eq!(
+        mine.objects.len(),
+        1,
+        "only the PrometheusRule is applied: {:?}",
+        mine.objects
+    );
+    let moved = runbook_urls(&mine);
+    assert_eq!(moved.len(), urls.len());
+    for (alert, url) in moved {
+        assert_eq!(url, format!("{base}{alert}.md"), "{alert} kept its link");
+    }
+    // Nothing else in the rules changed.
+    let strip = |r: &Rendered| {
+        let mut rule = one(r, "PrometheusRule")["spec"].clone();
+        for g in rule["groups"].as_array_mut().expect("groups") {
+            for r in g["rules"].as_array_mut().expect("rules") {
+                r["annotations"]["runbook_url"] = Value::Null;
+            }
+        }
+        rule
+    };
+    assert_eq!(strip(&shipped), strip(&mine));
 }
