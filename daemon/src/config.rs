@@ -92,6 +92,9 @@ pub struct Api {
     /// `host:port` or `unix:/path`.
     pub listen: String,
     pub request_timeout: String,
+    /// `/healthz` fails when the engine has made no progress for this long (a liveness
+    /// probe then restarts a daemon stuck where no deadline reaches).
+    pub liveness_timeout: String,
     pub max_concurrent_requests: usize,
     /// Open connections at once; more are closed as they arrive (slow clients must not
     /// use up the daemon's file descriptors).
@@ -186,6 +189,7 @@ impl Default for Api {
         Self {
             listen: "127.0.0.1:9477".into(),
             request_timeout: "10s".into(),
+            liveness_timeout: "30s".into(),
             max_concurrent_requests: 64,
             max_connections: 256,
         }
@@ -470,6 +474,7 @@ impl Config {
             .map_err(|r| bad("api.listen", &self.api.listen, &r))?;
         for (key, value) in [
             ("api.request_timeout", &self.api.request_timeout),
+            ("api.liveness_timeout", &self.api.liveness_timeout),
             ("catalog.rescan_interval", &self.catalog.rescan_interval),
             ("catalog.io_timeout", &self.catalog.io_timeout),
             ("ledger.exit_grace", &self.ledger.exit_grace),

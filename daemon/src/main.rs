@@ -232,9 +232,10 @@ async fn run(
     // Bind before attaching: a port in use is reported at once, not after the probe.
     let mut bound = Vec::new();
     for listen in config.listen().map_err(|e| anyhow::anyhow!(e))? {
-        bound.push(api::bind(&listen).await?);
+        bound.push(api::bind(&listen)?);
     }
     let timeout = Config::duration_of(&config.api.request_timeout);
+    let liveness = Config::duration_of(&config.api.liveness_timeout);
     let concurrency = config.api.max_concurrent_requests;
     let connections = api::ConnectionLimits {
         max: config.api.max_connections,
@@ -249,8 +250,12 @@ async fn run(
         }
         Ok(new)
     };
-    engine::run(config, reload, move |rx| {
-        let router = api::router(rx, concurrency, timeout, Arc::clone(&refusals));
+    engine::run(config, reload, move |rx, heartbeat| {
+        let liveness = api::Liveness {
+            heartbeat,
+            timeout: liveness,
+        };
+        let router = api::router(rx, liveness, concurrency, timeout, Arc::clone(&refusals));
         api::serve(bound, router, connections, refusals)
     })
     .await

@@ -42,11 +42,11 @@ use crate::{
     events::{self, Access, Event, Task, clock},
     judge::verdict,
     ledger::{Counts, Ledger, Origin, ProcKey, ProcessInfo, TrustRead, persist::StateDir},
-    probe::{MapFill, ProbeOptions, pinning::PinStatus, trust_paths::TrustPaths},
+    probe::{MapFill, ProbeOptions, pinning::PinStatus},
     process::{
         attribution, deadline::Deadline, peers::Peers, procfs, resolution::Resolver, rootfs::Root,
     },
-    serve::snapshot::Health,
+    serve::snapshot::{Health, Heartbeat},
     stores::{
         catalog::{self, Catalog, Expect, FileKey, RootKey, Unobserved},
         digest::NodeKey,
@@ -70,6 +70,8 @@ struct Counters {
 
 pub struct Engine {
     options: EngineOptions,
+    /// Beaten whenever the engine makes progress (see `/healthz`).
+    heartbeat: Heartbeat,
     kernel: Box<dyn Kernel>,
     catalog: Catalog,
     /// Every read in another process's world runs on its workers, under a deadline.
@@ -79,8 +81,6 @@ pub struct Engine {
     resolver: Resolver,
     names: attribution::Names,
     peers: Peers,
-    /// The trust paths the kernel filter holds.
-    paths: TrustPaths,
     index: ReadIndex,
     contexts: Contexts,
     publisher: Publisher,
@@ -155,9 +155,9 @@ impl Engine {
     ) -> Result<(Self, inotify::Inotify)> {
         let (watcher, inotify) =
             Watcher::new(options.max_watches).context("initialising inotify")?;
-        let paths = options.probe.paths.clone();
         Ok((
             Self {
+                heartbeat: Heartbeat::default(),
                 kernel,
                 catalog: Catalog::new(options.catalog, key),
                 io: Deadline::new(options.io),
@@ -166,7 +166,6 @@ impl Engine {
                 resolver: Resolver::default(),
                 names: attribution::Names::default(),
                 peers: Peers::new(),
-                paths,
                 index: ReadIndex::default(),
                 contexts: Contexts::default(),
                 publisher,
@@ -296,6 +295,7 @@ impl Engine {
     }
 
     fn on_event(&mut self, event: Event) {
+        self.heartbeat.beat();
         let kind = match &event {
             Event::Access(_) => "access",
             Event::Exec(_) => "exec",
@@ -673,7 +673,9 @@ impl Engine {
             tracing::warn!("{key} changed from {was:?} to {now:?}: takes effect after a restart");
         }
         let options = EngineOptions::from_config(new);
-        if options.probe.paths != self.paths {
+        // The trust paths the kernel filter holds.
+        let mut paths = self.options.probe.paths.clone();
+        if options.probe.paths != paths {
             match self.kernel.set_paths(&options.probe.paths) {
                 Ok(()) => {
                     tracing::info!(
@@ -681,7 +683,7 @@ impl Engine {
                         suffixes = options.probe.paths.suffixes.len(),
                         "trust paths reloaded into the kernel filter"
                     );
-                    self.paths = options.probe.paths.clone();
+                    paths = options.probe.paths.clone();
                 }
                 Err(e) => tracing::warn!("keeping the previous trust paths: {e:#}"),
             }
@@ -692,7 +694,7 @@ impl Engine {
         self.publisher.set_options(options.metrics.clone());
         // What is fixed until a restart stays as the probe was built.
         let probe = ProbeOptions {
-            paths: self.paths.clone(),
+            paths,
             ..self.options.probe.clone()
         };
         self.options = EngineOptions {

@@ -16,7 +16,7 @@ use crate::{
     ledger::{Origin, ProcKey, ProcessInfo, TrustRead, persist::StateDir},
     probe::{Probe, pinning::PinStatus},
     process::{procfs, seed},
-    serve::snapshot::Snapshot,
+    serve::snapshot::{Heartbeat, Snapshot},
     stores::{catalog::FileKey, digest::NodeKey},
 };
 
@@ -29,15 +29,33 @@ pub async fn run<F, Fut>(
     serve: F,
 ) -> Result<()>
 where
-    F: FnOnce(watch::Receiver<Arc<Snapshot>>) -> Fut,
-    Fut: std::future::Future<Output = Result<()>> + Send + 'static,
+    F: FnOnce(watch::Receiver<Arc<Snapshot>>, Heartbeat) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<()>>,
 {
     runtime::tune_allocator();
     let mut interrupt = tokio::signal::unix::signal(SignalKind::interrupt())?;
     let mut terminate = tokio::signal::unix::signal(SignalKind::terminate())?;
     let mut hangup = tokio::signal::unix::signal(SignalKind::hangup())?;
     let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
-    let server = tokio::spawn(serve(rx));
+    let heartbeat = Heartbeat::default();
+    heartbeat.beat();
+    // The API runs on a thread and runtime of its own: it never shares a thread with the
+    // engine's work, which may wait on a deadline (or be stuck where none reaches, which
+    // /healthz then reports).
+    let api_heartbeat = heartbeat.clone();
+    std::thread::Builder::new()
+        .name("td-api".into())
+        .spawn(move || {
+            let served = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the API's runtime")
+                .and_then(|rt| rt.block_on(serve(rx, api_heartbeat)));
+            if let Err(e) = served {
+                tracing::error!("the API stopped: {e:#}");
+            }
+        })
+        .context("starting the API thread")?;
     let options = EngineOptions::from_config(&config);
     let state = options
         .state_dir
@@ -53,6 +71,7 @@ where
     let publisher = Publisher::new(tx, options.metrics.clone());
     let key = NodeKey::random().context("drawing the node's digest key")?;
     let (mut engine, inotify) = Engine::new(Box::new(probe), options, state, publisher, key)?;
+    engine.heartbeat = heartbeat;
     // SAFETY: the Inotify instance owns its fd for as long as the AsyncFd owns it.
     let mut changes =
         unsafe { AsyncFd::register_with_interest(inotify, tokio::io::Interest::READABLE) }
@@ -79,6 +98,7 @@ where
         t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     }
     loop {
+        engine.heartbeat.beat();
         let mut force = false;
         // Snapshots are published at most once per debounce tick (or at once when forced):
         // building one per ring-buffer wake-up made a storm cost the daemon O(processes)
@@ -138,7 +158,6 @@ where
             engine.publish(force);
         }
     }
-    server.abort();
     engine.save(true);
     if engine.options.unpin_on_exit {
         engine.kernel.unpin();
@@ -218,7 +237,9 @@ impl Engine {
     fn seed(&mut self) {
         let mut go = seed::GoBinaries::default();
         let now = SystemTime::now();
-        for found in seed::scan(&self.paths, &mut go, &mut self.io) {
+        let paths = self.options.probe.paths.clone();
+        for found in seed::scan(&paths, &mut go, &mut self.io) {
+            self.heartbeat.beat();
             let key = ProcKey {
                 pid: found.pid,
                 start_ticks: found.start_ticks,

@@ -31,7 +31,7 @@ use crate::{
     config::Listen,
     judge::verdict::Verdict,
     serve::metrics,
-    serve::snapshot::Snapshot,
+    serve::snapshot::{Heartbeat, Snapshot},
     serve::views::{CertView, ProcessView, StoreView},
 };
 
@@ -42,6 +42,14 @@ const MAX_QUERY: usize = 2048;
 struct AppState {
     snapshot: watch::Receiver<Arc<Snapshot>>,
     refusals: Arc<Refusals>,
+    liveness: Liveness,
+}
+
+/// What `/healthz` checks: the engine's heartbeat, against a bound.
+#[derive(Clone, Debug)]
+pub struct Liveness {
+    pub heartbeat: Heartbeat,
+    pub timeout: Duration,
 }
 
 /// Requests and connections the API turned away, by reason.
@@ -241,7 +249,22 @@ async fn stores(State(s): State<AppState>, RawQuery(query): RawQuery) -> Respons
     Json(body).into_response()
 }
 
-async fn healthz() -> Response {
+async fn healthz(State(s): State<AppState>) -> Response {
+    let silence = s.liveness.heartbeat.silence();
+    if silence > s.liveness.timeout {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({
+                "status": "stalled",
+                "reason": format!(
+                    "the engine has made no progress for {}s (api.liveness_timeout is {}s)",
+                    silence.as_secs(),
+                    s.liveness.timeout.as_secs()
+                ),
+            })),
+        )
+            .into_response();
+    }
     Json(serde_json::json!({"status": "ok"})).into_response()
 }
 
@@ -347,6 +370,7 @@ async fn bounded(
 
 pub fn router(
     snapshot: watch::Receiver<Arc<Snapshot>>,
+    liveness: Liveness,
     max_concurrent: usize,
     timeout: Duration,
     refusals: Arc<Refusals>,
@@ -364,23 +388,31 @@ pub fn router(
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
         .fallback(not_found)
-        .with_state(AppState { snapshot, refusals })
+        .with_state(AppState {
+            snapshot,
+            refusals,
+            liveness,
+        })
         .layer(middleware::from_fn_with_state(limits, bounded))
 }
 
 /// Listeners bound before the probe attaches, so a busy port is reported at once.
+/// They are plain (std) sockets so that the API's own runtime, on its own thread, drives
+/// them: a listener registered with the engine's runtime would stall whenever the engine
+/// waits on a deadline.
 pub enum Bound {
-    Tcp(tokio::net::TcpListener),
-    Unix(tokio::net::UnixListener, std::path::PathBuf),
+    Tcp(std::net::TcpListener),
+    Unix(std::os::unix::net::UnixListener, std::path::PathBuf),
 }
 
-pub async fn bind(listen: &Listen) -> Result<Bound> {
+pub fn bind(listen: &Listen) -> Result<Bound> {
     match listen {
-        Listen::Tcp(addr) => Ok(Bound::Tcp(
-            tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("listening on {addr}"))?,
-        )),
+        Listen::Tcp(addr) => {
+            let listener = std::net::TcpListener::bind(addr)
+                .with_context(|| format!("listening on {addr}"))?;
+            listener.set_nonblocking(true)?;
+            Ok(Bound::Tcp(listener))
+        }
         Listen::Unix(path) => {
             if let Some(parent) = path.parent() {
                 std::fs::create_dir_all(parent)
@@ -392,8 +424,9 @@ pub async fn bind(listen: &Listen) -> Result<Bound> {
             {
                 let _ = std::fs::remove_file(path);
             }
-            let listener = tokio::net::UnixListener::bind(path)
+            let listener = std::os::unix::net::UnixListener::bind(path)
                 .with_context(|| format!("listening on unix:{}", path.display()))?;
+            listener.set_nonblocking(true)?;
             Ok(Bound::Unix(listener, path.clone()))
         }
     }
@@ -424,12 +457,14 @@ pub async fn serve(
         let (app, slots, refusals) = (router.clone(), Arc::clone(&slots), Arc::clone(&refusals));
         match b {
             Bound::Tcp(l) => {
+                let l = tokio::net::TcpListener::from_std(l)?;
                 if let Ok(addr) = l.local_addr() {
                     tracing::info!("API listening on http://{addr}");
                 }
                 tasks.spawn(accept_loop(l, app, limits, slots, refusals));
             }
             Bound::Unix(l, path) => {
+                let l = tokio::net::UnixListener::from_std(l)?;
                 tracing::info!("API listening on unix:{}", path.display());
                 tasks.spawn(accept_loop(l, app, limits, slots, refusals));
             }

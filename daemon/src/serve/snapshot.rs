@@ -2,7 +2,14 @@
 //! and figures, and the daemon's own health. Plain data: the engine fills it, the API and
 //! the metrics render it.
 
-use std::{collections::BTreeMap, sync::Arc, time::SystemTime};
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant, SystemTime},
+};
 
 use crate::{
     probe::{MapFill, ProgramStats},
@@ -43,6 +50,39 @@ pub struct Health {
     pub maps: Vec<MapFill>,
     pub tracked: BTreeMap<String, u64>,
     pub last_save: Option<SystemTime>,
+}
+
+/// When the engine last made progress, for `/healthz`: a daemon whose engine is stuck
+/// (in a syscall no deadline could bound) must fail its liveness probe and be restarted,
+/// while the API, on a thread of its own, still answers.
+#[derive(Clone, Debug)]
+pub struct Heartbeat {
+    origin: Instant,
+    /// Milliseconds since `origin` of the latest beat.
+    last_ms: Arc<AtomicU64>,
+}
+
+impl Default for Heartbeat {
+    fn default() -> Self {
+        Self {
+            origin: Instant::now(),
+            last_ms: Arc::default(),
+        }
+    }
+}
+
+impl Heartbeat {
+    /// The engine made progress now.
+    pub fn beat(&self) {
+        let ms = self.origin.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// How long ago the engine last made progress.
+    pub fn silence(&self) -> Duration {
+        let now = self.origin.elapsed().as_millis() as u64;
+        Duration::from_millis(now.saturating_sub(self.last_ms.load(Ordering::Relaxed)))
+    }
 }
 
 /// What the API serves.
