@@ -110,6 +110,14 @@ pub struct Probe {
     pub max_fds: u32,
     pub max_processes: u32,
     pub ring_buffer_bytes: u32,
+    /// Distinct trust paths one process image may open and have recorded; past it the
+    /// probe counts `process_quota` (a process opening thousands of `.pem` files is a
+    /// flood, not a TLS client).
+    pub max_paths_per_process: u32,
+    /// Percent of each kernel table one cgroup (a container) may hold; a uid within a
+    /// cgroup gets half of it, a non-root uid across cgroups twice it. Past it the probe
+    /// counts `owner_quota`: one workload cannot fill the tables and blind the node.
+    pub owner_share: u32,
     /// Records taken out of the ring buffer and waiting for the engine, at most this many
     /// bytes; beyond it the ring buffer fills and the probe counts `ringbuf_full`.
     pub queue_bytes: u64,
@@ -204,6 +212,8 @@ impl Default for Probe {
             max_fds: 16384,
             max_processes: 16384,
             ring_buffer_bytes: 1 << 20,
+            max_paths_per_process: 256,
+            owner_share: 25,
             queue_bytes: 32 << 20,
             priority_boost: 5,
         }
@@ -517,6 +527,16 @@ impl Config {
                 return Err(bad(key, &v, "must be at least 1"));
             }
         }
+        if self.probe.max_paths_per_process == 0 {
+            return Err(bad("probe.max_paths_per_process", &0, "must be at least 1"));
+        }
+        if !(1..=100).contains(&self.probe.owner_share) {
+            return Err(bad(
+                "probe.owner_share",
+                &self.probe.owner_share,
+                "a percentage from 1 to 100",
+            ));
+        }
         if self.probe.priority_boost > 20 {
             return Err(bad(
                 "probe.priority_boost",
@@ -603,63 +623,42 @@ impl Config {
 
     /// Keys whose change needs a restart, with their old and new values.
     pub fn restart_needed(&self, new: &Config) -> BTreeMap<&'static str, (String, String)> {
-        let mut out = BTreeMap::new();
-        let pairs: [(&'static str, String, String); 10] = [
-            (
-                "api.listen",
-                self.api.listen.clone(),
-                new.api.listen.clone(),
-            ),
-            (
-                "probe.mode",
-                self.probe.mode.clone(),
-                new.probe.mode.clone(),
-            ),
-            (
-                "probe.max_accesses",
-                self.probe.max_accesses.to_string(),
-                new.probe.max_accesses.to_string(),
-            ),
-            (
-                "probe.max_fds",
-                self.probe.max_fds.to_string(),
-                new.probe.max_fds.to_string(),
-            ),
-            (
-                "probe.max_processes",
-                self.probe.max_processes.to_string(),
-                new.probe.max_processes.to_string(),
-            ),
-            (
-                "probe.ring_buffer_bytes",
-                self.probe.ring_buffer_bytes.to_string(),
-                new.probe.ring_buffer_bytes.to_string(),
-            ),
-            (
-                "probe.queue_bytes",
-                self.probe.queue_bytes.to_string(),
-                new.probe.queue_bytes.to_string(),
-            ),
-            (
-                "probe.priority_boost",
-                self.probe.priority_boost.to_string(),
-                new.probe.priority_boost.to_string(),
-            ),
-            ("state.dir", self.state.dir.clone(), new.state.dir.clone()),
-            (
-                "state.pin_dir",
-                self.state.pin_dir.clone(),
-                new.state.pin_dir.clone(),
-            ),
-        ];
-        for (k, a, b) in pairs {
-            if a != b {
-                out.insert(k, (a, b));
-            }
-        }
-        out
+        RESTART_KEYS
+            .iter()
+            .filter_map(|(key, value)| {
+                let (was, now) = (value(self), value(new));
+                (was != now).then_some((*key, (was, now)))
+            })
+            .collect()
     }
 }
+
+/// How to read one key of a configuration, as text.
+type Value = fn(&Config) -> String;
+
+/// Keys fixed until a restart (the probe's tables and globals are set when it is loaded,
+/// the listeners and directories when the daemon starts), and how to read each.
+const RESTART_KEYS: &[(&str, Value)] = &[
+    ("api.listen", |c| c.api.listen.clone()),
+    ("api.liveness_timeout", |c| c.api.liveness_timeout.clone()),
+    ("probe.mode", |c| c.probe.mode.clone()),
+    ("probe.max_accesses", |c| c.probe.max_accesses.to_string()),
+    ("probe.max_fds", |c| c.probe.max_fds.to_string()),
+    ("probe.max_processes", |c| c.probe.max_processes.to_string()),
+    ("probe.ring_buffer_bytes", |c| {
+        c.probe.ring_buffer_bytes.to_string()
+    }),
+    ("probe.max_paths_per_process", |c| {
+        c.probe.max_paths_per_process.to_string()
+    }),
+    ("probe.owner_share", |c| c.probe.owner_share.to_string()),
+    ("probe.queue_bytes", |c| c.probe.queue_bytes.to_string()),
+    ("probe.priority_boost", |c| {
+        c.probe.priority_boost.to_string()
+    }),
+    ("state.dir", |c| c.state.dir.clone()),
+    ("state.pin_dir", |c| c.state.pin_dir.clone()),
+];
 
 fn duration(value: &str) -> Result<Duration, String> {
     humantime::parse_duration(value.trim())

@@ -12,7 +12,7 @@ use trustdrift::{
     cli::trace,
     config::{self, Config, Override},
     engine,
-    probe::{self, Capacities, Mode, ProbeOptions, Programs},
+    probe::{self, Capacities, Mode, ProbeOptions, Programs, Shares},
     serve::api,
 };
 
@@ -207,6 +207,7 @@ fn probe_options(config: &Config, programs: Programs) -> ProbeOptions {
         programs,
         paths: config.trust_paths(),
         capacities: Capacities::default(),
+        shares: Shares::default(),
         pin_dir: None,
         bpf_stats: false,
     }

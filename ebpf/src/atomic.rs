@@ -25,3 +25,10 @@ pub fn load(counter: *const u64) -> u64 {
     // SAFETY: callers pass aligned pointers into map values.
     unsafe { core::ptr::read_volatile(counter) }
 }
+
+/// A plain load of a signed counter other CPUs update.
+#[inline(always)]
+pub fn load_signed(counter: *const i64) -> i64 {
+    // SAFETY: callers pass aligned pointers into map values.
+    unsafe { core::ptr::read_volatile(counter) }
+}

@@ -5,11 +5,10 @@ use aya_ebpf::helpers::bpf_get_current_pid_tgid;
 use trustdrift_common::{AccessKey, FdKey, Loss, PREFILTER_SLOTS, PROC_FD_SLOTS, ProcState};
 
 use crate::{
-    FDS_CAPACITY,
     access::add_read,
     atomic,
     emit::{lost, now_ns},
-    maps::{COUNTERS, FDS, PREFILTER, PROCS, counter},
+    maps::{COUNTERS, FDS, FDS_CAPACITY, PREFILTER, PROCS, counter},
 };
 
 #[inline(always)]

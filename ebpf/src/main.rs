@@ -23,33 +23,23 @@ mod arch;
 mod atomic;
 mod emit;
 mod fds;
+mod kernel;
+mod kpath;
 mod maps;
 mod open;
+mod owners;
 mod path;
 mod process;
 
 use aya_ebpf::{
-    EbpfContext, Global,
+    EbpfContext,
     bindings::pt_regs,
     helpers::bpf_get_current_pid_tgid,
     macros::{btf_tracepoint, tracepoint},
     programs::{BtfTracePointContext, TracePointContext},
 };
-use trustdrift_common::KernelOffsets;
 
 use crate::arch::nr;
-
-/// tgid of the daemon: its own reads of trust files are not observations.
-#[unsafe(no_mangle)]
-static SELF_TGID: Global<u32> = Global::new(0);
-
-/// Kernel layout from BTF, for process identity without CO-RE.
-#[unsafe(no_mangle)]
-static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets::NONE);
-
-/// `max_entries` of `FDS` as loaded, to tell when the LRU starts evicting live handles.
-#[unsafe(no_mangle)]
-static FDS_CAPACITY: Global<u64> = Global::new(16384);
 
 /// Lean mode: the classic `syscalls:sys_enter_{openat,openat2,open}` tracepoints.
 /// Only opens run a program at all; success and bytes read are left to the daemon.

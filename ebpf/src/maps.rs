@@ -1,28 +1,49 @@
-//! Every map of the probe: its key, value and bound. The daemon may resize the bounded
-//! tables at load time (`max_entries`); the numbers here are the defaults.
+//! Every map of the probe, with its key, value and bound, and the read-only globals the
+//! daemon sets at load time. The daemon may resize the bounded tables at load time
+//! (`max_entries`); the defaults are `trustdrift_common::maps::capacity`, and each static
+//! is named as `trustdrift_common::maps::name` says.
 
 use aya_ebpf::{
+    Global,
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use trustdrift_common::{
-    AccessEvent, AccessKey, AccessStats, FdKey, FilterTable, LOSS_REASONS, PATH_CAP,
-    PREFILTER_SLOTS, PREFIX_CAP, ProcState,
+    AccessEvent, AccessKey, AccessStats, FdKey, FilterTable, KPATH_CAP, KernelOffsets,
+    LOSS_REASONS, NODE_KEY_BYTES, OwnerKey, OwnerQuotas, OwnerUsage, PATH_CAP, PREFILTER_SLOTS,
+    PREFIX_CAP, ProcState, maps::capacity,
 };
+
+/// tgid of the daemon: its own reads of trust files are not observations.
+#[unsafe(no_mangle)]
+pub static SELF_TGID: Global<u32> = Global::new(0);
+
+/// Kernel layout from BTF, for what the probe reads of tasks and files without CO-RE.
+#[unsafe(no_mangle)]
+pub static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets::NONE);
+
+/// `max_entries` of `FDS` as loaded, to tell when the LRU starts evicting live handles.
+#[unsafe(no_mangle)]
+pub static FDS_CAPACITY: Global<u64> = Global::new(capacity::FDS as u64);
+
+/// How many table entries one owner may hold, and paths one process may announce.
+#[unsafe(no_mangle)]
+pub static QUOTAS: Global<OwnerQuotas> = Global::new(OwnerQuotas::NONE);
 
 /// Records for the daemon: only what is new (first access of a path by a process image,
 /// exec, exit). Bound: 1 MiB of records; a failed reserve counts `Loss::RingbufFull`.
 #[map]
-pub static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(capacity::RING_BUFFER_BYTES, 0);
 
 /// Per-CPU loss counters. Key: `Loss` as u32. Value: count. Bound: `LOSS_REASONS`.
 #[map]
 pub static LOSSES: PerCpuArray<u64> = PerCpuArray::with_max_entries(LOSS_REASONS as u32, 0);
 
-/// Trust prefixes. Key: path prefix bytes (longest-prefix match). Value: unused (1).
-/// Bound: 256 prefixes, each at most `PREFIX_CAP` bytes.
+/// Trust prefixes. Key: path prefix bytes (longest-prefix match). Value: include (1) or
+/// exclude (0). Bound: 256 prefixes, each at most `PREFIX_CAP` bytes.
 #[map]
-pub static PREFIXES: LpmTrie<[u8; PREFIX_CAP], u8> = LpmTrie::with_max_entries(256, 0);
+pub static PREFIXES: LpmTrie<[u8; PREFIX_CAP], u8> =
+    LpmTrie::with_max_entries(capacity::PREFIXES, 0);
 
 /// Quick-reject bitmaps over path heads and tails, their parameters, and the suffix
 /// rules. Key: 0. Value: the whole table (16.5 KiB). Most paths on a host stop at the
@@ -31,21 +52,24 @@ pub static PREFIXES: LpmTrie<[u8; PREFIX_CAP], u8> = LpmTrie::with_max_entries(2
 pub static FILTER: Array<FilterTable> = Array::with_max_entries(1, 0);
 
 /// Aggregated accesses. Key: (tgid, exec_seq, start, path hash). Value: times, bytes and
-/// counts, updated in place. Bound: 32768 (process, path) pairs; the daemon deletes the
-/// entries of exited processes. A full table counts `Loss::AccessTableFull`.
+/// counts, updated in place. Bound: 32768 (process, path) pairs, shared out by `OWNERS`;
+/// the daemon deletes the entries of exited processes and those it refuses. A full table
+/// counts `Loss::AccessTableFull`.
 #[map]
-pub static ACCESSES: HashMap<AccessKey, AccessStats> = HashMap::with_max_entries(32768, 0);
+pub static ACCESSES: HashMap<AccessKey, AccessStats> =
+    HashMap::with_max_entries(capacity::ACCESSES, 0);
 
 /// Open trust fds. Key: (tgid, fd), so a read by any thread is attributed. Value: the
 /// `ACCESSES` key of the path. Bound: 16384, LRU; evicting a live entry counts
 /// `Loss::FdTableEvicted`.
 #[map]
-pub static FDS: LruHashMap<FdKey, AccessKey> = LruHashMap::with_max_entries(16384, 0);
+pub static FDS: LruHashMap<FdKey, AccessKey> = LruHashMap::with_max_entries(capacity::FDS, 0);
 
-/// Processes that touched trust files. Key: tgid. Value: identity, exec generation and the
-/// slots of its tracked fds. Bound: 16384; removed at exit.
+/// Processes that touched trust files. Key: tgid. Value: identity, exec generation, the
+/// slots of its tracked fds, its owner and how many paths it announced. Bound: 16384,
+/// shared out by `OWNERS`; removed at exit.
 #[map]
-pub static PROCS: HashMap<u32, ProcState> = HashMap::with_max_entries(16384, 0);
+pub static PROCS: HashMap<u32, ProcState> = HashMap::with_max_entries(capacity::PROCS, 0);
 
 /// Per-tgid pre-filter. Key: `tgid & (PREFILTER_SLOTS - 1)`. Value: tracked fds of the
 /// processes in that slot. Zero lets reads and closes skip every other lookup.
@@ -62,16 +86,31 @@ pub mod counter {
     pub const FDS_LIVE: u32 = 0;
 }
 
+/// What each owner (a uid, a cgroup, a uid in a cgroup) holds of `PROCS` and `ACCESSES`.
+/// Key: `OwnerKey`. Value: `OwnerUsage`. Bound: 16384, LRU (an evicted owner starts from
+/// zero, which only loosens its quota for a while).
+#[map]
+pub static OWNERS: LruHashMap<OwnerKey, OwnerUsage> =
+    LruHashMap::with_max_entries(capacity::OWNERS, 0);
+
+/// This node's key for keyed digests: random, written by the first daemon and read by the
+/// next (it is pinned with the other maps); it never leaves kernel memory otherwise. The
+/// probe never reads it. Key: 0. Value: the key. Bound: 1.
+#[map]
+pub static NODE_KEY: Array<[u8; NODE_KEY_BYTES]> = Array::with_max_entries(1, 0);
+
 /// Per-CPU scratch where a first-access record is assembled before it is copied into
-/// `EVENTS` at its path's length. Key: 0. Value: one record at its longest. Bound: 1.
+/// `EVENTS` at its paths' length. Key: 0. Value: one record at its longest. Bound: 1.
 #[map]
 pub static ANNOUNCE: PerCpuArray<Announcement> = PerCpuArray::with_max_entries(1, 0);
 
-/// An access record at its longest: what `ANNOUNCE` holds.
+/// An access record at its longest, with slack the verifier's bounds need: what
+/// `ANNOUNCE` holds.
 #[repr(C)]
 pub struct Announcement {
     pub event: AccessEvent,
-    pub path: [u8; PATH_CAP],
+    /// The user path (with its NUL), then the kernel path (with its NUL).
+    pub paths: [u8; 2 * (PATH_CAP + KPATH_CAP)],
 }
 
 /// Per-CPU scratch for the path under test. Key: 0. Bound: 1.
@@ -97,3 +136,34 @@ pub struct PathScratch {
 pub const PATH_WORD_OFFSET: usize = 3;
 /// `PathScratch` as u64 words.
 pub const SCRATCH_WORDS: usize = PATH_WORD_OFFSET + PATH_CAP / 8 + 2;
+
+/// Per-CPU state of the walk that rebuilds an opened file's path (see `kpath`). Key: 0.
+/// Bound: 1.
+#[map]
+pub static WALK: PerCpuArray<WalkScratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// Where the walk is, and the path it built so far (from the end of `buf`).
+#[repr(C)]
+pub struct WalkScratch {
+    pub state: WalkState,
+    /// The path, built right to left so that it ends at `KPATH_CAP`; slack on both
+    /// sides keeps every bounded access inside the value.
+    pub buf: [u8; 2 * KPATH_CAP + 256],
+}
+
+/// The walk's position. Kept in the map, never in registers across steps: values loaded
+/// from a map are unknown to the verifier, so the walk's states prune instead of
+/// multiplying.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct WalkState {
+    pub dentry: u64,
+    pub vfsmnt: u64,
+    pub mnt: u64,
+    pub root_dentry: u64,
+    pub root_mnt: u64,
+    /// Start of the path built so far in `buf` (the path ends at `KPATH_CAP`).
+    pub pos: u32,
+    /// `kpath_flags`.
+    pub flags: u32,
+}

@@ -9,12 +9,12 @@ use crate::arch::nr;
 use trustdrift_common::{AccessKey, FdKey, Loss, MatchedOpen, match_flags, prefix_value};
 
 use crate::{
-    SELF_TGID, access,
+    access,
     emit::{lost, now_ns},
     fds,
-    maps::FDS,
+    maps::{FDS, SELF_TGID},
     path::{self, CopyError},
-    process,
+    process::{self, Current},
 };
 
 const O_ACCMODE: u64 = 0o3;
@@ -49,7 +49,7 @@ fn describe(id: i64, args: [u64; 3]) -> Option<MatchedOpen> {
         open_flags: open_flags as u32,
         dirfd,
         match_flags: 0,
-        _pad: 0,
+        path_len: 0,
     })
 }
 
@@ -145,6 +145,7 @@ fn classify(open: &mut MatchedOpen) -> Classified {
         lost(Loss::PathTruncated);
     }
     open.path_hash = path.hash();
+    open.path_len = path.len as u32;
     open.match_flags = how | path.flags();
     Classified::Match
 }
@@ -154,7 +155,7 @@ fn record(pid_tgid: u64, open: &MatchedOpen, fd: i32) {
     let tgid = (pid_tgid >> 32) as u32;
     let now = now_ns();
     match process::current(tgid) {
-        Ok(state) => {
+        Current::Tracked(state) => {
             // SAFETY: a valid map value.
             let state = unsafe { &mut *state };
             let key = AccessKey {
@@ -163,18 +164,20 @@ fn record(pid_tgid: u64, open: &MatchedOpen, fd: i32) {
                 start_ns: state.start_ns,
                 path_hash: open.path_hash,
             };
-            if access::opened(pid_tgid, &key, open, fd, state, now) && fd >= 0 {
+            if access::opened(pid_tgid, &key, open, fd, state, true, now) && fd >= 0 {
                 fds::register(tgid, fd, &key, state);
             }
         }
-        Err(standin) => {
+        Current::Untracked(mut standin) => {
             let key = AccessKey {
                 tgid,
                 exec_seq: standin.exec_seq,
                 start_ns: standin.start_ns,
                 path_hash: open.path_hash,
             };
-            access::opened(pid_tgid, &key, open, fd, &standin, now);
+            access::opened(pid_tgid, &key, open, fd, &mut standin, false, now);
         }
+        // Counted when it was refused.
+        Current::OverQuota => {}
     }
 }

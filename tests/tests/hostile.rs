@@ -17,6 +17,10 @@ use std::{
 
 use trustdrift_e2e::{Cert, Daemon, Guarded, TempDir, Value, replace_atomically};
 
+/// A hostile container against the node: host files, hangs, floods, secrets, rewrites.
+#[path = "hostile/node.rs"]
+mod node;
+
 /// Reads each path (at most 1 MiB of it: `/dev/zero` never ends), says so, and stays
 /// until its stdin closes. `-I` and no SSL_CERT_* so nothing else is read.
 fn reader(paths: &[&Path]) -> Guarded {

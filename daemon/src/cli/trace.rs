@@ -43,6 +43,8 @@ struct Line<'a> {
     #[serde(flatten)]
     attribution: &'a Attribution,
     path: String,
+    /// The opened file's path in the process's root, as the kernel knew it at the open.
+    opened: Option<String>,
     resolved: Option<&'a str>,
     resolve_error: Option<&'a str>,
     dirfd: i32,
@@ -104,6 +106,7 @@ impl Printer {
                     cgroup_id: a.task.cgroup_id,
                     attribution: &row.attribution,
                     path,
+                    opened: a.kernel_path.as_deref().map(resolution::display),
                     resolved,
                     resolve_error,
                     dirfd: a.dirfd,

@@ -721,6 +721,7 @@ impl Engine {
             ("ledger_reads_evicted", l.reads_evicted),
             ("catalog_files_evicted", c.files_evicted),
             ("catalog_versions_dropped", c.versions_dropped),
+            ("catalog_contents_evicted", c.contents_evicted),
             ("watch_failed", self.watcher.failures),
         ] {
             lost.insert(reason.to_owned(), n);

@@ -5,7 +5,7 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 use crate::{
     config::Config,
     ledger::LedgerLimits,
-    probe::{Capacities, Mode, ProbeOptions, Programs},
+    probe::{Capacities, Mode, ProbeOptions, Programs, Shares},
     process::deadline,
     serve::snapshot::MetricsOptions,
     stores::catalog,
@@ -53,6 +53,10 @@ impl EngineOptions {
                     procs: c.probe.max_processes,
                     ringbuf_bytes: c.probe.ring_buffer_bytes,
                 },
+                shares: Shares {
+                    paths_per_process: c.probe.max_paths_per_process,
+                    owner_percent: c.probe.owner_share,
+                },
                 pin_dir: non_empty(&c.state.pin_dir),
                 bpf_stats: c.metrics.bpf_stats,
             },
@@ -68,7 +72,8 @@ impl EngineOptions {
             ledger: LedgerLimits {
                 exit_grace: Config::duration_of(&c.ledger.exit_grace),
                 max_processes: c.ledger.max_processes,
-                ..LedgerLimits::default()
+                // A read the probe cannot record past its quota is not kept here either.
+                max_reads_per_process: c.probe.max_paths_per_process as usize,
             },
             max_watches: 8192,
             queue_bytes: c.probe.queue_bytes,

@@ -69,7 +69,7 @@ where
     let mut intake = Intake::start(probe.take_events()?, options.queue_bytes)?;
     tracing::info!(mode = ?probe.mode, pinning = ?probe.pinning, "probe attached");
     let publisher = Publisher::new(tx, options.metrics.clone());
-    let key = NodeKey::random().context("drawing the node's digest key")?;
+    let key = NodeKey::from_bytes(probe.node_key());
     let (mut engine, inotify) = Engine::new(Box::new(probe), options, state, publisher, key)?;
     engine.heartbeat = heartbeat;
     // SAFETY: the Inotify instance owns its fd for as long as the AsyncFd owns it.

@@ -5,8 +5,8 @@ use std::{ffi::OsStr, mem::size_of, os::unix::ffi::OsStrExt, path::PathBuf};
 
 use thiserror::Error;
 use trustdrift_common::{
-    AccessEvent, AccessKey, COMM_LEN, EventHeader, EventKind, PATH_CAP, ProcEvent,
-    UnknownDiscriminant, match_flags,
+    AccessEvent, AccessKey, COMM_LEN, EventHeader, EventKind, KPATH_CAP, PATH_CAP, ProcEvent,
+    UnknownDiscriminant, kpath_flags, match_flags,
 };
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -21,6 +21,8 @@ pub enum DecodeError {
     UnknownKind(u32),
     #[error("access record claims a {0}-byte path, longer than the probe ever sends")]
     PathTooLong(u32),
+    #[error("access record claims a {0}-byte kernel path, longer than the probe ever sends")]
+    KernelPathTooLong(u32),
 }
 
 impl From<UnknownDiscriminant> for DecodeError {
@@ -88,7 +90,7 @@ pub enum Event {
     Exit(Task),
 }
 
-fn read<T: Copy>(bytes: &[u8], what: &'static str) -> Result<T, DecodeError> {
+fn read<T: aya::Pod>(bytes: &[u8], what: &'static str) -> Result<T, DecodeError> {
     if bytes.len() < size_of::<T>() {
         return Err(DecodeError::Short {
             what,
@@ -96,8 +98,8 @@ fn read<T: Copy>(bytes: &[u8], what: &'static str) -> Result<T, DecodeError> {
             need: size_of::<T>(),
         });
     }
-    // SAFETY: length checked; T is a #[repr(C)] plain-data type valid for any bytes;
-    // read_unaligned copes with the ring buffer's 8-byte alignment.
+    // SAFETY: length checked; `Pod` promises any bytes are a valid T; read_unaligned
+    // copes with the ring buffer's 8-byte alignment.
     Ok(unsafe { bytes.as_ptr().cast::<T>().read_unaligned() })
 }
 
@@ -148,6 +150,27 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                     len: bytes.len(),
                     need: size_of::<AccessEvent>() + len,
                 })?;
+            let klen = e.kpath_len as usize;
+            if klen >= KPATH_CAP {
+                return Err(DecodeError::KernelPathTooLong(e.kpath_len));
+            }
+            let kernel_path = if klen == 0 {
+                None
+            } else {
+                let start = size_of::<AccessEvent>() + len + 1;
+                let raw = bytes.get(start..start + klen).ok_or(DecodeError::Short {
+                    what: "access record and its kernel path",
+                    len: bytes.len(),
+                    need: start + klen,
+                })?;
+                // Only a whole path in the process's root names the opened file there.
+                let whole = e.kpath_flags & kpath_flags::REACHED_ROOT != 0
+                    && e.kpath_flags
+                        & (kpath_flags::TRUNCATED | kpath_flags::UNREACHABLE | kpath_flags::FAILED)
+                        == 0
+                    && raw.first() == Some(&b'/');
+                whole.then(|| PathBuf::from(OsStr::from_bytes(raw)))
+            };
             Ok(Event::Access(Access {
                 task: task(&e.header),
                 key: e.key,
@@ -158,7 +181,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 inode: (e.ino != 0).then(|| (e.ino, userspace_dev(e.dev))),
                 match_flags: e.match_flags,
                 path: PathBuf::from(OsStr::from_bytes(path)),
-                kernel_path: None,
+                kernel_path,
             }))
         }
         EventKind::Exec => {
@@ -215,11 +238,51 @@ mod tests {
             ino: 0,
             dev: 0,
             path_len: path.len() as u32,
+            kpath_len: 0,
+            kpath_flags: 0,
         };
         let mut bytes = bytes_of(&event);
         bytes.extend_from_slice(path);
         bytes.push(0);
         bytes
+    }
+
+    /// An access record with the kernel's path of the opened file after the path.
+    fn access_record_with_kernel_path(path: &[u8], kpath: &[u8], flags: u32) -> Vec<u8> {
+        let mut bytes = access_record(path);
+        let mut event: AccessEvent = read(&bytes, "test").unwrap();
+        event.kpath_len = kpath.len() as u32;
+        event.kpath_flags = flags;
+        bytes[..size_of::<AccessEvent>()].copy_from_slice(&bytes_of(&event));
+        bytes.extend_from_slice(kpath);
+        bytes.push(0);
+        bytes
+    }
+
+    #[test]
+    fn the_kernel_path_of_the_opened_file_follows_the_path_when_whole() {
+        let whole = access_record_with_kernel_path(
+            b"certs/ca.pem",
+            b"/opt/app/certs/ca.pem",
+            kpath_flags::REACHED_ROOT,
+        );
+        let Event::Access(a) = decode(&whole).unwrap() else {
+            panic!("not an access");
+        };
+        assert_eq!(a.path, PathBuf::from("certs/ca.pem"));
+        assert_eq!(a.kernel_path, Some(PathBuf::from("/opt/app/certs/ca.pem")));
+        // Outside the process's root, or cut: not a path in its root, so not used.
+        for flags in [
+            kpath_flags::UNREACHABLE,
+            kpath_flags::REACHED_ROOT | kpath_flags::TRUNCATED,
+        ] {
+            let r = access_record_with_kernel_path(b"ca.pem", b"/x/ca.pem", flags);
+            assert!(matches!(decode(&r), Ok(Event::Access(a)) if a.kernel_path.is_none()));
+        }
+        // A length past the record is an error, not a read out of bounds.
+        let mut cut = whole.clone();
+        cut.truncate(cut.len() - 5);
+        assert!(matches!(decode(&cut), Err(DecodeError::Short { .. })));
     }
 
     #[test]
@@ -237,7 +300,11 @@ mod tests {
     fn an_access_record_is_only_as_long_as_its_path() {
         let short = access_record(b"/etc/ssl/cert.pem");
         assert!(short.len() < size_of::<AccessEvent>() + 32);
-        let longest = access_record(&[b'a'; PATH_CAP - 1]);
+        let longest = access_record_with_kernel_path(
+            &[b'a'; PATH_CAP - 1],
+            &[b'/'; KPATH_CAP - 1],
+            kpath_flags::REACHED_ROOT,
+        );
         assert_eq!(longest.len(), trustdrift_common::ACCESS_RECORD_CAP);
         assert!(
             matches!(decode(&longest), Ok(Event::Access(a)) if a.path.as_os_str().len() == PATH_CAP - 1)

@@ -22,8 +22,8 @@ use aya::{
     },
 };
 use trustdrift_common::{
-    AccessEvent, AccessKey, AccessStats, FdKey, FilterTable, KernelOffsets, LOSS_REASONS, Loss,
-    PATH_CAP, PREFIX_CAP, ProcState,
+    AccessKey, AccessStats, FilterTable, KernelOffsets, LOSS_REASONS, Loss, NODE_KEY_BYTES,
+    OwnerQuotas, PREFIX_CAP, ProcState, layout::LAYOUT, maps::capacity, maps::name, owner_kind,
 };
 
 use self::{pinning::PinStatus, trust_paths::TrustPaths};
@@ -58,10 +58,53 @@ pub struct Capacities {
 impl Default for Capacities {
     fn default() -> Self {
         Self {
-            accesses: 32768,
-            fds: 16384,
-            procs: 16384,
-            ringbuf_bytes: 1 << 20,
+            accesses: capacity::ACCESSES,
+            fds: capacity::FDS,
+            procs: capacity::PROCS,
+            ringbuf_bytes: capacity::RING_BUFFER_BYTES,
+        }
+    }
+}
+
+/// How the probe's tables are shared out (see `Loss::ProcessQuota`, `Loss::OwnerQuota`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shares {
+    /// Distinct trust paths one process image may announce.
+    pub paths_per_process: u32,
+    /// Percent of each table one cgroup may hold. A uid within a cgroup gets half of it, a
+    /// uid across cgroups (other than root) twice it.
+    pub owner_percent: u32,
+}
+
+impl Default for Shares {
+    fn default() -> Self {
+        Self {
+            paths_per_process: 256,
+            owner_percent: 25,
+        }
+    }
+}
+
+impl Shares {
+    /// The quotas the probe enforces, from the table sizes. No share is below 256
+    /// entries (or the whole table, if smaller): a smaller one would cut a single busy
+    /// service, not a flood.
+    pub fn quotas(&self, caps: &Capacities) -> OwnerQuotas {
+        let of = |cap: u32| {
+            let cap = i64::from(cap);
+            let floor = cap.min(256);
+            let cgroup = cap * i64::from(self.owner_percent.min(100)) / 100;
+            let mut q = [0; owner_kind::COUNT];
+            q[owner_kind::CGROUP as usize] = cgroup.max(floor);
+            q[owner_kind::CGROUP_UID as usize] = (cgroup / 2).max(floor);
+            q[owner_kind::UID as usize] = (cgroup * 2).min(cap).max(floor);
+            q
+        };
+        OwnerQuotas {
+            procs: of(caps.procs),
+            accesses: of(caps.accesses),
+            paths_per_process: self.paths_per_process.max(1),
+            _pad: 0,
         }
     }
 }
@@ -72,26 +115,12 @@ pub struct ProbeOptions {
     pub programs: Programs,
     pub paths: TrustPaths,
     pub capacities: Capacities,
+    pub shares: Shares,
     /// bpffs directory to pin maps and links in, so the probe outlives the daemon.
     pub pin_dir: Option<PathBuf>,
     /// Turn on the kernel's per-program run-time accounting while the probe lives.
     pub bpf_stats: bool,
 }
-
-/// Every map of the probe, by the name it has in the object.
-const MAPS: &[&str] = &[
-    "EVENTS",
-    "LOSSES",
-    "PREFIXES",
-    "FILTER",
-    "ACCESSES",
-    "FDS",
-    "PROCS",
-    "PREFILTER",
-    "COUNTERS",
-    "SCRATCH",
-    "ANNOUNCE",
-];
 
 /// Fill of one bounded map, for the metrics.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -126,6 +155,8 @@ pub struct Probe {
     counters: Array<MapData, u64>,
     filter: Filter,
     capacities: Capacities,
+    /// This node's key for keyed digests (see `stores::digest`).
+    node_key: [u8; NODE_KEY_BYTES],
     attachments: Vec<Attachment>,
     plan: Option<pinning::Plan>,
     _stats: Option<OwnedFd>,
@@ -141,6 +172,25 @@ where
         .take_map(name)
         .ok_or_else(|| anyhow!("the probe object has no map {name} (stale build?)"))?;
     T::try_from(map).with_context(|| format!("map {name} has an unexpected type or layout"))
+}
+
+/// The node's key from the `NODE_KEY` map: the one a previous run left in the pinned map,
+/// or a new random one written there.
+fn node_key(ebpf: &mut Ebpf) -> Result<[u8; NODE_KEY_BYTES]> {
+    let mut map: Array<&mut MapData, [u8; NODE_KEY_BYTES]> = Array::try_from(
+        ebpf.map_mut(name::NODE_KEY)
+            .ok_or_else(|| anyhow!("the probe object has no map NODE_KEY (stale build?)"))?,
+    )
+    .context("map NODE_KEY has an unexpected type or layout")?;
+    let current = map.get(&0, 0).context("reading the node key")?;
+    if current != [0; NODE_KEY_BYTES] {
+        return Ok(current);
+    }
+    let fresh = crate::stores::digest::NodeKey::random()
+        .context("drawing the node's key")?
+        .bytes();
+    map.set(0, fresh, 0).context("storing the node key")?;
+    Ok(fresh)
 }
 
 /// A load failure with the tail of the verifier log, which is where the reason is.
@@ -220,24 +270,23 @@ fn open_tracepoints(tracefs: &Path) -> Vec<(&'static str, &'static str)> {
     .collect()
 }
 
-/// A name for the maps' layout: any change to a key or value type, or to a capacity,
-/// gives a different directory, so pinned maps are never reused with a wrong layout.
+/// A name for the maps' layout: every type size, field offset and constant the maps and
+/// records depend on (`trustdrift_common::layout::LAYOUT`), the map names and the
+/// capacities. Any change gives a different directory, so pinned maps are never reused
+/// with a wrong layout.
 fn layout_name(caps: &Capacities) -> String {
-    let description = format!(
-        "{}:{}:{}:{}:{}:{}:{}:{}:{}:{}:{}:{}",
-        std::mem::size_of::<AccessEvent>(),
-        std::mem::size_of::<AccessKey>(),
-        std::mem::size_of::<AccessStats>(),
-        std::mem::size_of::<FdKey>(),
-        std::mem::size_of::<ProcState>(),
-        std::mem::size_of::<FilterTable>(),
-        PATH_CAP,
-        LOSS_REASONS,
-        caps.accesses,
-        caps.fds,
-        caps.procs,
-        caps.ringbuf_bytes,
-    );
+    let mut description = String::new();
+    for (what, value) in LAYOUT {
+        description.push_str(&format!("{what}={value};"));
+    }
+    for map in name::ALL {
+        description.push_str(map);
+        description.push(';');
+    }
+    description.push_str(&format!(
+        "{}:{}:{}:{}",
+        caps.accesses, caps.fds, caps.procs, caps.ringbuf_bytes
+    ));
     let hash = description.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
     });
@@ -298,21 +347,30 @@ impl Probe {
                 }
             },
         };
+        if !offsets.can_walk_paths() {
+            tracing::warn!(
+                "kernel BTF lacks what rebuilding an opened file's path needs: relative \
+                 opens are resolved from the process's directory after the fact, and a path \
+                 that leads elsewhere than the opened file is reported unverifiable"
+            );
+        }
         let self_tgid = std::process::id();
         let fds_capacity = u64::from(caps.fds);
+        let quotas = options.shares.quotas(&caps);
         let mut loader = EbpfLoader::new();
         loader
             .btf(Some(&kernel_btf))
             .override_global("SELF_TGID", &self_tgid, true)
             .override_global("OFFSETS", &offsets, true)
             .override_global("FDS_CAPACITY", &fds_capacity, true)
-            .map_max_entries("ACCESSES", caps.accesses)
-            .map_max_entries("FDS", caps.fds)
-            .map_max_entries("PROCS", caps.procs)
-            .map_max_entries("EVENTS", caps.ringbuf_bytes);
+            .override_global("QUOTAS", &quotas, true)
+            .map_max_entries(name::ACCESSES, caps.accesses)
+            .map_max_entries(name::FDS, caps.fds)
+            .map_max_entries(name::PROCS, caps.procs)
+            .map_max_entries(name::EVENTS, caps.ringbuf_bytes);
         if let Some(plan) = &plan {
-            for name in MAPS {
-                loader.map_pin_path(name, plan.maps.join(name));
+            for map in name::ALL {
+                loader.map_pin_path(map, plan.maps.join(map));
             }
         }
         let mut ebpf = loader
@@ -320,8 +378,8 @@ impl Probe {
             .context("loading the eBPF object (is BPF enabled in this kernel?)")?;
 
         let mut filter = Filter {
-            prefixes: take(&mut ebpf, "PREFIXES")?,
-            table: take(&mut ebpf, "FILTER")?,
+            prefixes: take(&mut ebpf, name::PREFIXES)?,
+            table: take(&mut ebpf, name::FILTER)?,
         };
         filter.write(&options.paths)?;
 
@@ -389,7 +447,7 @@ impl Probe {
         };
 
         let access_map = ebpf
-            .take_map("ACCESSES")
+            .take_map(name::ACCESSES)
             .ok_or_else(|| anyhow!("the probe object has no map ACCESSES (stale build?)"))?;
         let accesses_fd = match &access_map {
             aya::maps::Map::HashMap(data) => data
@@ -401,9 +459,10 @@ impl Probe {
         };
         let accesses = HashMap::try_from(access_map)
             .context("map ACCESSES has an unexpected type or layout")?;
-        let losses = take(&mut ebpf, "LOSSES")?;
-        let procs = take(&mut ebpf, "PROCS")?;
-        let counters = take(&mut ebpf, "COUNTERS")?;
+        let losses = take(&mut ebpf, name::LOSSES)?;
+        let procs = take(&mut ebpf, name::PROCS)?;
+        let counters = take(&mut ebpf, name::COUNTERS)?;
+        let node_key = node_key(&mut ebpf)?;
         Ok(Self {
             ebpf,
             accesses,
@@ -413,12 +472,20 @@ impl Probe {
             counters,
             filter,
             capacities: caps,
+            node_key,
             attachments,
             plan,
             _stats: stats,
             mode: options.mode,
             pinning,
         })
+    }
+
+    /// This node's key for keyed digests: kept in the pinned `NODE_KEY` map, so it lasts
+    /// as long as the pinned probe (until a reboot, or an upgrade that changes the layout)
+    /// and is never written anywhere else.
+    pub fn node_key(&self) -> [u8; NODE_KEY_BYTES] {
+        self.node_key
     }
 
     /// Replaces the kernel filter (config reload) without detaching anything.
@@ -466,7 +533,7 @@ impl Probe {
 
     /// The ring buffer of new accesses, execs and exits (can be taken once).
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
-        take(&mut self.ebpf, "EVENTS")
+        take(&mut self.ebpf, name::EVENTS)
     }
 
     /// The aggregate the probe keeps for `key`, if it still exists.
@@ -595,5 +662,31 @@ impl Filter {
             .set(0, table, 0)
             .context("writing the kernel filter")?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shares_follow_the_table_sizes_with_a_floor() {
+        let q = Shares::default().quotas(&Capacities::default());
+        let (cg, cg_uid, uid) = (
+            owner_kind::CGROUP as usize,
+            owner_kind::CGROUP_UID as usize,
+            owner_kind::UID as usize,
+        );
+        assert_eq!(q.accesses[cg], 8192);
+        assert_eq!(q.accesses[cg_uid], 4096);
+        assert_eq!(q.accesses[uid], 16384);
+        assert_eq!(q.procs[cg], 4096);
+        assert_eq!(q.paths_per_process, 256);
+        // A tiny table (a test's) is not shared out below a useful size.
+        let tiny = Capacities {
+            accesses: 16,
+            ..Capacities::default()
+        };
+        assert_eq!(Shares::default().quotas(&tiny).accesses, [16; 3]);
     }
 }

@@ -1,0 +1,43 @@
+//! The probe's maps as the daemon names them, and their default sizes: defined once here,
+//! for the probe (its `#[map]` statics carry these very names) and for the daemon (which
+//! takes, pins and resizes them by name).
+
+/// Map names, as the probe's statics are named.
+pub mod name {
+    pub const EVENTS: &str = "EVENTS";
+    pub const LOSSES: &str = "LOSSES";
+    pub const PREFIXES: &str = "PREFIXES";
+    pub const FILTER: &str = "FILTER";
+    pub const ACCESSES: &str = "ACCESSES";
+    pub const FDS: &str = "FDS";
+    pub const PROCS: &str = "PROCS";
+    pub const PREFILTER: &str = "PREFILTER";
+    pub const COUNTERS: &str = "COUNTERS";
+    pub const SCRATCH: &str = "SCRATCH";
+    pub const ANNOUNCE: &str = "ANNOUNCE";
+    pub const OWNERS: &str = "OWNERS";
+    pub const WALK: &str = "WALK";
+    pub const NODE_KEY: &str = "NODE_KEY";
+
+    /// Every map: all of them are pinned together.
+    pub const ALL: [&str; 14] = [
+        EVENTS, LOSSES, PREFIXES, FILTER, ACCESSES, FDS, PROCS, PREFILTER, COUNTERS, SCRATCH,
+        ANNOUNCE, OWNERS, WALK, NODE_KEY,
+    ];
+}
+
+/// Default sizes of the bounded maps (`max_entries`); the daemon may resize them at load.
+pub mod capacity {
+    /// (process image, path) pairs the probe aggregates.
+    pub const ACCESSES: u32 = 32768;
+    /// Open trust fds (an LRU).
+    pub const FDS: u32 = 16384;
+    /// Processes that touched trust files.
+    pub const PROCS: u32 = 16384;
+    /// Bytes of the ring buffer.
+    pub const RING_BUFFER_BYTES: u32 = 1 << 20;
+    /// Owners (uids, cgroups) whose share of the tables is counted (an LRU).
+    pub const OWNERS: u32 = 16384;
+    /// Trust prefixes the kernel filter holds.
+    pub const PREFIXES: u32 = 256;
+}
