@@ -36,6 +36,9 @@ where
     let mut interrupt = tokio::signal::unix::signal(SignalKind::interrupt())?;
     let mut terminate = tokio::signal::unix::signal(SignalKind::terminate())?;
     let mut hangup = tokio::signal::unix::signal(SignalKind::hangup())?;
+    let options = EngineOptions::from_config(&config);
+    // Before any thread starts: they inherit it.
+    runtime::raise_priority(options.priority_boost);
     let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
     let heartbeat = Heartbeat::default();
     heartbeat.beat();
@@ -56,7 +59,6 @@ where
             }
         })
         .context("starting the API thread")?;
-    let options = EngineOptions::from_config(&config);
     let state = options
         .state_dir
         .as_deref()
@@ -64,8 +66,6 @@ where
         .transpose()?;
 
     let mut probe = Probe::attach(options.probe.clone())?;
-    // Before the intake thread starts, which inherits it.
-    runtime::raise_priority(options.priority_boost);
     let mut intake = Intake::start(probe.take_events()?, options.queue_bytes)?;
     tracing::info!(mode = ?probe.mode, pinning = ?probe.pinning, "probe attached");
     let publisher = Publisher::new(tx, options.metrics.clone());
