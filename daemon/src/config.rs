@@ -99,6 +99,9 @@ pub struct Api {
     /// Open connections at once; more are closed as they arrive (slow clients must not
     /// use up the daemon's file descriptors).
     pub max_connections: usize,
+    /// Show processes' command lines in the API (they can hold secrets: tokens, passwords
+    /// passed as arguments). Off: they are not even recorded.
+    pub cmdline: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -200,6 +203,7 @@ impl Default for Api {
             liveness_timeout: "30s".into(),
             max_concurrent_requests: 64,
             max_connections: 256,
+            cmdline: false,
         }
     }
 }

@@ -100,10 +100,8 @@ fn the_api_serves_a_documented_schema_with_filters_and_json_errors() {
         assert!(f.get(key).is_some(), "file field {key} missing: {f}");
     }
     assert_eq!(f["read_version"]["sha256"], f["current_version"]["sha256"]);
-    assert!(
-        p["cmdline"].as_str().unwrap().len() <= 260,
-        "cmdline is truncated"
-    );
+    // Command lines can hold secrets: off unless asked for (api.cmdline).
+    assert!(p["cmdline"].is_null(), "no command line by default: {p}");
 
     let listed = |query: &str| -> Vec<u64> {
         let (status, body) = daemon.get(&format!("/processes?{query}"));
@@ -165,6 +163,20 @@ fn the_api_serves_a_documented_schema_with_filters_and_json_errors() {
         stores["host_reference"]["certificates"]
             .as_array()
             .is_some()
+    );
+
+    // With api.cmdline, command lines are shown, cut to a bounded length.
+    drop(daemon);
+    let Some(daemon) = Daemon::start(&["--set", "api.cmdline=true"]) else {
+        return;
+    };
+    let agent = python_reader(&path);
+    let p = daemon.wait_for("listed with its command line", agent.pid(), |p| {
+        p["cmdline"].is_string()
+    });
+    assert!(
+        p["cmdline"].as_str().unwrap().len() <= 260,
+        "cmdline is truncated"
     );
 }
 

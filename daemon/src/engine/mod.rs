@@ -41,7 +41,7 @@ use crate::{
     config::Config,
     events::{self, Access, Event, Task, clock},
     judge::verdict,
-    ledger::{Counts, Ledger, Origin, ProcKey, ProcessInfo, TrustRead, persist::StateDir},
+    ledger::{Counts, Ledger, Origin, ProcKey, ProcessInfo, TrustRead, state_dir::StateDir},
     probe::{MapFill, ProbeOptions, pinning::PinStatus},
     process::{
         attribution, deadline::Deadline, peers::Peers, procfs, resolution::Resolver, rootfs::Root,
@@ -283,7 +283,9 @@ impl Engine {
         ProcessInfo {
             comm: task.comm.clone(),
             exe: alive.then(|| procfs::exe_path(key.pid)).flatten(),
-            cmdline: alive.then(|| procfs::cmdline(key.pid)).flatten(),
+            cmdline: (alive && self.options.cmdline)
+                .then(|| procfs::cmdline(key.pid))
+                .flatten(),
             uid: task.uid,
             cgroup_id: task.cgroup_id,
             attribution,

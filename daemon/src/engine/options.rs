@@ -32,6 +32,8 @@ pub struct EngineOptions {
     pub state_dir: Option<PathBuf>,
     pub save_interval: Duration,
     pub unpin_on_exit: bool,
+    /// Record processes' command lines (`api.cmdline`).
+    pub cmdline: bool,
     pub metrics: MetricsOptions,
 }
 
@@ -83,6 +85,7 @@ impl EngineOptions {
             state_dir: non_empty(&c.state.dir),
             save_interval: Config::duration_of(&c.state.save_interval),
             unpin_on_exit: c.state.unpin_on_exit,
+            cmdline: c.api.cmdline,
             metrics: MetricsOptions {
                 per_process: c.metrics.per_process,
                 container_stores: c.metrics.container_stores,

@@ -13,7 +13,7 @@ use super::{Engine, options::EngineOptions, publisher::Publisher, runtime, start
 use crate::{
     config::Config,
     events::{self, intake::Intake},
-    ledger::{Origin, ProcKey, ProcessInfo, TrustRead, persist::StateDir},
+    ledger::{Origin, ProcKey, ProcessInfo, TrustRead, state_dir::StateDir},
     probe::{Probe, pinning::PinStatus},
     process::{procfs, seed},
     serve::snapshot::{Heartbeat, Snapshot},
@@ -256,7 +256,7 @@ impl Engine {
             let info = ProcessInfo {
                 comm: found.comm.clone(),
                 exe: found.exe.clone(),
-                cmdline: found.cmdline.clone(),
+                cmdline: found.cmdline.clone().filter(|_| self.options.cmdline),
                 uid: found.uid,
                 cgroup_id: 0,
                 attribution: self.attribution_of(key.pid, Some(handle)),

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::{
-    ledger::{Ledger, persist::StateDir},
+    ledger::{Ledger, state_dir::StateDir},
     stores::catalog::Catalog,
 };
 

@@ -5,6 +5,7 @@
 //! past its limits it evicts (exited processes first) and counts what it dropped.
 
 pub mod persist;
+pub mod state_dir;
 
 use std::{
     collections::{BTreeMap, HashMap},

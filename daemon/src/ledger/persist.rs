@@ -10,20 +10,18 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    fs::{self, File},
-    io::Write,
-    os::fd::AsRawFd,
-    path::{Path, PathBuf},
+    fs,
+    path::PathBuf,
     sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use trustdrift_common::AccessKey;
 
 use crate::{
-    ledger::{Ledger, Origin, ProcKey, ProcessEntry, ProcessInfo, TrustRead},
+    ledger::{Ledger, Origin, ProcKey, ProcessEntry, ProcessInfo, TrustRead, state_dir::StateDir},
     process::procfs,
     stores::catalog::{Catalog, Content, FileIdentity, FileKey, RootKey, Shape, Version},
     stores::digest::Digest,
@@ -35,6 +33,8 @@ use crate::{
 /// certificates by their plain SHA-256 (format 1 had a plain SHA-256 for everything).
 pub const FORMAT: u32 = 2;
 const FILE: &str = "ledger.json";
+/// A state file is the daemon's own, but not believed past this size.
+const MAX_STATE_BYTES: u64 = 1 << 30;
 
 fn ns(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
@@ -275,34 +275,7 @@ impl Contents<'_> {
     }
 }
 
-/// The state directory, locked against a second daemon for as long as this lives.
-pub struct StateDir {
-    dir: PathBuf,
-    _lock: File,
-}
-
 impl StateDir {
-    pub fn open(dir: &Path) -> Result<Self> {
-        fs::create_dir_all(dir).with_context(|| format!("creating state dir {}", dir.display()))?;
-        let lock = File::create(dir.join("lock"))
-            .with_context(|| format!("creating {}/lock", dir.display()))?;
-        // SAFETY: flock on a valid fd.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            bail!(
-                "another trustdrift is running with state dir {} (its lock is held)",
-                dir.display()
-            );
-        }
-        Ok(Self {
-            dir: dir.to_path_buf(),
-            _lock: lock,
-        })
-    }
-
-    fn path(&self) -> PathBuf {
-        self.dir.join(FILE)
-    }
-
     /// Writes the whole state atomically.
     pub fn save(&self, ledger: &Ledger, catalog: &Catalog) -> Result<usize> {
         let mut table = ContentTable::default();
@@ -360,42 +333,36 @@ impl StateDir {
             processes,
         };
         let bytes = serde_json::to_vec(&doc).context("encoding the state")?;
-        let tmp = self.dir.join(format!("{FILE}.tmp"));
-        let mut f = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        f.write_all(&bytes)
-            .and_then(|()| f.sync_all())
-            .with_context(|| format!("writing {}", tmp.display()))?;
-        fs::rename(&tmp, self.path()).with_context(|| format!("renaming {}", tmp.display()))?;
-        if let Ok(dir) = File::open(&self.dir) {
-            let _ = dir.sync_all();
-        }
+        self.write_atomically(FILE, &bytes)?;
         Ok(bytes.len())
     }
 
     /// Moves an unreadable state file out of the way (kept for inspection).
     fn set_aside(&self, why: &str) {
-        let aside = self.dir.join(format!(
+        let aside = format!(
             "{FILE}.unreadable-{}",
             SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0)
-        ));
-        tracing::warn!(
-            "state file {} {why}: set aside as {}; starting with an empty ledger",
-            self.path().display(),
-            aside.display()
         );
-        let _ = fs::rename(self.path(), aside);
+        tracing::warn!(
+            "state file {}/{FILE} {why}: set aside as {aside}; starting with an empty ledger",
+            self.path().display(),
+        );
+        let _ = self.rename(FILE, &aside);
     }
 
     /// Restores what an earlier run saved; returns the number of processes restored.
     pub fn restore(&self, ledger: &mut Ledger, catalog: &mut Catalog) -> usize {
-        let bytes = match fs::read(self.path()) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return 0,
+        let bytes = match self.read(FILE, MAX_STATE_BYTES) {
+            Ok(Some(b)) => b,
+            Ok(None) => return 0,
             Err(e) => {
-                tracing::warn!("cannot read state file {}: {e}", self.path().display());
+                tracing::warn!(
+                    "cannot read state file {}/{FILE}: {e}",
+                    self.path().display()
+                );
                 return 0;
             }
         };
@@ -518,7 +485,7 @@ mod tests {
 
     fn fixture(name: &str) -> String {
         fs::read_to_string(
-            Path::new(env!("CARGO_MANIFEST_DIR"))
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
                 .join("tests/fixtures/store_format")
                 .join(name),
         )
@@ -634,13 +601,5 @@ mod tests {
             drop(dir);
             fs::remove_dir_all(&state).unwrap();
         }
-    }
-
-    #[test]
-    fn a_second_daemon_on_the_same_state_dir_is_refused() {
-        let t = Tmp::new("lock");
-        let _first = StateDir::open(&t.0).unwrap();
-        let err = StateDir::open(&t.0).err().unwrap().to_string();
-        assert!(err.contains("another trustdrift"), "{err}");
     }
 }

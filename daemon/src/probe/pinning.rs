@@ -81,14 +81,20 @@ fn ensure_bpffs(dir: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// Removes every pin under `dir` (which detaches links nobody else holds) and `dir`.
+/// Removes every pin under `dir` (which detaches links nobody else holds) and `dir`. A
+/// symlink is removed as a link, never followed: one planted in the pin directory must not
+/// turn the clean-up onto anything else.
 fn remove_tree(dir: &Path) -> io::Result<()> {
+    if fs::symlink_metadata(dir)?.file_type().is_symlink() {
+        return fs::remove_file(dir);
+    }
     for entry in fs::read_dir(dir)? {
-        let path = entry?.path();
-        if path.is_dir() {
-            remove_tree(&path)?;
+        let entry = entry?;
+        // The entry's own type (lstat), not its target's.
+        if entry.file_type()?.is_dir() {
+            remove_tree(&entry.path())?;
         } else {
-            fs::remove_file(&path)?;
+            fs::remove_file(entry.path())?;
         }
     }
     fs::remove_dir(dir)
@@ -98,6 +104,8 @@ fn remove_tree(dir: &Path) -> io::Result<()> {
 pub fn prepare(pin_dir: &Path, layout: &str) -> Result<Plan, String> {
     ensure_bpffs(pin_dir)?;
     fs::create_dir_all(pin_dir).map_err(|e| format!("creating {}: {e}", pin_dir.display()))?;
+    // Only root reaches the probe's maps: the pins are the maps (the node's key among them).
+    let _ = fs::set_permissions(pin_dir, std::os::unix::fs::PermissionsExt::from_mode(0o700));
     if !is_bpffs(pin_dir) {
         return Err(format!("{} is not on a bpffs", pin_dir.display()));
     }
@@ -176,5 +184,39 @@ impl Plan {
     /// behind).
     pub fn remove(&self) -> io::Result<()> {
         remove_tree(&self.dir)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::symlink;
+
+    use super::*;
+
+    #[test]
+    fn clean_up_removes_links_and_never_follows_them() {
+        let base = std::env::temp_dir().join(format!("trustdrift-pin-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&base);
+        let tree = base.join("layout-old");
+        let outside = base.join("outside");
+        fs::create_dir_all(tree.join("maps")).unwrap();
+        fs::create_dir_all(&outside).unwrap();
+        fs::write(outside.join("precious"), "keep").unwrap();
+        fs::write(tree.join("maps/EVENTS"), "").unwrap();
+        // Links to a directory and to a file, planted in the tree.
+        symlink(&outside, tree.join("maps/evil-dir")).unwrap();
+        symlink(outside.join("precious"), tree.join("evil-file")).unwrap();
+        remove_tree(&tree).unwrap();
+        assert!(!tree.exists());
+        assert_eq!(
+            fs::read_to_string(outside.join("precious")).unwrap(),
+            "keep"
+        );
+        // The tree itself as a link: the link goes, the target stays.
+        let linked = base.join("layout-linked");
+        symlink(&outside, &linked).unwrap();
+        remove_tree(&linked).unwrap();
+        assert!(outside.join("precious").exists());
+        let _ = fs::remove_dir_all(&base);
     }
 }
