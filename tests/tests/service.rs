@@ -673,3 +673,58 @@ fn the_daemon_raises_its_priority_so_a_storm_cannot_starve_it_unless_told_not_to
         "no boost when told: {threads:?}"
     );
 }
+
+/// Capability bits of a `CapXxx:` line of a thread's status.
+fn caps_of(status: &str, field: &str) -> u64 {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(u64::MAX)
+}
+
+#[test]
+fn once_attached_every_thread_keeps_only_what_reading_other_processes_files_needs() {
+    let dir = TempDir::new("caps");
+    let path = dir.join("bundle.pem");
+    fs::write(&path, bundle(&[&Cert::ca("Caps Root")])).unwrap();
+    let Some(daemon) = Daemon::start(&[]) else {
+        return;
+    };
+    // CAP_DAC_READ_SEARCH (2) and CAP_SYS_PTRACE (19); CAP_BPF (39) only on kernels before
+    // 6.5, where every bpf() call needs it.
+    let kept: u64 = (1 << 2) | (1 << 19);
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let mut v = release.trim().split(|c: char| !c.is_ascii_digit());
+    let version: (u32, u32) = (
+        v.next().unwrap().parse().unwrap(),
+        v.next().unwrap().parse().unwrap(),
+    );
+    let allowed = if version < (6, 5) {
+        kept | (1 << 39)
+    } else {
+        kept
+    };
+    let tasks = fs::read_dir(format!("/proc/{}/task", daemon.pid())).unwrap();
+    let mut seen = 0;
+    for task in tasks.flatten() {
+        let status = fs::read_to_string(task.path().join("status")).unwrap();
+        let name = status.lines().next().unwrap_or_default().to_owned();
+        for field in ["CapEff:", "CapPrm:", "CapBnd:"] {
+            assert_eq!(caps_of(&status, field), allowed, "{name} {field}\n{status}");
+        }
+        assert_eq!(caps_of(&status, "CapInh:"), 0, "{name}");
+        assert_eq!(caps_of(&status, "CapAmb:"), 0, "{name}");
+        assert!(status.contains("NoNewPrivs:\t1"), "{name}: {status}");
+        seen += 1;
+    }
+    assert!(seen >= 3, "the engine, the API and the intake threads");
+    assert!(daemon.log().contains("dropped every other capability"));
+    // And it still does its work: reads in other processes' roots, map reads, a reload.
+    let reader = python_reader(&path);
+    daemon.wait_for("fresh", reader.pid(), |p| p["verdict"] == "fresh");
+    daemon.signal(libc::SIGHUP);
+    fs::write(&path, bundle(&[&Cert::ca("Caps Root 2")])).unwrap();
+    daemon.wait_for("stale", reader.pid(), |p| p["verdict"] == "stale");
+    assert_eq!(daemon.get("/healthz").0, 200);
+}

@@ -14,15 +14,16 @@ use crate::{
     config::Config,
     events::{self, intake::Intake},
     ledger::{Origin, ProcKey, ProcessInfo, TrustRead, state_dir::StateDir},
-    probe::{Probe, pinning::PinStatus},
+    probe::{Probe, pinning::PinStatus, privileges},
     process::{procfs, seed},
     serve::snapshot::{Heartbeat, Snapshot},
     stores::{catalog::FileKey, digest::NodeKey},
 };
 
 /// Runs the daemon until SIGINT or SIGTERM; SIGHUP reloads the configuration through
-/// `reload`. `serve` gets the snapshot receiver (the API) at once and answers `/readyz`
-/// with 503 until the probe is attached and the start-up scan is done.
+/// `reload`. `serve` runs the API on a thread of its own from when the probe is attached
+/// (with the snapshot receiver and the engine's heartbeat) and answers `/readyz` with 503
+/// until the start-up scan is done.
 pub async fn run<F, Fut>(
     config: Config,
     mut reload: impl FnMut() -> Result<Config>,
@@ -39,6 +40,24 @@ where
     let options = EngineOptions::from_config(&config);
     // Before any thread starts: they inherit it.
     runtime::raise_priority(options.priority_boost);
+    let state = options
+        .state_dir
+        .as_deref()
+        .map(StateDir::open)
+        .transpose()?;
+
+    let mut probe = Probe::attach(options.probe.clone())?;
+    tracing::info!(mode = ?probe.mode, pinning = ?probe.pinning, "probe attached");
+    // What needed privileges is done (the probe loaded and pinned, the file systems
+    // mounted, the priority raised): drop what is not needed any more, before any other
+    // thread starts (capabilities are per thread; the threads started later inherit).
+    match privileges::drop_after_attach() {
+        Ok(kept) => tracing::info!(
+            kept = %kept.join(", "),
+            "dropped every other capability; no_new_privs is set"
+        ),
+        Err(e) => tracing::warn!("could not drop capabilities after attaching: {e:#}"),
+    }
     let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
     let heartbeat = Heartbeat::default();
     heartbeat.beat();
@@ -59,15 +78,7 @@ where
             }
         })
         .context("starting the API thread")?;
-    let state = options
-        .state_dir
-        .as_deref()
-        .map(StateDir::open)
-        .transpose()?;
-
-    let mut probe = Probe::attach(options.probe.clone())?;
     let mut intake = Intake::start(probe.take_events()?, options.queue_bytes)?;
-    tracing::info!(mode = ?probe.mode, pinning = ?probe.pinning, "probe attached");
     let publisher = Publisher::new(tx, options.metrics.clone());
     let key = NodeKey::from_bytes(probe.node_key());
     let (mut engine, inotify) = Engine::new(Box::new(probe), options, state, publisher, key)?;
