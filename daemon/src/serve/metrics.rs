@@ -576,31 +576,33 @@ mod tests {
     #[test]
     fn the_expiry_ahead_gauge_is_the_earliest_held_renewed_certificate_per_group() {
         let day = 86400;
-        let mut snapshot = crate::serve::snapshot::Snapshot::default();
-        snapshot.processes = vec![
-            // One group, two processes: the earliest of all their certificates.
-            process(
-                1,
-                "envoy",
-                Some("edge-1"),
-                vec![file(TrustKind::Identity, &[T + 5 * day, T + 2 * day])],
-            ),
-            process(
-                2,
-                "envoy",
-                Some("edge-1"),
-                vec![file(TrustKind::Identity, &[T + 3 * day])],
-            ),
-            // Its CA file is another group (kind), with its own earliest.
-            process(
-                3,
-                "envoy",
-                Some("edge-1"),
-                vec![file(TrustKind::Ca, &[T + 30 * day])],
-            ),
-            // Stale, nothing renewed: no series.
-            process(4, "python3", None, vec![file(TrustKind::Ca, &[])]),
-        ];
+        let snapshot = crate::serve::snapshot::Snapshot {
+            processes: vec![
+                // One group, two processes: the earliest of all their certificates.
+                process(
+                    1,
+                    "envoy",
+                    Some("edge-1"),
+                    vec![file(TrustKind::Identity, &[T + 5 * day, T + 2 * day])],
+                ),
+                process(
+                    2,
+                    "envoy",
+                    Some("edge-1"),
+                    vec![file(TrustKind::Identity, &[T + 3 * day])],
+                ),
+                // Its CA file is another group (kind), with its own earliest.
+                process(
+                    3,
+                    "envoy",
+                    Some("edge-1"),
+                    vec![file(TrustKind::Ca, &[T + 30 * day])],
+                ),
+                // Stale, nothing renewed: no series.
+                process(4, "python3", None, vec![file(TrustKind::Ca, &[])]),
+            ],
+            ..Default::default()
+        };
         let text = render(&snapshot, &[]);
         let family = "trustdrift_stale_certificate_expiration_timestamp_seconds";
         let series: Vec<&str> = text
@@ -645,13 +647,15 @@ mod tests {
 
     #[test]
     fn the_expiry_ahead_gauge_has_no_series_when_nothing_held_is_renewed_or_the_holder_exited() {
-        let mut snapshot = crate::serve::snapshot::Snapshot::default();
         let mut gone = (*process(1, "envoy", None, vec![file(TrustKind::Identity, &[T])])).clone();
         gone.exited_at = Some(Stamp(SystemTime::now()));
-        snapshot.processes = vec![
-            Arc::new(gone),
-            process(2, "nginx", None, vec![file(TrustKind::Identity, &[])]),
-        ];
+        let snapshot = crate::serve::snapshot::Snapshot {
+            processes: vec![
+                Arc::new(gone),
+                process(2, "nginx", None, vec![file(TrustKind::Identity, &[])]),
+            ],
+            ..Default::default()
+        };
         let text = render(&snapshot, &[]);
         assert!(text.contains("trustdrift_stale_processes{"), "{text}");
         assert!(
