@@ -138,7 +138,7 @@ pub fn render(snapshot: &Snapshot, api_refusals: &[(&str, u64)]) -> String {
     let expired = gauge_family(
         &mut registry,
         "trustdrift_expired_in_memory_processes",
-        "Processes holding a certificate that expired while a newer one is on disk",
+        "Processes holding a certificate that has expired while its renewal is on disk",
     );
     let expiration = float_family(
         &mut registry,
