@@ -60,13 +60,28 @@ pub fn renewed(
     held: &BTreeMap<String, Arc<CertInfo>>,
     on_disk: &BTreeMap<String, Arc<CertInfo>>,
 ) -> Vec<Renewed> {
-    held.iter()
+    let gone: Vec<&Arc<CertInfo>> = held
+        .iter()
         .filter(|(fp, _)| !on_disk.contains_key(*fp))
-        .filter_map(|(_, old)| {
-            on_disk
+        .map(|(_, c)| c)
+        .collect();
+    if gone.is_empty() {
+        return vec![];
+    }
+    // Candidates by subject: a bundle of hundreds replaced by another is one look-up per
+    // certificate gone, not a comparison with every certificate on disk.
+    let mut arrived: BTreeMap<&str, Vec<&Arc<CertInfo>>> = BTreeMap::new();
+    for (fp, c) in on_disk {
+        if !held.contains_key(fp) {
+            arrived.entry(c.subject.as_str()).or_default().push(c);
+        }
+    }
+    gone.into_iter()
+        .filter_map(|old| {
+            arrived
+                .get(old.subject.as_str())?
                 .iter()
-                .filter(|(fp, _)| !held.contains_key(*fp))
-                .filter_map(|(_, new)| renews(new, old).map(|m| (new, m)))
+                .filter_map(|new| renews(new, old).map(|m| (*new, m)))
                 // The latest expiry wins; at a tie, the same key (a closer match).
                 .max_by(|(a, ma), (b, mb)| a.not_after.cmp(&b.not_after).then(mb.cmp(ma)))
                 .map(|(new, matched)| Renewed {

@@ -227,7 +227,7 @@ impl Peers {
         };
         let same = self.same_code(handle, stamp)
             && crate::process::procfs::exe_path(key.pid)
-                .zip(std::fs::read_to_string(format!("/proc/{}/maps", key.pid)).ok())
+                .zip(crate::process::procfs::maps(key.pid))
                 .is_some_and(|(exe, maps)| executes_only_its_own_code(&maps, &exe))
             // The pid may already belong to someone else.
             && crate::process::procfs::start_ticks(key.pid).ok() == Some(key.start_ticks);
