@@ -47,9 +47,14 @@ enum Command {
     /// Run the daemon (the default): follow trust reads, judge each process against the
     /// disk, serve verdicts and metrics over HTTP.
     Run(RunArgs),
-    /// List processes with trust reads, from the running daemon.
+    /// What needs a restart now: live processes with trust reads, worst first, from the
+    /// running daemon. Exits 0, 1 (stale), 2 (expired in memory, or expiring within a day)
+    /// or 3 (no answer).
+    #[command(after_help = EXIT_STATUS)]
     Processes(ProcessesArgs),
-    /// Explain the verdict on one process, in words, from the running daemon.
+    /// Explain the verdict on one process, in words, from the running daemon. Exits as
+    /// `processes` does, for that process.
+    #[command(after_help = EXIT_STATUS)]
     Explain(ExplainArgs),
     /// Print live trust-file accesses: who opened and read which trust file, and when.
     Trace(TraceArgs),
@@ -97,14 +102,56 @@ struct RunArgs {
     filter: FilterArgs,
 }
 
+/// The exit status of the API's clients, for `--help` (README has it too).
+const EXIT_STATUS: &str = "\
+Exit status (as Nagios plugins, for scripts and node checks; exited processes never count):
+  0  nothing listed needs a restart (fresh, or unverified only)
+  1  a live process listed is stale
+  2  a live process listed holds an expired certificate whose renewal is on disk
+     (expired_in_memory), or one whose renewal is on disk that expires within 24 hours
+  3  no answer: the daemon cannot be reached or refused the request, or the command line
+     or configuration is wrong
+
+Columns: STALE FOR is how long since its first file drifted; EXPIRES is when the earliest
+certificate it holds whose renewal is on disk expires (\"3h ago\" once expired).";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Output {
+    /// One line per process, worst first.
+    Table,
+    /// The table with the uid, origin, exact times, executable and drifted paths.
+    Wide,
+    /// The API's JSON (an array, as `GET /processes` returns it).
+    Json,
+}
+
 #[derive(Args)]
 struct ProcessesArgs {
-    /// The API's JSON instead of a table.
+    /// Also list processes that exited (kept for ledger.exit_grace with the verdict they
+    /// had); they never change the exit status.
     #[arg(long)]
-    json: bool,
+    all: bool,
     /// Only processes with this verdict: fresh, stale, expired_in_memory, unverified.
     #[arg(long)]
     verdict: Option<String>,
+    /// Only processes in this Kubernetes namespace.
+    #[arg(long)]
+    namespace: Option<String>,
+    /// Only processes of this pod (its name).
+    #[arg(long)]
+    pod: Option<String>,
+    /// Only processes of this container: its name, or a container id prefix (4+ characters).
+    #[arg(long)]
+    container: Option<String>,
+    /// Only processes with this command name (comm).
+    #[arg(long)]
+    comm: Option<String>,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+    output: Output,
+    /// Same as `-o json` (kept for scripts written before -o).
+    #[arg(long, hide = true)]
+    json: bool,
     /// The daemon's API address (default: the first of api.listen).
     #[arg(long)]
     api: Option<String>,
@@ -113,9 +160,58 @@ struct ProcessesArgs {
 #[derive(Args)]
 struct ExplainArgs {
     pid: u32,
+    /// Every certificate of long lists (missing and removed CAs), not the first few.
+    #[arg(long)]
+    all: bool,
     /// The daemon's API address (default: the first of api.listen).
     #[arg(long)]
     api: Option<String>,
+}
+
+/// `processes`: prints what the daemon lists and says what it calls for.
+fn processes(config: &Config, args: &ProcessesArgs) -> Result<client::Status> {
+    let api = api_address(config, args.api.as_ref())?;
+    let query = client::Query {
+        all: args.all,
+        namespace: args.namespace.clone(),
+        pod: args.pod.clone(),
+        container: args.container.clone(),
+        comm: args.comm.clone(),
+        verdict: args.verdict.clone(),
+    };
+    let body = client::get(&api, &query.path())?;
+    let now = std::time::SystemTime::now();
+    let output = if args.json { Output::Json } else { args.output };
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&body)?),
+        _ if body.as_array().is_some_and(Vec::is_empty) => {
+            eprintln!("No processes with trust reads match.")
+        }
+        Output::Table => println!("{}", client::table(&body, now, false)),
+        Output::Wide => println!("{}", client::table(&body, now, true)),
+    }
+    Ok(client::status(&body, now))
+}
+
+/// `explain`: the verdict on one process in words, and what it calls for.
+fn explain(config: &Config, args: &ExplainArgs) -> Result<client::Status> {
+    let api = api_address(config, args.api.as_ref())?;
+    let body = client::get(&api, &format!("/processes/{}", args.pid))?;
+    let now = std::time::SystemTime::now();
+    println!("{}", client::explain(&body, now, args.all));
+    Ok(client::status_of(&body, now))
+}
+
+/// Whether the command line asks for one of the API's clients, whose exit statuses are
+/// the Nagios scale: their usage and configuration errors are 3 (UNKNOWN), never 2.
+fn asks_a_client() -> bool {
+    use clap::CommandFactory;
+    Cli::command()
+        .ignore_errors(true)
+        .try_get_matches_from(std::env::args_os())
+        .ok()
+        .and_then(|m| m.subcommand_name().map(str::to_owned))
+        .is_some_and(|name| name == "processes" || name == "explain")
 }
 
 #[derive(Args)]
@@ -286,7 +382,25 @@ async fn attach(args: AttachArgs, config: &Config) -> Result<()> {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            if e.use_stderr() && asks_a_client() {
+                return ExitCode::from(client::Status::Unknown.code());
+            }
+            return ExitCode::from(e.exit_code() as u8);
+        }
+    };
+    let client_command = matches!(
+        cli.command,
+        Some(Command::Processes(_) | Command::Explain(_))
+    );
+    let usage_error = if client_command {
+        client::Status::Unknown.code()
+    } else {
+        2
+    };
     let command = cli.command.unwrap_or(Command::Run(RunArgs {
         listen: None,
         state_dir: None,
@@ -299,7 +413,7 @@ async fn main() -> ExitCode {
             Ok(o) => scalars.push(o),
             Err(e) => {
                 eprintln!("trustdrift: {e}");
-                return ExitCode::from(2);
+                return ExitCode::from(usage_error);
             }
         }
     }
@@ -336,30 +450,27 @@ async fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             eprintln!("trustdrift: {e}");
-            return ExitCode::from(2);
+            return ExitCode::from(usage_error);
         }
     };
     let log = init_logging(&config);
+    let client_result = match &command {
+        Command::Processes(args) => Some(processes(&config, args)),
+        Command::Explain(args) => Some(explain(&config, args)),
+        _ => None,
+    };
+    if let Some(result) = client_result {
+        return match result {
+            Ok(status) => ExitCode::from(status.code()),
+            Err(e) => {
+                eprintln!("trustdrift: {e:#}");
+                ExitCode::from(client::Status::Unknown.code())
+            }
+        };
+    }
     let result = match command {
         Command::Run(_) => run(config, flags, log).await,
-        Command::Processes(args) => api_address(&config, args.api.as_ref()).and_then(|api| {
-            let path = match &args.verdict {
-                Some(v) => format!("/processes?verdict={v}"),
-                None => "/processes".to_owned(),
-            };
-            let body = client::get(&api, &path)?;
-            if args.json {
-                println!("{}", serde_json::to_string_pretty(&body)?);
-            } else {
-                println!("{}", client::table(&body));
-            }
-            Ok(())
-        }),
-        Command::Explain(args) => api_address(&config, args.api.as_ref()).and_then(|api| {
-            let body = client::get(&api, &format!("/processes/{}", args.pid))?;
-            println!("{}", client::explain(&body));
-            Ok(())
-        }),
+        Command::Processes(_) | Command::Explain(_) => unreachable!("answered above"),
         Command::Config => {
             print!("{}", config.to_toml());
             Ok(())

@@ -6,6 +6,7 @@
 
 mod agent_trust_store;
 mod containers;
+mod expiry_ahead;
 mod java_keystore;
 mod noise;
 mod proxy_expired_certificate;

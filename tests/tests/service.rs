@@ -582,9 +582,12 @@ fn the_cli_lists_and_explains_from_the_running_daemon() {
     let api = format!("unix:{}", socket.display());
     let run = |args: &[&str]| {
         let out = Command::new(trustdrift_bin()).args(args).output().unwrap();
+        // 0, 1 (stale) or 2 (expired in memory): an answer (README's exit statuses; other
+        // processes on the machine may be listed too).
         assert!(
-            out.status.success(),
-            "{args:?}: {}",
+            matches!(out.status.code(), Some(0..=2)),
+            "{args:?}: {:?} {}",
+            out.status,
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
@@ -613,7 +616,7 @@ fn the_cli_lists_and_explains_from_the_running_daemon() {
         .args(["explain", "4000000000", "--api", &api])
         .output()
         .unwrap();
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(3), "no answer");
     assert!(String::from_utf8_lossy(&out.stderr).contains("HTTP 404"));
 }
 

@@ -2,7 +2,8 @@
 //!
 //! Per (process, file): fresh, stale (the content changed after the process last read
 //! it; a touch or an identical rewrite is not a change), or expired in memory (a
-//! certificate it read has passed notAfter while a newer one sits on disk). Rolled up
+//! certificate it read has passed notAfter while its renewal sits on disk: see
+//! [`super::renewal`]; an expired certificate merely removed is stale at most). Rolled up
 //! per process, worst first. Processes that were running before the daemon started and
 //! use TLS, with no record of what they read, are `unverified`: listed apart, never
 //! counted as stale.
@@ -17,6 +18,7 @@ use std::{
 use serde::Serialize;
 
 use crate::{
+    judge::renewal::{self, Match},
     ledger::{Origin, ProcessEntry, TrustRead},
     stores::catalog::{Catalog, Content, Shape, Version},
     stores::formats::{CertInfo, ContentKind},
@@ -73,10 +75,24 @@ pub struct FileVerdict {
     pub missing_cas: Vec<Arc<CertInfo>>,
     /// CAs the process still trusts that were removed from disk: a security risk.
     pub removed_cas_trusted: Vec<Arc<CertInfo>>,
-    /// Certificates the process holds that expired while a newer one is on disk.
+    /// Certificates the process holds that are gone from disk while their renewal is
+    /// there, expired or not (earliest expiry first): what a reload fixes before (or
+    /// after) it is an outage.
+    pub expiring: Vec<Expiring>,
+    /// Those of `expiring` already past their notAfter.
     pub expired_in_memory: Vec<Arc<CertInfo>>,
     /// Why no better answer was possible, when that is the case.
     pub note: Option<String>,
+}
+
+/// A certificate the process holds in memory, no longer on disk, whose renewal is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Expiring {
+    pub held: Arc<CertInfo>,
+    pub renewal: Arc<CertInfo>,
+    pub matched: Match,
+    /// When a renewal of it first appeared on disk after the process read it.
+    pub renewed_at: SystemTime,
 }
 
 #[derive(Clone, Debug)]
@@ -116,12 +132,7 @@ fn cas(certs: &BTreeMap<String, Arc<CertInfo>>) -> BTreeMap<&String, &Arc<CertIn
 /// When the first version after the one read (with different content) appeared. The
 /// history is in time order; a read version no longer in it is placed by its time.
 fn first_change_after(history: &[Arc<Version>], read: &Version) -> Option<SystemTime> {
-    let start = history
-        .iter()
-        .position(|v| v.id == read.id)
-        .map(|i| i + 1)
-        .unwrap_or_else(|| history.partition_point(|v| v.seen_at <= read.seen_at));
-    history[start..]
+    after(history, read)
         .iter()
         .find(|v| !v.same_content(read))
         .map(|v| v.seen_at)
@@ -141,9 +152,67 @@ fn fresh(kind: TrustKind, current: Option<Arc<Version>>, note: Option<String>) -
         current,
         missing_cas: vec![],
         removed_cas_trusted: vec![],
+        expiring: vec![],
         expired_in_memory: vec![],
         note,
     }
+}
+
+/// The versions after `read` in `history` (time order); a read version no longer in it is
+/// placed by its time.
+fn after<'h>(history: &'h [Arc<Version>], read: &Version) -> &'h [Arc<Version>] {
+    let start = history
+        .iter()
+        .position(|v| v.id == read.id)
+        .map(|i| i + 1)
+        .unwrap_or_else(|| history.partition_point(|v| v.seen_at <= read.seen_at));
+    &history[start..]
+}
+
+/// The held certificates renewed on disk, each with when a renewal of it first appeared
+/// after the read (the current version's time if the history kept none older).
+fn expiring(
+    read_certs: &BTreeMap<String, Arc<CertInfo>>,
+    current_certs: &BTreeMap<String, Arc<CertInfo>>,
+    later: &[Arc<Version>],
+    current: Option<&Arc<Version>>,
+) -> Vec<Expiring> {
+    let found = renewal::renewed(read_certs, current_certs);
+    if found.is_empty() {
+        return vec![];
+    }
+    let mut first_seen: Vec<Option<SystemTime>> = vec![None; found.len()];
+    for version in later {
+        let Some(content) = version.content.as_deref() else {
+            continue;
+        };
+        let certs = content.certificates();
+        for (r, seen) in found.iter().zip(first_seen.iter_mut()) {
+            if seen.is_none()
+                && certs.iter().any(|(fp, c)| {
+                    !read_certs.contains_key(fp) && renewal::renews(c, &r.held).is_some()
+                })
+            {
+                *seen = Some(version.seen_at);
+            }
+        }
+        if first_seen.iter().all(Option::is_some) {
+            break;
+        }
+    }
+    let fallback = current.map_or(SystemTime::UNIX_EPOCH, |v| v.seen_at);
+    let mut out: Vec<Expiring> = found
+        .into_iter()
+        .zip(first_seen)
+        .map(|(r, seen)| Expiring {
+            held: r.held,
+            renewal: r.renewal,
+            matched: r.matched,
+            renewed_at: seen.unwrap_or(fallback),
+        })
+        .collect();
+    out.sort_by(|a, b| (a.held.not_after, &a.held.sha256).cmp(&(b.held.not_after, &b.held.sha256)));
+    out
 }
 
 /// The verdict on one read.
@@ -198,6 +267,7 @@ pub fn judge_read(
             current,
             missing_cas: vec![],
             removed_cas_trusted: vec![],
+            expiring: vec![],
             expired_in_memory: vec![],
             note: Some(
                 "read a version that was replaced before trustdrift could read it: what it \
@@ -261,10 +331,16 @@ pub fn judge_read(
         .map(|(_, c)| Arc::clone(c))
         .collect();
     let now_secs = unix_secs(now);
-    let expired_in_memory: Vec<Arc<CertInfo>> = read_certs
+    let expiring = expiring(
+        &read_certs,
+        &current_certs,
+        after(&history, read_version),
+        current.as_ref(),
+    );
+    let expired_in_memory: Vec<Arc<CertInfo>> = expiring
         .iter()
-        .filter(|(fp, c)| c.not_after < now_secs && !current_certs.contains_key(*fp))
-        .map(|(_, c)| Arc::clone(c))
+        .filter(|e| e.held.not_after < now_secs)
+        .map(|e| Arc::clone(&e.held))
         .collect();
 
     if read.listed && missing_cas.is_empty() && removed_cas_trusted.is_empty() {
@@ -283,6 +359,7 @@ pub fn judge_read(
         current,
         missing_cas,
         removed_cas_trusted,
+        expiring,
         expired_in_memory,
         note: gone,
     }
@@ -371,6 +448,7 @@ pub fn judge(
                     // A file changed inside a listed directory: the directory's verdict says
                     // which CAs differ; counting the file again would double it.
                     v.verdict = Verdict::Fresh;
+                    v.expiring.clear();
                     v.note = Some("covered by the listed directory's verdict".into());
                 }
                 v
@@ -398,7 +476,11 @@ pub fn judge(
 
 #[cfg(test)]
 mod tests {
-    use std::{fs, path::PathBuf, time::Duration};
+    use std::{
+        fs,
+        path::{Path, PathBuf},
+        time::Duration,
+    };
 
     use super::*;
     use crate::{
@@ -538,38 +620,204 @@ mod tests {
         assert_eq!(v.verdict, Verdict::Fresh);
     }
 
-    #[test]
-    fn a_leaf_past_its_not_after_with_a_renewal_on_disk_is_expired_in_memory() {
-        let mut s = Setup::new("expired");
-        fs::write(s.dir.join("tls.crt"), fixture("leaf.pem")).unwrap();
-        let read = s.read("tls.crt");
-        let leaf = read
-            .version
+    /// Certificates made by the real openssl in `dir`: a CA, and leaves it signs with
+    /// a given key and lifetime.
+    struct Pki {
+        dir: PathBuf,
+    }
+
+    impl Pki {
+        fn new(dir: &Path) -> Self {
+            let pki = Self {
+                dir: dir.join("pki"),
+            };
+            fs::create_dir_all(&pki.dir).unwrap();
+            pki.openssl(&[
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                "ca.key",
+                "-subj",
+                "/CN=Verdict Test CA",
+                "-days",
+                "30",
+                "-out",
+                "ca.pem",
+            ]);
+            pki
+        }
+
+        fn openssl(&self, args: &[&str]) {
+            let out = std::process::Command::new("openssl")
+                .args(args)
+                .current_dir(&self.dir)
+                .output()
+                .expect("openssl is needed by these tests (cargo xtask setup installs it)");
+            assert!(out.status.success(), "openssl {args:?}: {out:?}");
+        }
+
+        /// A leaf for `cn` with key `key` (made if new), valid `days`, as PEM.
+        fn leaf(&self, cn: &str, key: &str, days: u32) -> String {
+            let key_file = format!("{key}.key");
+            if !self.dir.join(&key_file).exists() {
+                self.openssl(&[
+                    "genpkey",
+                    "-algorithm",
+                    "EC",
+                    "-pkeyopt",
+                    "ec_paramgen_curve:P-256",
+                    "-out",
+                    &key_file,
+                ]);
+            }
+            let out = format!("{cn}-{key}-{days}.pem");
+            self.openssl(&[
+                "req",
+                "-x509",
+                "-new",
+                "-key",
+                &key_file,
+                "-subj",
+                &format!("/CN={cn}"),
+                "-days",
+                &days.to_string(),
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-addext",
+                "basicConstraints=critical,CA:FALSE",
+                "-out",
+                &out,
+            ]);
+            fs::read_to_string(self.dir.join(out)).unwrap()
+        }
+    }
+
+    fn certs_of(read: &TrustRead) -> Vec<Arc<CertInfo>> {
+        read.version
             .as_ref()
             .unwrap()
             .content
             .as_ref()
             .unwrap()
-            .certificates();
-        let not_after = leaf.values().next().unwrap().not_after;
-        s.change("tls.crt", &(fixture("ca.pem")));
-        let before = SystemTime::UNIX_EPOCH + Duration::from_secs(not_after as u64 - 10);
-        let after = SystemTime::UNIX_EPOCH + Duration::from_secs(not_after as u64 + 10);
-        let v = judge_read(&read, &[], &s.catalog, before);
-        assert_eq!((v.verdict, v.kind), (Verdict::Stale, TrustKind::Identity));
-        let v = judge_read(&read, &[], &s.catalog, after);
-        assert_eq!(v.verdict, Verdict::ExpiredInMemory);
-        assert_eq!(
-            subjects(&v.expired_in_memory),
-            vec!["O=trustdrift, CN=leaf.trustdrift.test"]
-        );
-        // Expired but nothing newer on disk: that is the certificate's problem, not drift.
-        let mut s = Setup::new("expired-alone");
-        fs::write(s.dir.join("tls.crt"), fixture("leaf.pem")).unwrap();
+            .certificates()
+            .into_values()
+            .collect()
+    }
+
+    fn at(secs: i64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(secs as u64)
+    }
+
+    #[test]
+    fn a_leaf_renewed_with_the_same_key_is_expiring_then_expired_in_memory() {
+        let mut s = Setup::new("renewed-same-key");
+        let pki = Pki::new(&s.dir);
+        fs::write(s.dir.join("tls.crt"), pki.leaf("proxy.internal", "k1", 2)).unwrap();
         let read = s.read("tls.crt");
+        let old = certs_of(&read).remove(0);
+        // Nothing renewed yet: fresh, nothing expiring, whatever the time.
+        let v = judge_read(&read, &[], &s.catalog, at(old.not_after + 10));
+        assert_eq!((v.verdict, v.expiring.len()), (Verdict::Fresh, 0));
+
+        s.change("tls.crt", &pki.leaf("proxy.internal", "k1", 90));
+        let key = s.key("tls.crt");
+        let renewed_at = s.catalog.latest(&key).unwrap().seen_at;
+        let v = judge_read(&read, &[], &s.catalog, at(old.not_after - 10));
+        assert_eq!((v.verdict, v.kind), (Verdict::Stale, TrustKind::Identity));
+        assert_eq!(v.expiring.len(), 1, "{v:?}");
+        let e = &v.expiring[0];
+        assert_eq!(e.held, old);
+        assert_eq!(e.matched, Match::SameKey);
+        assert!(e.renewal.not_after > old.not_after + 80 * 86400);
+        assert_eq!(e.renewed_at, renewed_at);
+        assert!(v.expired_in_memory.is_empty());
+
+        let v = judge_read(&read, &[], &s.catalog, at(old.not_after + 10));
+        assert_eq!(v.verdict, Verdict::ExpiredInMemory);
+        assert_eq!(subjects(&v.expired_in_memory), vec!["CN=proxy.internal"]);
+        assert_eq!(v.expiring.len(), 1);
+    }
+
+    #[test]
+    fn a_leaf_renewed_with_a_new_key_by_its_issuer_is_expired_in_memory_once_past_not_after() {
+        let mut s = Setup::new("renewed-new-key");
+        let pki = Pki::new(&s.dir);
+        fs::write(s.dir.join("tls.crt"), pki.leaf("proxy.internal", "k1", 2)).unwrap();
+        let read = s.read("tls.crt");
+        let old = certs_of(&read).remove(0);
+        // A first rotation, then another: the renewal named is the one on disk now, and
+        // the time is when the first renewal landed.
+        s.change("tls.crt", &pki.leaf("proxy.internal", "k2", 30));
+        let key = s.key("tls.crt");
+        let first = s.catalog.latest(&key).unwrap().seen_at;
+        s.change("tls.crt", &pki.leaf("proxy.internal", "k3", 90));
+        let v = judge_read(&read, &[], &s.catalog, at(old.not_after + 1));
+        assert_eq!(v.verdict, Verdict::ExpiredInMemory);
+        let e = &v.expiring[0];
+        assert_eq!(e.matched, Match::SameIssuer);
+        assert_eq!(e.renewed_at, first);
+        assert_eq!(
+            s.catalog
+                .latest(&key)
+                .unwrap()
+                .content
+                .as_ref()
+                .unwrap()
+                .certificates()
+                .get(&e.renewal.sha256),
+            Some(&e.renewal)
+        );
+    }
+
+    #[test]
+    fn an_expired_certificate_without_a_renewal_is_stale_at_most() {
+        let mut s = Setup::new("expired-alone");
+        let pki = Pki::new(&s.dir);
+        fs::write(s.dir.join("tls.crt"), pki.leaf("proxy.internal", "k1", 2)).unwrap();
+        let read = s.read("tls.crt");
+        let old = certs_of(&read).remove(0);
+        let after = at(old.not_after + 10);
+        // Expired, nothing newer on disk: the certificate's problem, not drift.
         assert_eq!(
             judge_read(&read, &[], &s.catalog, after).verdict,
             Verdict::Fresh
+        );
+        // Replaced by someone else's certificate: stale, but nothing of its was renewed.
+        s.change("tls.crt", &pki.leaf("other.internal", "k1", 90));
+        let v = judge_read(&read, &[], &s.catalog, after);
+        assert_eq!(v.verdict, Verdict::Stale);
+        assert!(
+            v.expiring.is_empty() && v.expired_in_memory.is_empty(),
+            "{v:?}"
+        );
+    }
+
+    #[test]
+    fn an_expired_root_removed_by_an_upgrade_is_stale_never_expired_in_memory() {
+        let mut s = Setup::new("root-removed");
+        // The v1 root expires in 2126: judged as if it were later than that.
+        let bundle = fixture("ca.pem") + &fixture("v1-root.pem");
+        fs::write(s.dir.join("ca-certificates.crt"), &bundle).unwrap();
+        let read = s.read("ca-certificates.crt");
+        let far = certs_of(&read).iter().map(|c| c.not_after).max().unwrap() + 86400;
+        s.change("ca-certificates.crt", &fixture("ca.pem"));
+        let v = judge_read(&read, &[], &s.catalog, at(far));
+        assert_eq!(v.verdict, Verdict::Stale);
+        assert!(
+            v.expiring.is_empty() && v.expired_in_memory.is_empty(),
+            "{v:?}"
+        );
+        // Listed, as every removed CA is.
+        assert_eq!(
+            subjects(&v.removed_cas_trusted),
+            vec!["O=trustdrift, CN=trustdrift test v1 root"]
         );
     }
 

@@ -138,7 +138,13 @@ pub fn render(snapshot: &Snapshot, api_refusals: &[(&str, u64)]) -> String {
     let expired = gauge_family(
         &mut registry,
         "trustdrift_expired_in_memory_processes",
-        "Processes holding a certificate that expired while a newer one is on disk",
+        "Processes holding a certificate that has expired while its renewal is on disk",
+    );
+    let expiration = float_family(
+        &mut registry,
+        "trustdrift_stale_certificate_expiration_timestamp_seconds",
+        "Earliest notAfter among the certificates the group's processes hold in memory \
+         whose renewal is on disk (unix seconds)",
     );
     let removed = gauge_family(
         &mut registry,
@@ -168,6 +174,7 @@ pub fn render(snapshot: &Snapshot, api_refusals: &[(&str, u64)]) -> String {
     .map(|v| (v, 0))
     .collect();
     let mut oldest: BTreeMap<Labels, f64> = BTreeMap::new();
+    let mut earliest_expiry: BTreeMap<Labels, i64> = BTreeMap::new();
     for p in &snapshot.processes {
         if p.exited_at.is_some() {
             continue;
@@ -212,6 +219,17 @@ pub fn render(snapshot: &Snapshot, api_refusals: &[(&str, u64)]) -> String {
                 let e = oldest.entry(l.clone()).or_insert(s);
                 *e = e.min(s);
             }
+            if let Some(not_after) = p
+                .files
+                .iter()
+                .filter(|f| f.kind == kind)
+                .flat_map(|f| &f.expiring_in_memory)
+                .map(|e| e.not_after)
+                .min()
+            {
+                let e = earliest_expiry.entry(l.clone()).or_insert(not_after);
+                *e = (*e).min(not_after);
+            }
             if p.files
                 .iter()
                 .any(|f| f.kind == kind && f.verdict == Verdict::ExpiredInMemory)
@@ -228,6 +246,9 @@ pub fn render(snapshot: &Snapshot, api_refusals: &[(&str, u64)]) -> String {
     }
     for (l, s) in oldest {
         stale_since.get_or_create(&l).set(s);
+    }
+    for (l, not_after) in earliest_expiry {
+        expiration.get_or_create(&l).set(not_after as f64);
     }
     for (v, n) in counts {
         by_verdict
@@ -463,7 +484,185 @@ fn health(registry: &mut Registry, snapshot: &Snapshot) {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
+    use crate::{
+        judge::renewal::Match,
+        ledger::Origin,
+        process::attribution::Attribution,
+        serve::views::{CertView, ExpiringView, FileView, RenewalView, Stamp},
+        stores::formats::CertInfo,
+    };
+
+    const T: i64 = 1_800_000_000;
+
+    fn cert(cn: &str, not_after: i64) -> CertView {
+        CertView::from(&CertInfo {
+            subject: format!("CN={cn}"),
+            issuer: "CN=CA".into(),
+            serial: "01".into(),
+            sha256: format!("{cn:0>64}"),
+            not_before: 0,
+            not_after,
+            is_ca: false,
+            spki_sha256: String::new(),
+        })
+    }
+
+    /// A file of `kind` holding certificates that expire at `expiries`, each renewed on
+    /// disk.
+    fn file(kind: TrustKind, expiries: &[i64]) -> FileView {
+        let at = Stamp(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(T as u64));
+        FileView {
+            path: "/etc/tls/tls.crt".into(),
+            resolved: None,
+            kind,
+            verdict: Verdict::Stale,
+            stale_since: Some(at),
+            first_open: at,
+            last_open: at,
+            last_read: Some(at),
+            bytes_read: 1,
+            opens: 1,
+            reads: 1,
+            listed: false,
+            read_version: None,
+            read_at: at,
+            current_version: None,
+            missing_cas: vec![],
+            removed_cas_trusted: vec![],
+            expiring_in_memory: expiries
+                .iter()
+                .map(|&n| ExpiringView {
+                    certificate: cert("old", n),
+                    renewed_by: RenewalView {
+                        certificate: cert("new", n + 90 * 86400),
+                        matched_by: Match::SameIssuer,
+                        on_disk_since: at,
+                    },
+                    not_after: n,
+                })
+                .collect(),
+            expired_in_memory: vec![],
+            note: None,
+        }
+    }
+
+    fn process(pid: u32, comm: &str, pod: Option<&str>, files: Vec<FileView>) -> Arc<ProcessView> {
+        Arc::new(ProcessView {
+            pid,
+            start_time: None,
+            comm: comm.into(),
+            exe: None,
+            cmdline: None,
+            uid: 0,
+            attribution: Attribution {
+                namespace: pod.map(|_| "payments".into()),
+                pod: pod.map(Into::into),
+                container: pod.map(|_| "proxy".into()),
+                ..Attribution::default()
+            },
+            origin: Origin::Observed,
+            confidence: Confidence::Observed,
+            verdict: Verdict::Stale,
+            stale_since: None,
+            tls_library: None,
+            exited_at: None,
+            files,
+        })
+    }
+
+    #[test]
+    fn the_expiry_ahead_gauge_is_the_earliest_held_renewed_certificate_per_group() {
+        let day = 86400;
+        let snapshot = crate::serve::snapshot::Snapshot {
+            processes: vec![
+                // One group, two processes: the earliest of all their certificates.
+                process(
+                    1,
+                    "envoy",
+                    Some("edge-1"),
+                    vec![file(TrustKind::Identity, &[T + 5 * day, T + 2 * day])],
+                ),
+                process(
+                    2,
+                    "envoy",
+                    Some("edge-1"),
+                    vec![file(TrustKind::Identity, &[T + 3 * day])],
+                ),
+                // Its CA file is another group (kind), with its own earliest.
+                process(
+                    3,
+                    "envoy",
+                    Some("edge-1"),
+                    vec![file(TrustKind::Ca, &[T + 30 * day])],
+                ),
+                // Stale, nothing renewed: no series.
+                process(4, "python3", None, vec![file(TrustKind::Ca, &[])]),
+            ],
+            ..Default::default()
+        };
+        let text = render(&snapshot, &[]);
+        let family = "trustdrift_stale_certificate_expiration_timestamp_seconds";
+        let series: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with(&format!("{family}{{")))
+            .collect();
+        assert_eq!(series.len(), 2, "{text}");
+        let identity = series
+            .iter()
+            .find(|l| l.contains("kind=\"identity\""))
+            .unwrap();
+        assert!(
+            identity.contains("confidence=\"observed\"")
+                && identity.contains("namespace=\"payments\"")
+                && identity.contains("pod=\"edge-1\"")
+                && identity.contains("container=\"proxy\"")
+                && identity.contains("comm=\"envoy\""),
+            "{identity}"
+        );
+        let value = |l: &str| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap();
+        assert_eq!(value(identity), (T + 2 * day) as f64);
+        let ca = series.iter().find(|l| l.contains("kind=\"ca\"")).unwrap();
+        assert_eq!(value(ca), (T + 30 * day) as f64);
+        assert!(
+            !text.contains(&format!(
+                "{family}{{kind=\"ca\",confidence=\"observed\",namespace=\"\""
+            )),
+            "{text}"
+        );
+        // The same labels as the stale gauge's series of that group.
+        let stale = text
+            .lines()
+            .find(|l| {
+                l.starts_with("trustdrift_stale_processes{") && l.contains("kind=\"identity\"")
+            })
+            .unwrap();
+        assert_eq!(
+            identity.split_once('}').unwrap().0[family.len()..],
+            stale.split_once('}').unwrap().0["trustdrift_stale_processes".len()..]
+        );
+    }
+
+    #[test]
+    fn the_expiry_ahead_gauge_has_no_series_when_nothing_held_is_renewed_or_the_holder_exited() {
+        let mut gone = (*process(1, "envoy", None, vec![file(TrustKind::Identity, &[T])])).clone();
+        gone.exited_at = Some(Stamp(SystemTime::now()));
+        let snapshot = crate::serve::snapshot::Snapshot {
+            processes: vec![
+                Arc::new(gone),
+                process(2, "nginx", None, vec![file(TrustKind::Identity, &[])]),
+            ],
+            ..Default::default()
+        };
+        let text = render(&snapshot, &[]);
+        assert!(text.contains("trustdrift_stale_processes{"), "{text}");
+        assert!(
+            !text.contains("trustdrift_stale_certificate_expiration_timestamp_seconds{"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn every_series_carries_the_node_when_one_is_configured() {

@@ -7,7 +7,8 @@ use serde::{Serialize, Serializer, ser::SerializeStruct};
 
 use crate::{
     events::clock,
-    judge::verdict::{FileVerdict, ProcessVerdict, TrustKind, Verdict},
+    judge::renewal::Match,
+    judge::verdict::{Expiring, FileVerdict, ProcessVerdict, TrustKind, Verdict},
     ledger::{Origin, ProcessEntry, TrustRead},
     process::attribution::Attribution,
     stores::catalog::{Content, FileKey, Version},
@@ -64,6 +65,46 @@ impl From<&CertInfo> for CertView {
 
 fn certs(list: &[Arc<CertInfo>]) -> Vec<CertView> {
     list.iter().map(|c| CertView::from(c.as_ref())).collect()
+}
+
+/// A certificate the process holds in memory, gone from disk, whose renewal is on disk:
+/// what `explain` words as "holds a certificate that expires in 1d 23h; a renewed one is
+/// on disk since …", and what the expiry-ahead gauge is made of.
+#[derive(Clone, Debug, Serialize)]
+pub struct ExpiringView {
+    /// The one it holds.
+    pub certificate: CertView,
+    pub renewed_by: RenewalView,
+    /// The held certificate's notAfter, in unix seconds, for the metrics.
+    #[serde(skip)]
+    pub not_after: i64,
+}
+
+/// The renewal on disk of a held certificate.
+#[derive(Clone, Debug, Serialize)]
+pub struct RenewalView {
+    #[serde(flatten)]
+    pub certificate: CertView,
+    /// `same_key` (same subject and key) or `same_issuer` (same subject and issuer, a new
+    /// key).
+    pub matched_by: Match,
+    /// When a renewal of the held certificate first appeared on disk after the process
+    /// read it.
+    pub on_disk_since: Stamp,
+}
+
+impl From<&Expiring> for ExpiringView {
+    fn from(e: &Expiring) -> Self {
+        Self {
+            certificate: CertView::from(e.held.as_ref()),
+            renewed_by: RenewalView {
+                certificate: CertView::from(e.renewal.as_ref()),
+                matched_by: e.matched,
+                on_disk_since: stamp(e.renewed_at),
+            },
+            not_after: e.held.not_after,
+        }
+    }
 }
 
 /// One version of a file, summarised. It shares the catalog's version rather than copying
@@ -182,6 +223,10 @@ pub struct FileView {
     pub current_version: Option<VersionView>,
     pub missing_cas: Vec<CertView>,
     pub removed_cas_trusted: Vec<CertView>,
+    /// Certificates it holds that are gone from disk while their renewal is there,
+    /// expired or not, earliest expiry first.
+    pub expiring_in_memory: Vec<ExpiringView>,
+    /// Those of them past their notAfter: TLS with this process fails now.
     pub expired_in_memory: Vec<CertView>,
     pub note: Option<String>,
 }
@@ -208,6 +253,7 @@ fn file_view(read: &TrustRead, v: &FileVerdict) -> FileView {
         current_version: v.current.as_ref().map(VersionView::new),
         missing_cas: certs(&v.missing_cas),
         removed_cas_trusted: certs(&v.removed_cas_trusted),
+        expiring_in_memory: v.expiring.iter().map(ExpiringView::from).collect(),
         expired_in_memory: certs(&v.expired_in_memory),
         note: v.note.clone().or_else(|| read.resolve_error.clone()),
     }

@@ -45,6 +45,11 @@ pub struct CertInfo {
     /// basicConstraints CA=true, or a v1 self-signed certificate (old roots predate
     /// extensions and are trusted as CAs all the same).
     pub is_ca: bool,
+    /// Lowercase hex SHA-256 of the DER SubjectPublicKeyInfo: the key, whoever signed it.
+    /// A renewal that kept its key has the same one. Empty in state files written before
+    /// it was recorded (it is then never taken as a match).
+    #[serde(default)]
+    pub spki_sha256: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -212,6 +217,7 @@ fn cert_info(cert: &X509Certificate<'_>, digest: &[u8; 32]) -> CertInfo {
         not_before: cert.validity().not_before.timestamp(),
         not_after: cert.validity().not_after.timestamp(),
         is_ca,
+        spki_sha256: hex(&Sha256::digest(cert.public_key().raw)),
     }
 }
 
@@ -331,6 +337,24 @@ mod tests {
         assert_eq!(leaf.subject, "O=trustdrift, CN=leaf.trustdrift.test");
         assert_eq!(leaf.issuer, ca.subject);
         assert!(!leaf.is_ca);
+
+        // `openssl x509 -noout -pubkey | openssl pkey -pubin -outform DER | openssl dgst -sha256`.
+        assert_eq!(
+            ca.spki_sha256,
+            "258186d23fad46faae119d898eba4268115ac1f07114564059c2daa37742bbee"
+        );
+        assert_eq!(
+            leaf.spki_sha256,
+            "e0d65e7b4814e5c43524a8857506a94ea731b1e46f392730676011a082b1efaf"
+        );
+    }
+
+    #[test]
+    fn a_state_file_certificate_without_a_key_fingerprint_still_reads() {
+        let old = r#"{"subject":"CN=a","issuer":"CN=a","serial":"01","sha256":"00",
+                      "not_before":0,"not_after":1,"is_ca":true}"#;
+        let c: CertInfo = serde_json::from_str(old).unwrap();
+        assert_eq!(c.spki_sha256, "");
     }
 
     #[test]
