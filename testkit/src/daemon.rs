@@ -1,7 +1,9 @@
 //! A `trustdrift run` under test: its own loopback port, state directory, (empty unless
 //! given) configuration file and log, no pinning unless asked, none of this process's
 //! `TRUSTDRIFT_*` variables; stopped with SIGTERM when dropped, and killed with this
-//! process's thread that started it if that dies without dropping it.
+//! process's thread that started it if that dies without dropping it. It starts no
+//! thread of its own: the benchmarks fork their workloads, which is only sound in a
+//! single-threaded process.
 
 use std::{
     ffi::OsStr,
