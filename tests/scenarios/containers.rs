@@ -5,7 +5,7 @@
 
 use std::{fs, os::unix::fs::symlink, path::Path, process::Command, time::Instant};
 
-use trustdrift_e2e::{Cert, Daemon, Guarded, TempDir, spawn_after_read};
+use trustdrift_e2e::{Cert, Daemon, Guarded, TempDir, bundle, spawn_after_read};
 
 use crate::support::{file, noticed, shas};
 
@@ -26,10 +26,6 @@ fn reader(setup: Option<&str>, path: &str) -> Guarded {
         None => Command::new("/usr/bin/python3"),
     };
     spawn_after_read(cmd.args(["-I", "-c", &script]))
-}
-
-fn bundle(certs: &[&Cert]) -> String {
-    certs.iter().map(|c| c.pem.as_str()).collect()
 }
 
 #[test]

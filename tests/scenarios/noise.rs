@@ -9,13 +9,9 @@ use std::{
     time::Duration,
 };
 
-use trustdrift_e2e::{Cert, Daemon, Guarded, TempDir, python_reader, replace_atomically};
+use trustdrift_e2e::{Cert, Daemon, Guarded, TempDir, bundle, python_reader, replace_atomically};
 
 use crate::support::{alone, openssl_server, require, series};
-
-fn bundle(certs: &[&Cert]) -> String {
-    certs.iter().map(|c| c.pem.as_str()).collect()
-}
 
 fn stale_series_for(daemon: &Daemon, comm: &str) -> usize {
     series(

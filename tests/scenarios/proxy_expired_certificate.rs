@@ -13,9 +13,11 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use trustdrift_e2e::{Cert, Daemon, Guarded, TempDir, Value, replace_atomically};
+use trustdrift_e2e::{
+    Cert, Daemon, Guarded, TempDir, Value, free_port, replace_atomically, sha256_of,
+};
 
-use crate::support::{file, free_port, noticed, openssl_server_on, require, shas};
+use crate::support::{file, noticed, openssl_server_on, require, shas};
 
 /// Short enough to expire within the test, long enough that start-up, the first verdict
 /// and the renewal are over before it does, even with every scenario running at once.
@@ -569,17 +571,4 @@ fn a_server_that_cannot_reload_serves_its_expired_certificate_until_it_is_restar
             .is_some_and(|l| l.iter().any(|p| p["pid"] == old_pid)),
         "{needing}"
     );
-}
-
-fn sha256_of(path: &Path) -> String {
-    let out = Command::new("openssl")
-        .args(["dgst", "-sha256", "-r"])
-        .arg(path)
-        .output()
-        .expect("openssl dgst");
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .to_owned()
 }

@@ -11,27 +11,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use trustdrift_e2e::{Cert, Daemon, Guarded, TempDir, Value, replace_atomically};
+use trustdrift_e2e::{Cert, Daemon, Guarded, TempDir, Value, replace_atomically, sha256_hex};
 
 use crate::support::{alone, record, shas};
 
 const READERS: usize = 200;
-
-fn sha256(data: &[u8]) -> String {
-    let mut child = Command::new("openssl")
-        .args(["dgst", "-sha256", "-r"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::io::Write::write_all(&mut child.stdin.take().unwrap(), data).unwrap();
-    let out = child.wait_with_output().unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_owned()
-}
 
 #[test]
 fn two_hundred_readers_during_three_rotations_each_get_a_diff_against_what_they_read() {
@@ -46,7 +30,7 @@ fn two_hundred_readers_during_three_rotations_each_get_a_diff_against_what_they_
     let by_sha: BTreeMap<String, usize> = versions
         .iter()
         .enumerate()
-        .map(|(i, v)| (sha256(text(v).as_bytes()), i))
+        .map(|(i, v)| (sha256_hex(text(v).as_bytes()), i))
         .collect();
     fs::write(&path, text(&versions[0])).unwrap();
     let Some(daemon) = Daemon::start(&[]) else {

@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use trustdrift_e2e::{Daemon, Guarded, Value};
+use trustdrift_e2e::{Daemon, Guarded, Value, free_port, has_program};
 
 /// Held by scenarios that flood the machine (the storm) or count machine-wide events:
 /// each daemon sees every process, so the two must not overlap.
@@ -24,12 +24,8 @@ pub fn alone() -> MutexGuard<'static, ()> {
 
 /// Fails (never skips) when `program` is missing, saying how to install it.
 pub fn require(program: &str, package: &str) {
-    let found = Command::new("sh")
-        .args(["-c", &format!("command -v {program}")])
-        .output()
-        .is_ok_and(|o| o.status.success());
     assert!(
-        found,
+        has_program(program),
         "{program} is needed by this scenario: apt-get install -y {package} \
          (cargo xtask setup installs it)"
     );
@@ -93,14 +89,6 @@ pub fn series<'a>(metrics: &'a str, family: &str, labels: &[&str]) -> Vec<&'a st
         .filter(|l| l.starts_with(family) && l[family.len()..].starts_with(['{', ' ']))
         .filter(|l| labels.iter().all(|want| l.contains(want)))
         .collect()
-}
-
-/// A loopback port nothing listens on right now.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
 }
 
 /// `openssl s_server` on a free loopback port with `cert` and `key` (and `options`),

@@ -12,7 +12,6 @@ mod stack;
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
-    path::{Path, PathBuf},
     process::Command,
     time::{Duration, Instant},
 };
@@ -20,12 +19,8 @@ use std::{
 use promql::References;
 use stack::{Agent, PodAgent, Webhook, eventually, require};
 use trustdrift_e2e::{
-    Cert, Daemon, DaemonSetup, TempDir, Value, python_tls_server, replace_atomically,
+    Cert, Daemon, DaemonSetup, TempDir, Value, bundle, python_tls_server, replace_atomically, repo,
 };
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
 
 const RULES: &str = "dashboards/trustdrift.rules.yml";
 const RULE_TESTS: &str = "dashboards/trustdrift.rules.test.yml";
@@ -825,10 +820,6 @@ fn check_references(
             ));
         }
     }
-}
-
-fn bundle(certs: &[&Cert]) -> String {
-    certs.iter().map(|c| c.pem.as_str()).collect()
 }
 
 #[test]

@@ -23,7 +23,7 @@ use std::{
     sync::OnceLock,
 };
 
-use trustdrift_e2e::{TempDir, Value, trustdrift_bin};
+use trustdrift_e2e::{TempDir, Value, in_ci, repo, target_dir, trustdrift_bin};
 
 /// The oldest Kubernetes the manifests support (the least-privilege variant sets
 /// securityContext.appArmorProfile, a field since 1.30) and the newest kubernetes-validate
@@ -70,23 +70,6 @@ struct Tools {
     python: PathBuf,
     /// The @kubernetes-models/prometheus-operator package directory.
     models: PathBuf,
-}
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .canonicalize()
-        .expect("the workspace root exists")
-}
-
-fn target_dir() -> PathBuf {
-    env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("target"))
-}
-
-fn in_ci() -> bool {
-    env::var("CI").is_ok_and(|v| v == "true" || v == "1")
 }
 
 fn tool_path(var: &str, default: &str) -> PathBuf {

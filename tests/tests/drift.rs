@@ -11,7 +11,8 @@ use std::{
 };
 
 use trustdrift_e2e::{
-    Cert, Daemon, Guarded, Reloading, TLS_AGENT, TempDir, Value, replace_atomically,
+    Cert, Daemon, Guarded, Reloading, TLS_AGENT, TempDir, Value, bundle, replace_atomically,
+    sha256_of,
 };
 
 /// A long-running TLS agent: [`TLS_AGENT`] in one of its roles.
@@ -71,10 +72,6 @@ fn shas(list: &Value) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
-}
-
-fn bundle(certs: &[&Cert]) -> String {
-    certs.iter().map(|c| c.pem.as_str()).collect()
 }
 
 #[test]
@@ -217,19 +214,6 @@ fn in_private_namespace(setup: &str, root: Option<&Path>, args: &[&str]) -> Agen
         "/usr/bin/python3",
         args,
     )
-}
-
-fn sha256_of(path: &Path) -> String {
-    let out = Command::new("openssl")
-        .args(["dgst", "-sha256", "-r"])
-        .arg(path)
-        .output()
-        .expect("openssl dgst");
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .to_owned()
 }
 
 #[test]

@@ -10,13 +10,9 @@ use std::{
 };
 
 use trustdrift_e2e::{
-    Cert, Daemon, DaemonSetup, SOON, TempDir, Value, python_reader, python_tls_server,
+    Cert, Daemon, DaemonSetup, SOON, TempDir, Value, bundle, python_reader, python_tls_server,
     trustdrift_bin,
 };
-
-fn bundle(certs: &[&Cert]) -> String {
-    certs.iter().map(|c| c.pem.as_str()).collect()
-}
 
 /// A raw request, for what a well-behaved client would never send.
 fn raw(port: u16, request: &str) -> (u16, String) {

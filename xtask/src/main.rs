@@ -1,15 +1,14 @@
 //! `cargo xtask`: the one place that knows how to make a machine ready, build the eBPF
-//! object, and run, test and benchmark trustdrift.
+//! object, and run and test trustdrift; the benchmarks and the soak (`bench/`) it builds
+//! for and then hands over to.
 
-mod bench;
 mod ebpf;
 mod packages;
-mod soak;
 mod toolchain;
 mod tools;
 mod workspace;
 
-use std::process::Command;
+use std::{os::unix::process::CommandExt, process::Command};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -41,16 +40,20 @@ enum Cmd {
     },
     /// fmt and clippy for the workspace and the eBPF crate.
     Lint,
-    /// Benchmarks; results go to docs/benchmarks.md.
+    /// Benchmarks; results go to docs/benchmarks.md. `cargo xtask bench --help` lists
+    /// them.
+    #[command(disable_help_flag = true)]
     Bench {
-        #[command(subcommand)]
-        which: bench::Which,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
     /// Ten minutes of churn against one daemon (outside CI): memory flat at the end and
     /// every verdict right. Exits non-zero on any failure.
-    Soak(soak::Args),
-    #[command(hide = true)]
-    Workload(bench::WorkloadArgs),
+    #[command(disable_help_flag = true)]
+    Soak {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() {
@@ -74,16 +77,48 @@ fn dispatch() -> Result<()> {
         }
         Cmd::Test { args } => test(&args),
         Cmd::Lint => lint(),
-        Cmd::Bench { which } => {
-            let bin = build()?;
-            bench::run(which, &bin)
-        }
-        Cmd::Soak(args) => {
-            let bin = build()?;
-            soak::run(&args, &bin)
-        }
-        Cmd::Workload(args) => bench::workload(&args),
+        Cmd::Bench { args } => bench("bench", &args),
+        Cmd::Soak { args } => bench("soak", &args),
     }
+}
+
+/// Hands over to the benchmark crate (`bench/`): `trustdrift-bench <command> <args>`
+/// replaces this process (so that an interrupt reaches it alone, and it cleans up),
+/// against the binary just built. It keeps the debug profile xtask has, which its figures
+/// were measured with. Asking for help builds nothing else.
+fn bench(command: &str, args: &[String]) -> Result<()> {
+    let help = args.first().is_some_and(|a| a == "help")
+        || args.iter().any(|a| a == "-h" || a == "--help")
+        || (command == "bench" && args.is_empty());
+    let trustdrift = if help {
+        None
+    } else {
+        let bin = build()?;
+        packages::ensure(&bench_packages(command, args))?;
+        Some(bin)
+    };
+    workspace::cargo(&["build", "--package", "trustdrift-bench"]).run("building the benchmarks")?;
+    let bench = workspace::target_dir().join("debug/trustdrift-bench");
+    let mut cmd = Command::new(&bench);
+    cmd.arg(command).args(args);
+    if let Some(bin) = trustdrift {
+        cmd.env("TRUSTDRIFT_BIN", bin);
+    }
+    Err(cmd.exec()).with_context(|| format!("running {}", bench.display()))
+}
+
+/// The Debian packages a benchmark drives besides trustdrift: the tools the overhead
+/// benchmark compares with.
+fn bench_packages(command: &str, args: &[String]) -> Vec<(&'static str, &'static str)> {
+    let mut needed = Vec::new();
+    if command == "bench" && matches!(args.first().map(String::as_str), Some("overhead" | "probe"))
+    {
+        needed.extend([("strace", "strace"), ("bpftrace", "bpftrace")]);
+        if !args.iter().any(|a| a == "--no-auditd") {
+            needed.push(("auditctl", "auditd"));
+        }
+    }
+    needed
 }
 
 /// Builds everything a user runs; returns the trustdrift binary.

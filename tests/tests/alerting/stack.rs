@@ -16,19 +16,15 @@ use std::{
     time::{Duration, Instant},
 };
 
-use trustdrift_e2e::{Guarded, Reloading, TLS_AGENT, TempDir, Value};
-
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
-}
+use trustdrift_e2e::{
+    Guarded, Reloading, TLS_AGENT, TempDir, Value, free_port, has_program, http_get, in_ci,
+    random_hex,
+};
 
 /// Whether `program` is installed: in CI a missing one fails the test (saying how to
 /// install it), elsewhere the test is skipped with that message.
 pub fn require(program: &str) -> bool {
-    let found = Command::new("sh")
-        .args(["-c", &format!("command -v {program}")])
-        .output()
-        .is_ok_and(|o| o.status.success());
+    let found = has_program(program);
     if !found {
         let how = "apt-get install -y prometheus prometheus-alertmanager \
                    (cargo xtask setup installs them)";
@@ -36,13 +32,6 @@ pub fn require(program: &str) -> bool {
         eprintln!("SKIPPED: {program} is missing: {how}");
     }
     found
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
 }
 
 /// `s` percent-encoded for a URL query value.
@@ -75,21 +64,6 @@ pub fn eventually<T>(
         }
         thread::sleep(Duration::from_millis(200));
     }
-}
-
-/// GET `path` on loopback: (status, JSON body, or the text if not JSON). HTTP/1.0, so
-/// that Go's servers answer with a plain body, never a chunked one.
-pub fn http_get(port: u16, path: &str) -> (u16, Value) {
-    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
-        return (0, Value::Null);
-    };
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
-    if write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").is_err() {
-        return (0, Value::Null);
-    }
-    let mut raw = Vec::new();
-    let _ = stream.read_to_end(&mut raw);
-    trustdrift_e2e::http_response(&raw)
 }
 
 /// A server started with its own storage and a free loopback port, killed on drop.
@@ -282,13 +256,6 @@ impl Drop for Webhook {
             let _ = t.join();
         }
     }
-}
-
-fn random_hex(bytes: usize) -> String {
-    let mut b = vec![0u8; bytes];
-    // SAFETY: getrandom writes at most b.len() bytes into b.
-    unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// Where cgroup v2 is mounted (`/sys/fs/cgroup`, or `/sys/fs/cgroup/unified` on a hybrid

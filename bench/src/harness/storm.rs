@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use crate::fleet::child_setup;
+use crate::harness::fleet::child_setup;
 
 pub struct Plan<'a> {
     /// What each storm process opens and reads (4 KiB of each).
@@ -152,7 +152,7 @@ impl Storm {
             let mut rec = [0u8; RECORD];
             let mut got = 0;
             while got < RECORD {
-                crate::check_interrupt()?;
+                crate::harness::check_interrupt()?;
                 // SAFETY: reading into a buffer we own, within its length.
                 let n = unsafe {
                     libc::read(
@@ -165,7 +165,7 @@ impl Storm {
                     bail!("storm driver {} exited without reporting", d.pid);
                 }
                 if n < 0 {
-                    if crate::errno() == libc::EINTR {
+                    if crate::harness::errno() == libc::EINTR {
                         continue;
                     }
                     return Err(std::io::Error::last_os_error())

@@ -11,14 +11,15 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use harness::{
-    Daemon, Metrics, TempDir, certs,
-    daemon::lost_between,
-    fleet::Fleet,
-    procstat::{self, CpuMeter, Memory},
-};
+use trustdrift_testkit::{Daemon, DaemonSetup, TempDir};
 
 use super::{verdict, write_section};
+use crate::harness::{
+    self, Metrics, Scrape,
+    fleet::Fleet,
+    lost_between,
+    procstat::{self, CpuMeter, Memory},
+};
 
 const COMM: &std::ffi::CStr = c"td-footprint";
 
@@ -72,7 +73,7 @@ fn measure(
     harness::sleep(window)?;
     let (used, wall) = cpu.read()?;
     let memory = procstat::memory(daemon.pid())?;
-    let m = daemon.metrics()?;
+    let m = daemon.scrape()?;
     let row = Row {
         name,
         readers,
@@ -106,25 +107,24 @@ pub fn run(args: &Args, trustdrift: &Path) -> Result<()> {
     if args.stores == 0 || args.spawn_rate == 0 {
         bail!("--stores and --spawn-rate must be at least 1");
     }
-    let dir = TempDir::new("bench-footprint")?;
-    let work = dir.join("work");
+    let dir = TempDir::try_new("bench-footprint")?;
     let store = dir.join("store");
-    fs::create_dir_all(&work).context("creating the work dir")?;
     fs::create_dir_all(&store).context("creating the store dir")?;
-    let cas = certs::make_cas(&work, "Footprint", args.stores + 2)?;
+    let cas = harness::cas("Footprint", args.stores + 2);
     let mut paths = Vec::new();
     for i in 0..args.stores {
         let path = store.join(format!("bundle-{i}.pem"));
         // Three CAs each, different sets: each bundle is its own content.
         let which = [i, i + 1, i + 2].into_iter().collect();
-        fs::write(&path, certs::bundle(&cas, &which))
+        fs::write(&path, harness::bundle(&cas, &which))
             .with_context(|| format!("writing {}", path.display()))?;
         paths.push(CString::new(path.as_os_str().as_encoded_bytes())?);
     }
 
-    let mut daemon = Daemon::start(
+    let mut daemon = Daemon::launch(
         trustdrift,
         &["--prefix".into(), format!("{}/", store.display())],
+        DaemonSetup::default(),
     )?;
     let settle = Duration::from_secs(args.settle_seconds);
     let mut rows = vec![measure(
@@ -134,7 +134,7 @@ pub fn run(args: &Args, trustdrift: &Path) -> Result<()> {
         settle,
         Duration::from_secs(args.idle_seconds),
     )?];
-    let start_metrics = daemon.metrics()?;
+    let start_metrics = daemon.scrape()?;
     let baseline_fresh = fresh(&start_metrics);
 
     let mut fleet = Fleet::new()?;
@@ -175,7 +175,7 @@ pub fn run(args: &Args, trustdrift: &Path) -> Result<()> {
                 .iter()
                 .filter(|r| r.outcome.is_err())
                 .count();
-            let seen = fresh(&daemon.metrics()?).saturating_sub(baseline_fresh);
+            let seen = fresh(&daemon.scrape()?).saturating_sub(baseline_fresh);
             if seen >= count as u64 || Instant::now() > deadline {
                 break seen;
             }
@@ -202,7 +202,7 @@ pub fn run(args: &Args, trustdrift: &Path) -> Result<()> {
             Duration::from_secs(args.window_seconds),
         )?);
     }
-    let lost = lost_between(&start_metrics, &daemon.metrics()?);
+    let lost = lost_between(&start_metrics, &daemon.scrape()?);
     drop(fleet);
     daemon.stop()?;
     if failed_reads > 0 {

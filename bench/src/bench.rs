@@ -7,8 +7,6 @@ use std::{fs, io::Write, path::Path};
 use anyhow::{Result, bail};
 use clap::Subcommand;
 
-use crate::workspace;
-
 mod footprint;
 mod latency;
 mod overhead;
@@ -71,7 +69,7 @@ pub(crate) fn verdict(ok: bool) -> &'static str {
 
 /// Replaces the section `name` of docs/benchmarks.md (between markers), keeping the rest.
 pub(crate) fn write_section(name: &str, body: &str) -> Result<()> {
-    let path = workspace::root().join("docs/benchmarks.md");
+    let path = trustdrift_testkit::repo().join("docs/benchmarks.md");
     let existing = fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmarks\n".into());
     let start = format!("<!-- bench:{name}:start -->");
     let end = format!("<!-- bench:{name}:end -->");

@@ -1,7 +1,7 @@
-//! What the benchmarks and the soak share: a daemon under test on a private port and
-//! state directory, workloads forked from this process (storms of short-lived openers,
-//! fleets of readers that hold what they read), the daemon's figures from /proc and
-//! /metrics, and clean-up of all of it on every way out, an interrupt included.
+//! What the benchmarks and the soak share beyond the test kit (the daemon under test,
+//! temporary directories, interrupts): workloads forked from this process (storms of
+//! short-lived openers, fleets of readers that hold what they read), the daemon's figures
+//! from /proc and /metrics, and the statistics and the machine for the reports.
 //!
 //! Workloads are forked rather than spawned so that 10,000 readers share one image's
 //! pages and a storm measures process creation, not an interpreter's start-up. Forking is
@@ -9,104 +9,30 @@
 //! inherits locks held by threads it does not have): nothing here starts a thread, and
 //! children make only async-signal-safe calls until they `_exit`.
 
-use std::{
-    fs,
-    path::{Path, PathBuf},
-    sync::atomic::{AtomicBool, Ordering},
-    time::{Duration, Instant},
+use std::{collections::BTreeSet, fs, time::Duration};
+
+use trustdrift_testkit::Cert;
+pub use trustdrift_testkit::{
+    interrupt::{catch_interrupts, check_interrupt, sleep},
+    random_u64,
 };
 
-use anyhow::{Context, Result, bail};
-
-pub mod certs;
-pub mod daemon;
 pub mod fleet;
+pub mod metrics;
 pub mod procstat;
 pub mod storm;
 
-pub use daemon::{Daemon, Metrics};
+pub use metrics::{Metrics, Scrape, lost_between};
 
-/// A directory under /tmp, removed on drop.
-pub struct TempDir(PathBuf);
-
-impl TempDir {
-    pub fn new(tag: &str) -> Result<Self> {
-        let dir = Path::new("/tmp").join(format!(
-            "trustdrift-{tag}-{}-{:08x}",
-            std::process::id(),
-            random_u64() as u32
-        ));
-        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        Ok(Self(dir))
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-
-    pub fn join(&self, p: impl AsRef<Path>) -> PathBuf {
-        self.0.join(p)
-    }
+/// `n` self-signed CAs named `{tag} CA {i}`, the pool store versions are made of.
+pub fn cas(tag: &str, n: usize) -> Vec<Cert> {
+    (0..n).map(|i| Cert::ca(&format!("{tag} CA {i}"))).collect()
 }
 
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_interrupt(_: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::Relaxed);
-}
-
-/// SIGINT and SIGTERM set a flag instead of killing this process, so that the loops
-/// notice ([`check_interrupt`]) and return, and every guard's `Drop` cleans up.
-pub fn catch_interrupts() -> Result<()> {
-    for sig in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: a zeroed sigaction with a plain handler and an empty mask is valid; the
-        // handler only stores to an atomic.
-        unsafe {
-            let mut action: libc::sigaction = std::mem::zeroed();
-            action.sa_sigaction = on_interrupt as *const () as libc::sighandler_t;
-            libc::sigemptyset(&mut action.sa_mask);
-            if libc::sigaction(sig, &action, std::ptr::null_mut()) != 0 {
-                bail!(
-                    "installing a handler for signal {sig}: {}",
-                    std::io::Error::last_os_error()
-                );
-            }
-        }
-    }
-    Ok(())
-}
-
-pub fn check_interrupt() -> Result<()> {
-    if INTERRUPTED.load(Ordering::Relaxed) {
-        bail!("interrupted");
-    }
-    Ok(())
-}
-
-/// Sleeps in short slices, returning early with an error on an interrupt.
-pub fn sleep(d: Duration) -> Result<()> {
-    let end = Instant::now() + d;
-    loop {
-        check_interrupt()?;
-        let left = end.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Ok(());
-        }
-        std::thread::sleep(left.min(Duration::from_millis(100)));
-    }
-}
-
-pub fn random_u64() -> u64 {
-    let mut b = [0u8; 8];
-    // SAFETY: getrandom writes at most b.len() bytes into b.
-    unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
-    u64::from_ne_bytes(b)
+/// The PEM bundle of the CAs `which` (indexes into `cas`), in that order.
+pub fn bundle(cas: &[Cert], which: &BTreeSet<usize>) -> String {
+    let picked: Vec<&Cert> = which.iter().map(|i| &cas[*i]).collect();
+    trustdrift_testkit::bundle(&picked)
 }
 
 /// xorshift64*: reproducible from a seed, which is printed so a run can be repeated.

@@ -13,14 +13,14 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use harness::{
-    Daemon, Metrics, TempDir, certs,
-    daemon::lost_between,
+use trustdrift_testkit::{Daemon, DaemonSetup, TempDir};
+
+use super::{median, verdict, write_section};
+use crate::harness::{
+    self, Metrics, Scrape, lost_between,
     procstat::CpuMeter,
     storm::{Outcome, Plan, Storm},
 };
-
-use super::{median, verdict, write_section};
 
 /// The kernel's default `probe.max_accesses` and the ledger's default exit grace: what
 /// bounds a storm the daemon can take for long with its defaults.
@@ -178,13 +178,14 @@ fn run_step(setup: &Setup, step: &Step) -> Result<Run> {
             ..Run::default()
         });
     }
-    let mut daemon = Daemon::start(
+    let mut daemon = Daemon::launch(
         setup.bin,
         &setup.daemon_args(setup.args.max_processes, step.files),
+        DaemonSetup::default(),
     )?;
     // Start-up work (the first scan, the first save) is not the storm's.
     harness::sleep(Duration::from_millis(500))?;
-    let before = daemon.metrics()?;
+    let before = daemon.scrape()?;
     let cpu = CpuMeter::start(daemon.pid())?;
     let storm = Storm::start(&plan)?.finish()?;
     let expected = storm.processes * (step.files as u64 + 1);
@@ -215,7 +216,7 @@ fn catch_up(daemon: &mut Daemon, before: &Metrics, expected: u64) -> Result<(Met
     loop {
         harness::check_interrupt()?;
         daemon.ensure_running()?;
-        let now = daemon.metrics()?;
+        let now = daemon.scrape()?;
         let delivered = records(&now) - records(before);
         let lost: u64 = lost_between(before, &now).values().sum();
         if delivered + lost >= expected {
@@ -257,9 +258,13 @@ fn sustained_run(setup: &Setup, opens_per_s: f64) -> Result<Sustained> {
     let files = setup.args.files;
     let seconds = setup.args.sustain_seconds;
     let processes = (opens_per_s / files as f64 * seconds as f64).ceil() as u64;
-    let mut daemon = Daemon::start(setup.bin, &setup.daemon_args(processes, files))?;
+    let mut daemon = Daemon::launch(
+        setup.bin,
+        &setup.daemon_args(processes, files),
+        DaemonSetup::default(),
+    )?;
     harness::sleep(Duration::from_millis(500))?;
-    let before = daemon.metrics()?;
+    let before = daemon.scrape()?;
     let plan = Plan {
         paths: &setup.paths[..files],
         drivers: setup.drivers,
@@ -281,7 +286,7 @@ fn sustained_run(setup: &Setup, opens_per_s: f64) -> Result<Sustained> {
             std::thread::sleep(Duration::from_millis(20));
             continue;
         }
-        let now = daemon.metrics()?;
+        let now = daemon.scrape()?;
         let (used, wall) = cpu.read()?;
         cpu = CpuMeter::start(daemon.pid())?;
         let delivered = records(&now) - records(&last);
@@ -331,16 +336,17 @@ fn capacity_run(setup: &Setup) -> Result<Capacity> {
     let files = setup.args.files;
     let rate = setup.args.capacity_rate as f64;
     let seconds = (1.5 * DEFAULT_MAX_ACCESSES as f64 / rate).ceil() as u64;
-    let daemon = Daemon::start(
+    let daemon = Daemon::launch(
         setup.bin,
         &[
             "--no-default-paths".into(),
             "--prefix".into(),
             setup.prefix.clone(),
         ],
+        DaemonSetup::default(),
     )?;
     harness::sleep(Duration::from_millis(500))?;
-    let before = daemon.metrics()?;
+    let before = daemon.scrape()?;
     let plan = Plan {
         paths: &setup.paths[..files],
         drivers: setup.drivers,
@@ -353,7 +359,7 @@ fn capacity_run(setup: &Setup) -> Result<Capacity> {
     let mut first_loss = None;
     while !storm.is_done() {
         harness::check_interrupt()?;
-        let now = daemon.metrics()?;
+        let now = daemon.scrape()?;
         if lost_between(&before, &now).contains_key("access_table_full") {
             let pairs = now.events("access") - before.events("access");
             first_loss = Some((started.elapsed(), pairs));
@@ -384,12 +390,10 @@ pub fn run(args: &Args, trustdrift: &Path) -> Result<()> {
         .max()
         .unwrap_or(1)
         .max(args.files);
-    let dir = TempDir::new("bench-throughput")?;
-    let work = dir.join("work");
+    let dir = TempDir::try_new("bench-throughput")?;
     let store = dir.join("store");
-    fs::create_dir_all(&work).context("creating the work dir")?;
     fs::create_dir_all(&store).context("creating the store dir")?;
-    let ca = certs::make_cas(&work, "Throughput", 1)?;
+    let ca = harness::cas("Throughput", 1);
     let mut paths = Vec::new();
     for i in 0..most_files {
         let path = store.join(format!("trust-{i}.pem"));

@@ -118,7 +118,7 @@ impl Fleet {
             if n == 0 {
                 break;
             }
-            match crate::errno() {
+            match crate::harness::errno() {
                 libc::EAGAIN => break,
                 libc::EINTR => continue,
                 _ => return Err(os_error("reading the readers' reports")),
@@ -207,15 +207,6 @@ impl Fleet {
 
     pub fn is_alive(&self, pid: u32) -> bool {
         self.live.contains(&pid) && !self.dismissed.contains(&pid)
-    }
-
-    /// Readers alive and not dismissed.
-    pub fn len(&self) -> usize {
-        self.live.len() - self.dismissed.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
@@ -349,4 +340,9 @@ unsafe fn read_and_hash(path: *const c_char) -> Result<[u8; 32], i32> {
 /// Lowercase hex, as the API writes SHA-256 sums.
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The SHA-256 of `data` in lowercase hex, as the readers report what they read.
+pub fn sha256_hex(data: &[u8]) -> String {
+    hex(&Sha256::digest(data))
 }

@@ -13,9 +13,10 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use harness::{Daemon, Rng, TempDir, certs, fleet::Fleet, percentile};
+use trustdrift_testkit::{Daemon, DaemonSetup, TempDir};
 
 use super::{verdict, write_section};
+use crate::harness::{self, Rng, Scrape, fleet::Fleet, percentile};
 
 /// The reader's comm, which names its group in the metrics.
 const COMM: &std::ffi::CStr = c"td-latency";
@@ -49,13 +50,14 @@ fn version(i: usize) -> BTreeSet<usize> {
 }
 
 fn in_metrics(daemon: &Daemon) -> Result<bool> {
-    let m = daemon.metrics()?;
+    let m = daemon.scrape()?;
     let comm = COMM.to_str().unwrap_or_default();
     Ok(m.sum("trustdrift_stale_processes", &[("comm", comm)]) >= 1.0)
 }
 
 fn verdict_of(daemon: &Daemon, pid: u32) -> Result<Option<String>> {
     Ok(daemon
+        .api()
         .process(pid)?
         .and_then(|p| p["verdict"].as_str().map(str::to_owned)))
 }
@@ -87,19 +89,18 @@ pub fn run(args: &Args, trustdrift: &Path) -> Result<()> {
     }
     let seed = args.seed.unwrap_or_else(harness::random_u64);
     let mut rng = Rng::new(seed);
-    let dir = TempDir::new("bench-latency")?;
-    let work = dir.join("work");
+    let dir = TempDir::try_new("bench-latency")?;
     let store = dir.join("store");
-    fs::create_dir_all(&work).context("creating the work dir")?;
     fs::create_dir_all(&store).context("creating the store dir")?;
-    let cas = certs::make_cas(&work, "Latency", POOL)?;
+    let cas = harness::cas("Latency", POOL);
     let bundle = store.join("ca-bundle.pem");
-    fs::write(&bundle, certs::bundle(&cas, &version(0)))
+    fs::write(&bundle, harness::bundle(&cas, &version(0)))
         .with_context(|| format!("writing {}", bundle.display()))?;
 
-    let daemon = Daemon::start(
+    let daemon = Daemon::launch(
         trustdrift,
         &["--prefix".into(), format!("{}/", store.display())],
+        DaemonSetup::default(),
     )?;
     let mut fleet = Fleet::new()?;
     let reader = fleet.spawn(
@@ -115,7 +116,7 @@ pub fn run(args: &Args, trustdrift: &Path) -> Result<()> {
     if time_until(every, settle, || fresh(&daemon))?.is_none() {
         bail!(
             "the reader ({reader}) never showed as fresh: {:?}\n{}",
-            daemon.process(reader)?,
+            daemon.api().process(reader)?,
             daemon.log_tail(20)
         );
     }
@@ -124,14 +125,14 @@ pub fn run(args: &Args, trustdrift: &Path) -> Result<()> {
         args.changes, args.poll_ms
     );
 
-    let before = daemon.metrics()?;
+    let before = daemon.scrape()?;
     let (mut api, mut metrics, mut recovery) = (Vec::new(), Vec::new(), Vec::new());
     let (mut api_missed, mut metrics_missed) = (0, 0);
     for i in 1..=args.changes {
         // A random pause, so changes do not fall in step with the daemon's timers.
         harness::sleep(Duration::from_millis(rng.below(200) as u64))?;
         let tmp = store.join(".ca-bundle.pem.new");
-        fs::write(&tmp, certs::bundle(&cas, &version(i)))
+        fs::write(&tmp, harness::bundle(&cas, &version(i)))
             .with_context(|| format!("writing {}", tmp.display()))?;
         fs::rename(&tmp, &bundle).context("renaming the new version over the bundle")?;
         let changed = Instant::now();
@@ -163,15 +164,15 @@ pub fn run(args: &Args, trustdrift: &Path) -> Result<()> {
             Some(d) => recovery.push(d.as_secs_f64()),
             None => bail!(
                 "the reader stayed stale 30 s after re-reading (change {i}): {:?}",
-                daemon.process(reader)?
+                daemon.api().process(reader)?
             ),
         }
         if i % 50 == 0 {
             eprintln!("xtask: {i} changes");
         }
     }
-    let after = daemon.metrics()?;
-    let lost = harness::daemon::lost_between(&before, &after);
+    let after = daemon.scrape()?;
+    let lost = harness::lost_between(&before, &after);
     fleet.replies()?;
     drop(fleet);
     daemon.stop()?;

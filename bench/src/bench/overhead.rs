@@ -18,7 +18,6 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 use super::{median, pin, verdict, write_section};
-use crate::packages;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -555,7 +554,15 @@ pub fn run(args: &Args, trustdrift: &Path) -> Result<()> {
         passes: args.passes,
         cpu: args.cpu,
     };
-    packages::ensure(&[("strace", "strace")])?;
+    // `cargo xtask bench` installs them first (xtask's bench_packages).
+    let needed = ["strace", "bpftrace"]
+        .into_iter()
+        .chain((!args.no_auditd).then_some("auditctl"));
+    for program in needed {
+        if !trustdrift_testkit::has_program(program) {
+            bail!("{program} is missing: `cargo xtask bench overhead` installs it");
+        }
+    }
     let prefixes = default_prefixes();
     let setup = Setup {
         trustdrift,
@@ -568,12 +575,10 @@ pub fn run(args: &Args, trustdrift: &Path) -> Result<()> {
             variants.push(Variant::Trustdrift { floor, lean });
         }
     }
-    packages::ensure(&[("bpftrace", "bpftrace")])?;
     if available("bpftrace") {
         variants.push(Variant::Bpftrace);
     }
     if !args.no_auditd {
-        packages::ensure(&[("auditctl", "auditd")])?;
         variants.push(Variant::Auditd);
     }
     let files = files_under(&work.tree)?.len();

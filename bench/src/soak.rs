@@ -21,14 +21,15 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use harness::{
-    Daemon, Metrics, Rng, TempDir,
-    certs::{self, Ca},
-    daemon::lost_between,
-    fleet::{Fleet, hex},
+use serde_json::Value;
+use trustdrift_testkit::{Cert, Daemon, DaemonSetup, TempDir, try_replace_atomically};
+
+use crate::harness::{
+    self, Metrics, Rng, Scrape,
+    fleet::{Fleet, hex, sha256_hex},
+    lost_between,
     procstat::{self, CpuMeter, Memory},
 };
-use serde_json::Value;
 
 /// CAs the store versions are made of.
 const POOL: usize = 8;
@@ -153,7 +154,7 @@ struct Soak<'a> {
     args: &'a Args,
     daemon: Daemon,
     fleet: Fleet,
-    cas: Vec<Ca>,
+    cas: Vec<Cert>,
     stores: Vec<Store>,
     versions: Vec<Version>,
     by_sha: HashMap<String, usize>,
@@ -214,7 +215,7 @@ impl Soak<'_> {
     }
 
     fn version_of(&mut self, cas: BTreeSet<usize>) -> usize {
-        let sha = certs::sha256_hex(certs::bundle(&self.cas, &cas).as_bytes());
+        let sha = sha256_hex(harness::bundle(&self.cas, &cas).as_bytes());
         if let Some(i) = self.by_sha.get(&sha) {
             return *i;
         }
@@ -242,8 +243,8 @@ impl Soak<'_> {
     }
 
     fn write_version(&self, store: usize, v: usize) -> Result<()> {
-        let content = certs::bundle(&self.cas, &self.versions[v].cas);
-        certs::replace_atomically(&self.stores[store].path, content.as_bytes())
+        let content = harness::bundle(&self.cas, &self.versions[v].cas);
+        Ok(try_replace_atomically(&self.stores[store].path, &content)?)
     }
 
     fn change_store(&mut self) -> Result<()> {
@@ -470,7 +471,7 @@ impl Soak<'_> {
         let memory = procstat::memory(pid)?;
         let cpu_share = self.cpu.share()?;
         self.cpu = CpuMeter::start(pid)?;
-        let m = self.daemon.metrics()?;
+        let m = self.daemon.scrape()?;
         let mut tracked = BTreeMap::new();
         for what in ["processes", "files", "watches", "contents_cached"] {
             tracked.insert(what, m.tracked(what));
@@ -536,7 +537,7 @@ impl Soak<'_> {
         }
         let deadline = Instant::now() + CONVERGE;
         loop {
-            let listed = self.daemon.processes()?;
+            let listed = self.daemon.api().processes()?;
             let wrong = self.judge_live(&listed);
             if wrong.is_empty() {
                 break;
@@ -555,7 +556,7 @@ impl Soak<'_> {
             }
             harness::sleep(Duration::from_millis(250))?;
         }
-        let listed = self.daemon.processes()?;
+        let listed = self.daemon.api().processes()?;
         let wrong = self.judge_exited(&listed);
         if !wrong.is_empty() {
             self.failures.push(format!(
@@ -768,10 +769,8 @@ pub fn run(args: &Args, trustdrift: &Path) -> Result<()> {
     let seed = args.seed.unwrap_or_else(harness::random_u64);
     let duration = Duration::from_secs_f64(args.minutes * 60.0);
     let warmup = Duration::from_secs_f64(args.warmup_minutes * 60.0).min(duration / 2);
-    let dir = TempDir::new("soak")?;
-    let work = dir.join("work");
+    let dir = TempDir::try_new("soak")?;
     let store_dir = dir.join("stores");
-    fs::create_dir_all(&work).context("creating the work dir")?;
     fs::create_dir_all(&store_dir).context("creating the store dir")?;
     eprintln!(
         "xtask: soak for {:.1} min, seed {seed}, {} stores, {} readers/s, a change every \
@@ -787,7 +786,7 @@ pub fn run(args: &Args, trustdrift: &Path) -> Result<()> {
             "only the soak's stores followed"
         }
     );
-    let cas = certs::make_cas(&work, "Soak", POOL)?;
+    let cas = harness::cas("Soak", POOL);
     let mut stores = Vec::new();
     for i in 0..args.stores {
         let path = store_dir.join(format!("bundle-{i}.pem"));
@@ -807,7 +806,7 @@ pub fn run(args: &Args, trustdrift: &Path) -> Result<()> {
     if !args.default_paths {
         daemon_args.push("--no-default-paths".into());
     }
-    let daemon = Daemon::start(trustdrift, &daemon_args)?;
+    let daemon = Daemon::launch(trustdrift, &daemon_args, DaemonSetup::default())?;
     let cpu = CpuMeter::start(daemon.pid())?;
     let mut soak = Soak {
         args,
@@ -836,12 +835,12 @@ pub fn run(args: &Args, trustdrift: &Path) -> Result<()> {
         soak.write_version(s, v)?;
         soak.stores[s].current = Some(v);
     }
-    let start_metrics = soak.daemon.metrics()?;
+    let start_metrics = soak.daemon.scrape()?;
     let outcome = churn(&mut soak, duration);
     // Whatever happened, the readers go before the verdict on the run.
-    let end_metrics = soak.daemon.metrics();
-    let healthy = soak.daemon.get("/healthz").map(|(s, _)| s == 200);
-    let ready = soak.daemon.get("/readyz").map(|(s, _)| s == 200);
+    let end_metrics = soak.daemon.scrape();
+    let healthy = soak.daemon.api().get("/healthz").map(|(s, _)| s == 200);
+    let ready = soak.daemon.api().get("/readyz").map(|(s, _)| s == 200);
     outcome?;
     let end_metrics = end_metrics?;
     report(

@@ -1,0 +1,41 @@
+//! A directory of its own under the temporary directory, removed on drop.
+
+use std::{
+    env, fs, io,
+    path::{Path, PathBuf},
+};
+
+/// A temporary directory, `trustdrift-{tag}-{pid}-{random}`, removed with everything in it
+/// when dropped.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        Self::try_new(tag).unwrap_or_else(|e| panic!("creating a temporary directory: {e}"))
+    }
+
+    pub fn try_new(tag: &str) -> io::Result<Self> {
+        let dir = env::temp_dir().join(format!(
+            "trustdrift-{tag}-{}-{:08x}",
+            std::process::id(),
+            crate::random_u64() as u32
+        ));
+        fs::create_dir_all(&dir)
+            .map_err(|e| io::Error::new(e.kind(), format!("creating {}: {e}", dir.display())))?;
+        Ok(Self(dir))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    pub fn join(&self, p: impl AsRef<Path>) -> PathBuf {
+        self.0.join(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
