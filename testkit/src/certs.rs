@@ -58,6 +58,23 @@ fn first_word(out: &[u8]) -> String {
 impl Cert {
     /// A self-signed CA named `cn`, valid for a day.
     pub fn ca(cn: &str) -> Self {
+        Self::ca_valid(
+            cn,
+            Duration::from_secs(3600),
+            Duration::from_secs(86400),
+            true,
+        )
+    }
+
+    /// A self-signed CA named `cn` that expired `ago` ago (it was valid for three years
+    /// before): a root a distribution still ships after its end.
+    pub fn expired_ca(cn: &str, ago: Duration) -> Self {
+        let three_years = Duration::from_secs(3 * 365 * 86400);
+        Self::ca_valid(cn, three_years + ago, ago, false)
+    }
+
+    /// A self-signed CA valid from `before` ago until `after` from now (`future`) or ago.
+    fn ca_valid(cn: &str, before: Duration, after: Duration, future: bool) -> Self {
         let key = rcgen::KeyPair::generate().expect("key");
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
         params
@@ -69,8 +86,13 @@ impl Cert {
             rcgen::KeyUsagePurpose::CrlSign,
         ];
         let now = time::OffsetDateTime::now_utc();
-        params.not_before = now - time::Duration::hours(1);
-        params.not_after = now + time::Duration::days(1);
+        let span = |d: Duration| time::Duration::try_from(d).expect("duration");
+        params.not_before = now - span(before);
+        params.not_after = if future {
+            now + span(after)
+        } else {
+            now - span(after)
+        };
         let cert = params.self_signed(&key).expect("self-signed");
         let pem = cert.pem();
         let sha256 = sha256_hex(cert.der());

@@ -27,11 +27,11 @@ use std::{
 };
 
 use trustdrift_e2e::{
-    Cert, Daemon, Guarded, Reloading, TLS_AGENT, TempDir, Value, python3, replace_atomically,
-    trustdrift_bin,
+    Cert, Daemon, Guarded, Reloading, TLS_AGENT, TempDir, Value, free_port, python3,
+    replace_atomically, trustdrift_bin,
 };
 
-use crate::support::{file, free_port, noticed, require, series, shas};
+use crate::support::{file, noticed, require, series, shas};
 
 const EXPIRATION: &str = "trustdrift_stale_certificate_expiration_timestamp_seconds";
 const SERVER_NAME: &str = "expiring.internal";
@@ -341,16 +341,7 @@ fn pem_blocks(bundle: &str) -> Vec<String> {
 
 /// A self-signed root that expired yesterday.
 fn expired_root() -> String {
-    let key = rcgen::KeyPair::generate().expect("key");
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "trustdrift Expired Test Root");
-    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let now = time::OffsetDateTime::now_utc();
-    params.not_before = now - time::Duration::days(3 * 365);
-    params.not_after = now - time::Duration::days(1);
-    params.self_signed(&key).expect("self-signed").pem()
+    Cert::expired_ca("trustdrift Expired Test Root", DAY).pem
 }
 
 #[test]

@@ -75,6 +75,9 @@ pub struct FileVerdict {
     pub missing_cas: Vec<Arc<CertInfo>>,
     /// CAs the process still trusts that were removed from disk: a security risk.
     pub removed_cas_trusted: Vec<Arc<CertInfo>>,
+    /// CAs removed from disk that it still holds but that have expired (a distribution
+    /// dropping roots past their end): no exposure, since nothing verifies against them.
+    pub removed_cas_expired: Vec<Arc<CertInfo>>,
     /// Certificates the process holds that are gone from disk while their renewal is
     /// there, expired or not (earliest expiry first): what a reload fixes before (or
     /// after) it is an outage.
@@ -152,6 +155,7 @@ fn fresh(kind: TrustKind, current: Option<Arc<Version>>, note: Option<String>) -
         current,
         missing_cas: vec![],
         removed_cas_trusted: vec![],
+        removed_cas_expired: vec![],
         expiring: vec![],
         expired_in_memory: vec![],
         note,
@@ -267,6 +271,7 @@ pub fn judge_read(
             current,
             missing_cas: vec![],
             removed_cas_trusted: vec![],
+            removed_cas_expired: vec![],
             expiring: vec![],
             expired_in_memory: vec![],
             note: Some(
@@ -325,12 +330,13 @@ pub fn judge_read(
         .filter(|(fp, _)| !read_cas.contains_key(*fp))
         .map(|(_, c)| Arc::clone(c))
         .collect();
-    let removed_cas_trusted: Vec<Arc<CertInfo>> = read_cas
-        .iter()
-        .filter(|(fp, _)| !current_cas.contains_key(*fp))
-        .map(|(_, c)| Arc::clone(c))
-        .collect();
     let now_secs = unix_secs(now);
+    let (removed_cas_expired, removed_cas_trusted): (Vec<Arc<CertInfo>>, Vec<Arc<CertInfo>>) =
+        read_cas
+            .iter()
+            .filter(|(fp, _)| !current_cas.contains_key(*fp))
+            .map(|(_, c)| Arc::clone(c))
+            .partition(|c| c.not_after < now_secs);
     let expiring = expiring(
         &read_certs,
         &current_certs,
@@ -343,7 +349,11 @@ pub fn judge_read(
         .map(|e| Arc::clone(&e.held))
         .collect();
 
-    if read.listed && missing_cas.is_empty() && removed_cas_trusted.is_empty() {
+    if read.listed
+        && missing_cas.is_empty()
+        && removed_cas_trusted.is_empty()
+        && removed_cas_expired.is_empty()
+    {
         // Entries came or went that hold no CA (a README, a CRL): no change in trust.
         return fresh(kind, current, None);
     }
@@ -359,6 +369,7 @@ pub fn judge_read(
         current,
         missing_cas,
         removed_cas_trusted,
+        removed_cas_expired,
         expiring,
         expired_in_memory,
         note: gone,
@@ -814,11 +825,13 @@ mod tests {
             v.expiring.is_empty() && v.expired_in_memory.is_empty(),
             "{v:?}"
         );
-        // Listed, as every removed CA is.
+        // Listed, as every removed CA is, but apart from the ones still trusted: an
+        // expired root is no exposure, and the security alert must not fire on upgrades.
         assert_eq!(
-            subjects(&v.removed_cas_trusted),
+            subjects(&v.removed_cas_expired),
             vec!["O=trustdrift, CN=trustdrift test v1 root"]
         );
+        assert!(v.removed_cas_trusted.is_empty(), "{v:?}");
     }
 
     #[test]

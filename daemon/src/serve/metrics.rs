@@ -532,6 +532,7 @@ mod tests {
             current_version: None,
             missing_cas: vec![],
             removed_cas_trusted: vec![],
+            removed_cas_expired: vec![],
             expiring_in_memory: expiries
                 .iter()
                 .map(|&n| ExpiringView {

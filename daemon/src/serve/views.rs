@@ -223,6 +223,8 @@ pub struct FileView {
     pub current_version: Option<VersionView>,
     pub missing_cas: Vec<CertView>,
     pub removed_cas_trusted: Vec<CertView>,
+    /// CAs removed from disk it still holds, expired: listed, no exposure.
+    pub removed_cas_expired: Vec<CertView>,
     /// Certificates it holds that are gone from disk while their renewal is there,
     /// expired or not, earliest expiry first.
     pub expiring_in_memory: Vec<ExpiringView>,
@@ -253,6 +255,7 @@ fn file_view(read: &TrustRead, v: &FileVerdict) -> FileView {
         current_version: v.current.as_ref().map(VersionView::new),
         missing_cas: certs(&v.missing_cas),
         removed_cas_trusted: certs(&v.removed_cas_trusted),
+        removed_cas_expired: certs(&v.removed_cas_expired),
         expiring_in_memory: v.expiring.iter().map(ExpiringView::from).collect(),
         expired_in_memory: certs(&v.expired_in_memory),
         note: v.note.clone().or_else(|| read.resolve_error.clone()),
