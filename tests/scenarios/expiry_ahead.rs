@@ -415,11 +415,18 @@ fn a_ca_certificates_upgrade_that_drops_expired_roots_is_stale_and_pages_nobody(
         pretty(&p)
     );
     assert!(shas(&f["expired_in_memory"]).is_empty(), "{}", pretty(&p));
-    // Listed as removed (what the process still trusts), nothing more.
-    let removed = shas(&f["removed_cas_trusted"]);
+    // Listed as removed roots that had already expired (what the process still holds,
+    // though they trust nothing any more), nothing more.
+    let removed = shas(&f["removed_cas_expired"]);
     for (_, sha) in &expired {
         assert!(removed.contains(sha), "{sha} not listed: {}", pretty(&p));
     }
+    let trusted = shas(&f["removed_cas_trusted"]);
+    assert!(
+        expired.iter().all(|(_, sha)| !trusted.contains(sha)),
+        "an expired root is not one the process still trusts: {}",
+        pretty(&p)
+    );
 
     // It stays that way (verdicts are re-judged as time passes; the daemon publishes its
     // health every 5 s), and nothing that pages has a series for its group.

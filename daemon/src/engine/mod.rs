@@ -306,7 +306,16 @@ impl Engine {
         *self.counters.events.entry(kind.into()).or_default() += 1;
         self.saver.mark_dirty();
         match event {
-            Event::Access(access) => self.on_access(access),
+            Event::Access(access) => {
+                tracing::debug!(
+                    pid = access.task.tgid,
+                    comm = %access.task.comm,
+                    path = %access.path.display(),
+                    key = ?access.key,
+                    "access"
+                );
+                self.on_access(access)
+            }
             Event::Exec(task) => {
                 let Some(key) = proc_key(&task) else { return };
                 self.contexts.forget(&key);
