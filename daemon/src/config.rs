@@ -168,6 +168,9 @@ pub struct State {
     /// bpffs directory for the probe's pinned maps and links; empty disables pinning.
     pub pin_dir: String,
     pub save_interval: String,
+    /// Room of the crash journal, in bytes: records taken from the ring buffer (and
+    /// aggregates taken from the kernel) since the last save, so a SIGKILL loses none.
+    pub journal_bytes: u64,
     /// Detach the probe on exit instead of leaving it pinned for the next start.
     pub unpin_on_exit: bool,
 }
@@ -262,6 +265,7 @@ impl Default for State {
             dir: "/var/lib/trustdrift".into(),
             pin_dir: "/sys/fs/bpf/trustdrift".into(),
             save_interval: "2s".into(),
+            journal_bytes: 64 << 20,
             unpin_on_exit: false,
         }
     }
@@ -555,6 +559,13 @@ impl Config {
                 "must be at least 65536",
             ));
         }
+        if !(1 << 20..=1 << 31).contains(&self.state.journal_bytes) {
+            return Err(bad(
+                "state.journal_bytes",
+                &self.state.journal_bytes,
+                "must be from 1 MiB to 2 GiB",
+            ));
+        }
         let rb = self.probe.ring_buffer_bytes;
         if rb < 4096 || !rb.is_power_of_two() {
             return Err(bad(
@@ -662,6 +673,7 @@ const RESTART_KEYS: &[(&str, Value)] = &[
     }),
     ("state.dir", |c| c.state.dir.clone()),
     ("state.pin_dir", |c| c.state.pin_dir.clone()),
+    ("state.journal_bytes", |c| c.state.journal_bytes.to_string()),
 ];
 
 fn duration(value: &str) -> Result<Duration, String> {

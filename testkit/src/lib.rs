@@ -36,7 +36,7 @@ pub use http::{free_port, http_get, http_response, try_free_port, try_http_get};
 pub use process::{
     Guarded, Reloading, TLS_AGENT, python_reader, python_tls_server, python3, spawn_after_read,
 };
-pub use tempdir::TempDir;
+pub use tempdir::{PinDir, TempDir};
 pub use trace::{Trace, records_for};
 
 /// The default wait for something the daemon or the probe reports to show up.

@@ -39,3 +39,28 @@ impl Drop for TempDir {
         let _ = fs::remove_dir_all(&self.0);
     }
 }
+
+/// A bpffs directory of its own for a daemon's pinned probe,
+/// `/sys/fs/bpf/trustdrift-e2e-{tag}-{pid}-{random}`: not created (the daemon does that),
+/// removed when dropped, which detaches whatever probe is still pinned there.
+pub struct PinDir(PathBuf);
+
+impl PinDir {
+    pub fn new(tag: &str) -> Self {
+        Self(PathBuf::from(format!(
+            "/sys/fs/bpf/trustdrift-e2e-{tag}-{}-{:08x}",
+            std::process::id(),
+            crate::random_u64() as u32
+        )))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}

@@ -10,8 +10,8 @@ use std::{
 };
 
 use trustdrift_e2e::{
-    Cert, Daemon, DaemonSetup, SOON, TempDir, Value, bundle, python_reader, python_tls_server,
-    trustdrift_bin,
+    Cert, Daemon, DaemonSetup, PinDir, SOON, TempDir, Value, bundle, python_reader,
+    python_tls_server, trustdrift_bin,
 };
 
 /// A raw request, for what a well-behaved client would never send.
@@ -472,26 +472,14 @@ fn sighup_reloads_the_trust_paths_into_the_kernel_without_dropping_observations(
 
 /// A bpffs directory of the test's own, removed (which detaches what is pinned there)
 /// even when the test fails.
-struct PinDir(std::path::PathBuf);
-
-impl Drop for PinDir {
-    fn drop(&mut self) {
-        let _ = Command::new("rm").arg("-rf").arg(&self.0).status();
-    }
-}
-
 #[test]
 fn a_restart_loses_nothing_a_process_read_before_or_during_it() {
     let dir = TempDir::new("restart");
     let state = dir.join("state");
-    let pins = PinDir(std::path::PathBuf::from(format!(
-        "/sys/fs/bpf/trustdrift-e2e-{}-{}",
-        std::process::id(),
-        dir.path().file_name().unwrap().to_string_lossy().len()
-    )));
+    let pins = PinDir::new("restart");
     let setup = || DaemonSetup {
         state_dir: Some(&state),
-        pin_dir: Some(&pins.0),
+        pin_dir: Some(pins.path()),
         ..DaemonSetup::default()
     };
     let path = dir.join("bundle.pem");

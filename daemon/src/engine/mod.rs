@@ -41,7 +41,7 @@ use crate::{
     config::Config,
     events::{self, Access, Event, Task, clock},
     judge::verdict,
-    ledger::{Counts, Ledger, Origin, ProcKey, ProcessInfo, TrustRead, state_dir::StateDir},
+    ledger::{Counts, Ledger, Origin, ProcKey, ProcessInfo, TrustRead},
     probe::{MapFill, ProbeOptions, pinning::PinStatus},
     process::{
         attribution, deadline::Deadline, peers::Peers, procfs, resolution::Resolver, rootfs::Root,
@@ -66,6 +66,10 @@ struct Counters {
     queued_bytes: u64,
     /// The probe's maps' fill, as last counted.
     map_fill: Vec<MapFill>,
+    /// Aggregates taken while the crash journal was full.
+    unjournalled: u64,
+    /// Ring records the intake took while the crash journal was full.
+    unjournalled_records: u64,
 }
 
 pub struct Engine {
@@ -149,7 +153,7 @@ impl Engine {
     pub fn new(
         kernel: Box<dyn Kernel>,
         options: EngineOptions,
-        state: Option<StateDir>,
+        saver: Saver,
         publisher: Publisher,
         key: NodeKey,
     ) -> Result<(Self, inotify::Inotify)> {
@@ -169,7 +173,7 @@ impl Engine {
                 index: ReadIndex::default(),
                 contexts: Contexts::default(),
                 publisher,
-                saver: Saver::new(state),
+                saver,
                 counters: Counters::default(),
                 options,
             },
@@ -587,48 +591,58 @@ impl Engine {
     /// The probe's aggregate of `access`; `exited`: its process is gone, so it cannot
     /// move again and is taken out of the kernel in the same call.
     fn aggregate(&mut self, access: &AccessKey, exited: bool) -> Option<AccessStats> {
-        if exited {
-            self.kernel.take_access_stats(access)
-        } else {
-            self.kernel.access_stats(access)
+        if !exited {
+            return self.kernel.access_stats(access);
         }
+        let stats = self.kernel.take_access_stats(access)?;
+        // The kernel no longer has it: journalled before the ledger takes it, so a crash
+        // before the next save does not lose it.
+        if !self.saver.journal_aggregate(access, &stats) {
+            self.counters.unjournalled += 1;
+        }
+        Some(stats)
     }
 
     /// Brings reads up to date with the probe's aggregates; `take`: removing them from
     /// the kernel (the process exited).
     fn poll_accesses(&mut self, accesses: Vec<(AccessKey, ProcKey)>, take: bool) {
         for (access, key) in accesses {
-            let Some(stats) = self.aggregate(&access, take) else {
-                continue;
-            };
-            let counts = counts(&stats);
-            let Some(moved) = self.ledger.update_counts(&key, &access, &counts) else {
-                continue;
-            };
-            if let (true, Some(file)) = (moved.reread, moved.file) {
-                // Make sure a change that raced the watcher is in the history first.
-                if self.catalog.refresh(&file, &mut self.watcher, &mut self.io) {
-                    self.mark_readers(&file);
-                }
-                // The inode the latest open got says which version it was; the time is
-                // the fallback (an old probe, overlayfs' device numbers, or an inode the
-                // history no longer names).
-                let version = (stats.last_ino != 0)
-                    .then(|| {
-                        self.catalog.version_of_inode(
-                            &file,
-                            events::userspace_dev(stats.last_dev),
-                            stats.last_ino,
-                            counts.last_open,
-                        )
-                    })
-                    .flatten()
-                    .or_else(|| self.catalog.version_at(&file, moved.touched));
-                self.ledger
-                    .set_version(&key, &access, version, moved.touched);
+            if let Some(stats) = self.aggregate(&access, take) {
+                self.apply_stats(&access, key, &stats);
             }
-            self.publisher.mark(key);
         }
+    }
+
+    /// Moves a read to what the probe's aggregate says: bytes and counts; a re-read (an
+    /// open or read after the one that fixed the version) takes the version current then.
+    fn apply_stats(&mut self, access: &AccessKey, key: ProcKey, stats: &AccessStats) {
+        let counts = counts(stats);
+        let Some(moved) = self.ledger.update_counts(&key, access, &counts) else {
+            return;
+        };
+        if let (true, Some(file)) = (moved.reread, moved.file) {
+            // Make sure a change that raced the watcher is in the history first.
+            if self.catalog.refresh(&file, &mut self.watcher, &mut self.io) {
+                self.mark_readers(&file);
+            }
+            // The inode the latest open got says which version it was; the time is the
+            // fallback (an old probe, overlayfs' device numbers, or an inode the history
+            // no longer names).
+            let version = (stats.last_ino != 0)
+                .then(|| {
+                    self.catalog.version_of_inode(
+                        &file,
+                        events::userspace_dev(stats.last_dev),
+                        stats.last_ino,
+                        counts.last_open,
+                    )
+                })
+                .flatten()
+                .or_else(|| self.catalog.version_at(&file, moved.touched));
+            self.ledger
+                .set_version(&key, access, version, moved.touched);
+        }
+        self.publisher.mark(key);
     }
 
     /// Time passes: certificates expire, exited processes leave after their grace.
@@ -743,6 +757,7 @@ impl Engine {
             ("watches", self.watcher.watch_count() as u64),
             ("contents_cached", self.catalog.cached_contents() as u64),
             ("queued_record_bytes", self.counters.queued_bytes),
+            ("journal_bytes", self.saver.journal_bytes()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
@@ -764,6 +779,7 @@ impl Engine {
             maps: self.counters.map_fill.clone(),
             tracked,
             last_save: self.saver.last_save(),
+            unjournalled: self.counters.unjournalled + self.counters.unjournalled_records,
         }
     }
 

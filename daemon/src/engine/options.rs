@@ -31,6 +31,7 @@ pub struct EngineOptions {
     pub poll: Duration,
     pub state_dir: Option<PathBuf>,
     pub save_interval: Duration,
+    pub journal_bytes: u64,
     pub unpin_on_exit: bool,
     /// Record processes' command lines (`api.cmdline`).
     pub cmdline: bool,
@@ -84,6 +85,7 @@ impl EngineOptions {
             poll: Config::duration_of(&c.ledger.poll_interval),
             state_dir: non_empty(&c.state.dir),
             save_interval: Config::duration_of(&c.state.save_interval),
+            journal_bytes: c.state.journal_bytes,
             unpin_on_exit: c.state.unpin_on_exit,
             cmdline: c.api.cmdline,
             metrics: MetricsOptions {

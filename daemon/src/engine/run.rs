@@ -9,11 +9,17 @@ use std::{
 use anyhow::{Context, Result};
 use tokio::{io::unix::AsyncFd, signal::unix::SignalKind, sync::watch};
 
-use super::{Engine, options::EngineOptions, publisher::Publisher, runtime, start_time};
+use super::{
+    Engine, options::EngineOptions, publisher::Publisher, runtime, saver::Saver, start_time,
+};
 use crate::{
     config::Config,
-    events::{self, intake::Intake},
-    ledger::{Origin, ProcKey, ProcessInfo, TrustRead, state_dir::StateDir},
+    events::{
+        self,
+        intake::Intake,
+        journal::{self, Entry, Journal, Kind, SharedJournal},
+    },
+    ledger::{Origin, ProcKey, ProcessInfo, TrustRead, persist, state_dir::StateDir},
     probe::{Probe, pinning::PinStatus, privileges},
     process::{procfs, seed},
     serve::snapshot::{Heartbeat, Snapshot},
@@ -78,10 +84,24 @@ where
             }
         })
         .context("starting the API thread")?;
-    let mut intake = Intake::start(probe.take_events()?, options.queue_bytes)?;
+    // The crash journal, and what the last run left in it, read before the intake adds
+    // to it: replayed once the last save is restored.
+    let journal = state
+        .as_ref()
+        .map(|dir| open_journal(dir, options.journal_bytes))
+        .transpose()?;
+    let leftover = journal
+        .as_ref()
+        .map(|j| {
+            let j = journal::lock(j);
+            (j.entries(), j.epoch())
+        })
+        .unwrap_or_default();
+    let mut intake = Intake::start(probe.take_events()?, options.queue_bytes, journal.clone())?;
     let publisher = Publisher::new(tx, options.metrics.clone());
     let key = NodeKey::from_bytes(probe.node_key());
-    let (mut engine, inotify) = Engine::new(Box::new(probe), options, state, publisher, key)?;
+    let saver = Saver::new(state, journal);
+    let (mut engine, inotify) = Engine::new(Box::new(probe), options, saver, publisher, key)?;
     engine.heartbeat = heartbeat;
     // SAFETY: the Inotify instance owns its fd for as long as the AsyncFd owns it.
     let mut changes =
@@ -89,7 +109,7 @@ where
             .context("watching trust directories")?;
     let mut change_buffer = vec![0u8; 64 * 1024];
 
-    engine.start_up();
+    engine.start_up(leftover);
 
     let mut config = config;
     let mut poll_stale = tokio::time::interval(engine.options.poll);
@@ -148,7 +168,14 @@ where
                     }
                 }
                 intake.handled(&batch);
+                if let Some(seq) = batch.last_seq() {
+                    engine.saver.handled_ring(seq);
+                }
                 engine.counters.queued_bytes = intake.queued_bytes();
+                engine.counters.unjournalled_records = intake.unjournalled();
+                if engine.saver.journal_pressing() {
+                    engine.save(true);
+                }
             }
             guard = changes.readable_mut() => {
                 let mut guard = guard.context("waiting on inotify")?;
@@ -183,20 +210,34 @@ where
     Ok(())
 }
 
+/// The state directory's crash journal.
+fn open_journal(dir: &StateDir, capacity: u64) -> Result<SharedJournal> {
+    let file = dir
+        .open_file(journal::FILE)
+        .with_context(|| format!("opening {}/{}", dir.path().display(), journal::FILE))?;
+    let journal = Journal::open(file, capacity, &persist::boot_id())
+        .with_context(|| format!("mapping {}/{}", dir.path().display(), journal::FILE))?;
+    Ok(Arc::new(std::sync::Mutex::new(journal)))
+}
+
 impl Engine {
-    /// What happened before this start: the saved ledger, the host's stores, the
-    /// processes already running. Then the first snapshot says the daemon is ready.
-    fn start_up(&mut self) {
+    /// What happened before this start: the saved ledger, what the journal holds that
+    /// the save does not, the host's stores, the processes already running. Then the
+    /// first snapshot says the daemon is ready.
+    fn start_up(&mut self, (leftover, epoch): (Vec<Entry>, u64)) {
+        let mut saved_mark = None;
         if let Some(state) = self.saver.state() {
             let restored = state.restore(&mut self.ledger, &mut self.catalog);
-            if restored > 0 {
+            if restored.processes > 0 {
                 tracing::info!(
-                    processes = restored,
+                    processes = restored.processes,
                     "ledger restored from the state directory"
                 );
             }
+            saved_mark = restored.journal;
         }
         self.after_restore();
+        self.replay(Saver::to_replay(leftover, epoch, saved_mark));
         if let Some(host) = self.catalog.host_root() {
             self.track_default_stores(host);
         }
@@ -211,6 +252,45 @@ impl Engine {
         tracing::info!(
             processes = self.ledger.len(),
             "start-up scan done; serving verdicts"
+        );
+    }
+
+    /// Handles again what the last run took from the kernel and did not save before it
+    /// stopped (a crash): ring records as they came, aggregates as they were taken.
+    fn replay(&mut self, entries: Vec<Entry>) {
+        if entries.is_empty() {
+            return;
+        }
+        let (mut records, mut aggregates) = (0, 0);
+        for entry in entries {
+            self.heartbeat.beat();
+            match entry.kind {
+                Kind::Ring => {
+                    match events::decode(&entry.bytes) {
+                        Ok(event) => self.on_event(event),
+                        Err(e) => {
+                            self.counters.undecodable += 1;
+                            tracing::warn!("dropping a journalled record: {e}");
+                        }
+                    }
+                    self.saver.handled_ring(entry.seq);
+                    records += 1;
+                }
+                Kind::Aggregate => {
+                    if let Some((access, stats)) = journal::aggregate_of(&entry.bytes)
+                        && let Some(key) = self.ledger.owner_of(&access)
+                    {
+                        self.apply_stats(&access, key, &stats);
+                    }
+                    self.saver.handled_aggregate(entry.seq);
+                    aggregates += 1;
+                }
+            }
+        }
+        tracing::info!(
+            records,
+            aggregates,
+            "replayed the crash journal: what the last run took from the probe and had not saved"
         );
     }
 

@@ -1,12 +1,22 @@
 //! When the ledger is written to the state directory: after it changed, spaced so that
 //! saving never becomes most of the daemon's work, and deferred while a storm pours in.
+//! Between saves the journal holds what was taken from the kernel, so a crash loses
+//! nothing; a save says how far it covers the journal, and the journal forgets that much.
 
 use std::time::{Duration, Instant, SystemTime};
 
+use trustdrift_common::{AccessKey, AccessStats};
+
 use crate::{
+    events::journal::{self, Entry, Kind, Mark, SharedJournal, lock},
     ledger::{Ledger, state_dir::StateDir},
     stores::catalog::Catalog,
 };
+
+/// A journal fuller than this share of its room is saved at once, storm or not.
+const JOURNAL_PRESSING: u64 = 2;
+/// Saves forced by the journal are at least this far apart.
+const MIN_FORCED_SPACING: Duration = Duration::from_secs(1);
 
 /// A record rate above which saves wait (see [`Saver::save`]).
 const STORM_RECORDS_PER_S: f64 = 1000.0;
@@ -23,10 +33,16 @@ pub struct Saver {
     record_mark: (Instant, u64),
     /// Since when a save has been waiting for a storm to pass.
     deferred_since: Option<Instant>,
+    journal: Option<SharedJournal>,
+    /// How far the ledger covers the journal now; a save writes it.
+    covered: Mark,
+    /// When the journal last forced a save.
+    forced_at: Option<Instant>,
 }
 
 impl Saver {
-    pub fn new(state: Option<StateDir>) -> Self {
+    pub fn new(state: Option<StateDir>, journal: Option<SharedJournal>) -> Self {
+        let epoch = journal.as_ref().map_or(0, |j| lock(j).epoch());
         Self {
             state,
             dirty: false,
@@ -34,7 +50,68 @@ impl Saver {
             next_save: Instant::now(),
             record_mark: (Instant::now(), 0),
             deferred_since: None,
+            journal,
+            covered: Mark {
+                epoch,
+                ..Mark::default()
+            },
+            forced_at: None,
         }
+    }
+
+    /// Of what an earlier run left in the journal, the records a save with `saved`
+    /// (the restored state's mark, if any) does not hold: to be handled again, in order.
+    pub fn to_replay(leftover: Vec<Entry>, epoch: u64, saved: Option<Mark>) -> Vec<Entry> {
+        leftover
+            .into_iter()
+            .filter(|e| !saved.is_some_and(|m| m.covers(epoch, e.kind, e.seq)))
+            .collect()
+    }
+
+    /// The ledger has handled the ring records up to `seq` (in order).
+    pub fn handled_ring(&mut self, seq: u64) {
+        self.covered.ring_through = self.covered.ring_through.max(seq);
+    }
+
+    /// The ledger has applied an aggregate journalled as `seq` (replayed).
+    pub fn handled_aggregate(&mut self, seq: u64) {
+        self.covered.aggregates_through = self.covered.aggregates_through.max(seq);
+    }
+
+    /// An aggregate the kernel no longer has (taken at its process's exit) is about to
+    /// be applied to the ledger: journalled first. False when the journal is full.
+    pub fn journal_aggregate(&mut self, key: &AccessKey, stats: &AccessStats) -> bool {
+        let Some(j) = &self.journal else {
+            return true;
+        };
+        let appended = lock(j).append(Kind::Aggregate, &journal::aggregate_bytes(key, stats));
+        match appended {
+            Some(seq) => {
+                self.handled_aggregate(seq);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Bytes the journal holds.
+    pub fn journal_bytes(&self) -> u64 {
+        self.journal.as_ref().map_or(0, |j| lock(j).used())
+    }
+
+    /// Whether the journal is full enough that a save must not wait.
+    pub fn journal_pressing(&self) -> bool {
+        let Some(j) = &self.journal else {
+            return false;
+        };
+        let pressing = {
+            let j = lock(j);
+            j.used() > j.capacity() / JOURNAL_PRESSING
+        };
+        pressing
+            && self
+                .forced_at
+                .is_none_or(|t| t.elapsed() >= MIN_FORCED_SPACING)
     }
 
     /// The state directory, if persistence is on.
@@ -82,12 +159,21 @@ impl Saver {
             }
         }
         self.deferred_since = None;
+        if force {
+            self.forced_at = Some(now);
+        }
         let started = Instant::now();
-        match state.save(ledger, catalog) {
+        let covered = self.journal.as_ref().map(|_| self.covered);
+        match state.save(ledger, catalog, covered) {
             Ok(_) => {
                 self.dirty = false;
                 self.last_save = Some(SystemTime::now());
                 self.next_save = Instant::now() + started.elapsed() * 20;
+                // What the save holds leaves the journal; what it does not (records
+                // taken from the ring buffer, not yet handled) stays.
+                if let (Some(j), Some(mark)) = (&self.journal, covered) {
+                    lock(j).discard(&mark);
+                }
             }
             Err(e) => tracing::warn!("saving the ledger: {e:#}"),
         }

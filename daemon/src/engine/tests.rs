@@ -14,7 +14,7 @@ use anyhow::Result;
 use tokio::sync::watch;
 use trustdrift_common::{AccessKey, AccessStats, Loss};
 
-use super::{Engine, kernel::Kernel, options::EngineOptions, publisher::Publisher};
+use super::{Engine, kernel::Kernel, options::EngineOptions, publisher::Publisher, saver::Saver};
 use crate::{
     config::Config,
     events::{Access, Event, Task},
@@ -89,7 +89,8 @@ impl Bench {
         let publisher = Publisher::new(tx, options.metrics.clone());
         let kernel = Box::new(FakeKernel(Arc::clone(&tables), PinStatus::Disabled));
         let key = crate::stores::digest::NodeKey::random().unwrap();
-        let (engine, _inotify) = Engine::new(kernel, options, None, publisher, key).unwrap();
+        let (engine, _inotify) =
+            Engine::new(kernel, options, Saver::new(None, None), publisher, key).unwrap();
         Self {
             engine,
             tables,

@@ -6,6 +6,10 @@
 //! Records wait for the engine in a queue bounded in bytes. When it is full, the thread
 //! stops draining: the ring buffer fills and the probe counts what it cannot send as
 //! `ringbuf_full`, so nothing is dropped without being counted.
+//!
+//! Each record is copied into the crash journal before its ring-buffer space is given
+//! back: from then on a SIGKILL of the daemon cannot lose it (the next start replays
+//! what the last save did not hold).
 
 use std::{
     os::fd::AsRawFd,
@@ -21,11 +25,15 @@ use anyhow::{Context, Result};
 use aya::maps::{MapData, RingBuf};
 use tokio::sync::mpsc;
 
+use super::journal::{Kind, SharedJournal, lock};
+
 /// Records as they came out of the ring buffer: each one a `u32` length (native endian)
 /// and its bytes, padded to 8 so every record starts aligned.
 pub struct Batch {
     bytes: Vec<u8>,
     records: usize,
+    /// The journal's sequence number of the last record journalled.
+    last_seq: Option<u64>,
 }
 
 impl Batch {
@@ -33,7 +41,13 @@ impl Batch {
         Self {
             bytes: Vec::new(),
             records: 0,
+            last_seq: None,
         }
+    }
+
+    /// Once the batch is handled, the ledger holds the journal's ring records up to this.
+    pub fn last_seq(&self) -> Option<u64> {
+        self.last_seq
     }
 
     fn push(&mut self, record: &[u8]) {
@@ -87,22 +101,41 @@ const IDLE_POLL_MS: i32 = 200;
 pub struct Intake {
     pub batches: mpsc::UnboundedReceiver<Batch>,
     queued: Arc<AtomicU64>,
+    unjournalled: Arc<AtomicU64>,
 }
 
 impl Intake {
-    /// Starts the thread that drains `ring` into a queue of at most `max_queued` bytes.
-    pub fn start(ring: RingBuf<MapData>, max_queued: u64) -> Result<Self> {
+    /// Starts the thread that drains `ring` into a queue of at most `max_queued` bytes,
+    /// journalling each record first when there is a `journal`.
+    pub fn start(
+        ring: RingBuf<MapData>,
+        max_queued: u64,
+        journal: Option<SharedJournal>,
+    ) -> Result<Self> {
         let (tx, rx) = mpsc::unbounded_channel();
         let queued = Arc::new(AtomicU64::new(0));
+        let unjournalled = Arc::new(AtomicU64::new(0));
         let shared = Arc::clone(&queued);
+        let source = Ring {
+            ring,
+            journal,
+            unjournalled: Arc::clone(&unjournalled),
+        };
         thread::Builder::new()
             .name("td-intake".into())
-            .spawn(move || drain(ring, tx, &shared, max_queued))
+            .spawn(move || drain(source, tx, &shared, max_queued))
             .context("starting the ring-buffer intake thread")?;
         Ok(Self {
             batches: rx,
             queued,
+            unjournalled,
         })
+    }
+
+    /// Records taken while the journal was full: a crash before the next save would
+    /// have lost them.
+    pub fn unjournalled(&self) -> u64 {
+        self.unjournalled.load(Ordering::Relaxed)
     }
 
     /// The engine is done with `batch`: its bytes leave the queue.
@@ -124,20 +157,35 @@ trait Source {
     fn wait(&self, timeout_ms: i32);
 }
 
-impl Source for RingBuf<MapData> {
+/// The probe's ring buffer, and the journal each record is copied into first.
+struct Ring {
+    ring: RingBuf<MapData>,
+    journal: Option<SharedJournal>,
+    unjournalled: Arc<AtomicU64>,
+}
+
+impl Source for Ring {
     fn take_into(&mut self, batch: &mut Batch) -> bool {
-        match self.next() {
-            Some(record) => {
-                batch.push(&record);
-                true
+        let Some(record) = self.ring.next() else {
+            return false;
+        };
+        // Journalled while the record still holds its ring-buffer space (given back when
+        // `record` drops): there is no moment at which a crash loses it.
+        if let Some(journal) = &self.journal {
+            match lock(journal).append(Kind::Ring, &record) {
+                Some(seq) => batch.last_seq = Some(seq),
+                None => {
+                    self.unjournalled.fetch_add(1, Ordering::Relaxed);
+                }
             }
-            None => false,
         }
+        batch.push(&record);
+        true
     }
 
     fn wait(&self, timeout_ms: i32) {
         let mut pfd = libc::pollfd {
-            fd: self.as_raw_fd(),
+            fd: self.ring.as_raw_fd(),
             events: libc::POLLIN,
             revents: 0,
         };

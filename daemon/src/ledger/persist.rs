@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use trustdrift_common::AccessKey;
 
 use crate::{
+    events::journal::Mark,
     ledger::{Ledger, Origin, ProcKey, ProcessEntry, ProcessInfo, TrustRead, state_dir::StateDir},
     process::procfs,
     stores::catalog::{Catalog, Content, FileIdentity, FileKey, RootKey, Shape, Version},
@@ -57,6 +58,17 @@ struct Document {
     contents: BTreeMap<String, SavedContent>,
     files: Vec<SavedFile>,
     processes: Vec<SavedProcess>,
+    /// How far this save covers the crash journal (absent: no journal).
+    #[serde(default)]
+    journal: Option<Mark>,
+}
+
+/// What a restore brought back.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Restored {
+    pub processes: usize,
+    /// How far the restored state covers the crash journal.
+    pub journal: Option<Mark>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -141,7 +153,7 @@ struct SavedProcess {
 }
 
 /// `/proc/sys/kernel/random/boot_id`: pids and start times mean nothing across boots.
-fn boot_id() -> String {
+pub fn boot_id() -> String {
     fs::read_to_string("/proc/sys/kernel/random/boot_id")
         .map(|s| s.trim().to_owned())
         .unwrap_or_default()
@@ -276,8 +288,8 @@ impl Contents<'_> {
 }
 
 impl StateDir {
-    /// Writes the whole state atomically.
-    pub fn save(&self, ledger: &Ledger, catalog: &Catalog) -> Result<usize> {
+    /// Writes the whole state atomically; `journal`: how far it covers the crash journal.
+    pub fn save(&self, ledger: &Ledger, catalog: &Catalog, journal: Option<Mark>) -> Result<usize> {
         let mut table = ContentTable::default();
         let files = catalog
             .export()
@@ -331,6 +343,7 @@ impl StateDir {
             contents: table.saved,
             files,
             processes,
+            journal,
         };
         let bytes = serde_json::to_vec(&doc).context("encoding the state")?;
         self.write_atomically(FILE, &bytes)?;
@@ -353,17 +366,17 @@ impl StateDir {
         let _ = self.rename(FILE, &aside);
     }
 
-    /// Restores what an earlier run saved; returns the number of processes restored.
-    pub fn restore(&self, ledger: &mut Ledger, catalog: &mut Catalog) -> usize {
+    /// Restores what an earlier run saved.
+    pub fn restore(&self, ledger: &mut Ledger, catalog: &mut Catalog) -> Restored {
         let bytes = match self.read(FILE, MAX_STATE_BYTES) {
             Ok(Some(b)) => b,
-            Ok(None) => return 0,
+            Ok(None) => return Restored::default(),
             Err(e) => {
                 tracing::warn!(
                     "cannot read state file {}/{FILE}: {e}",
                     self.path().display()
                 );
-                return 0;
+                return Restored::default();
             }
         };
         // Check the version first, so a newer format is named as such, not as corrupt.
@@ -376,23 +389,23 @@ impl StateDir {
             Ok(Head { format }) if format == FORMAT || format == 1 => {}
             Ok(Head { format }) => {
                 self.set_aside(&format!("has format {format}, this version reads {FORMAT}"));
-                return 0;
+                return Restored::default();
             }
             Err(e) => {
                 self.set_aside(&format!("is not a trustdrift state file ({e})"));
-                return 0;
+                return Restored::default();
             }
         }
         let doc: Document = match serde_json::from_slice(&bytes) {
             Ok(d) => d,
             Err(e) => {
                 self.set_aside(&format!("is corrupt ({e})"));
-                return 0;
+                return Restored::default();
             }
         };
         if doc.boot_id != boot_id() {
             tracing::info!("state file is from before the last boot: nothing to restore");
-            return 0;
+            return Restored::default();
         }
         let same_key = doc.format == FORMAT && doc.key_id == catalog.node_key().id();
         let mut contents = Contents {
@@ -456,7 +469,10 @@ impl StateDir {
             });
             restored += 1;
         }
-        restored
+        Restored {
+            processes: restored,
+            journal: doc.journal,
+        }
     }
 }
 
@@ -545,7 +561,12 @@ mod tests {
         ledger.upsert(ghost, Origin::Observed, ProcessInfo::default());
 
         let dir = StateDir::open(&t.0.join("state")).unwrap();
-        dir.save(&ledger, &catalog).unwrap();
+        let mark = Mark {
+            epoch: 7,
+            ring_through: 100,
+            aggregates_through: 99,
+        };
+        dir.save(&ledger, &catalog, Some(mark)).unwrap();
         // The old file content goes away: the saved version still knows its CAs.
         fs::write(&bundle, fixture("v1-root.pem")).unwrap();
         drop(dir);
@@ -553,7 +574,13 @@ mod tests {
         let dir = StateDir::open(&t.0.join("state")).unwrap();
         let mut ledger2 = Ledger::new(LedgerLimits::default());
         let mut catalog2 = new_catalog(Limits::default());
-        assert_eq!(dir.restore(&mut ledger2, &mut catalog2), 2);
+        assert_eq!(
+            dir.restore(&mut ledger2, &mut catalog2),
+            Restored {
+                processes: 2,
+                journal: Some(mark)
+            }
+        );
         let p = ledger2.get(&key).unwrap();
         assert!(p.exited_at.is_none());
         let r = &p.reads[0];
@@ -590,7 +617,7 @@ mod tests {
             let dir = StateDir::open(&state).unwrap();
             let mut l = Ledger::new(LedgerLimits::default());
             let mut c = new_catalog(Limits::default());
-            assert_eq!(dir.restore(&mut l, &mut c), 0, "{why}");
+            assert_eq!(dir.restore(&mut l, &mut c), Restored::default(), "{why}");
             assert!(!state.join(FILE).exists(), "{why}: moved away");
             let aside = fs::read_dir(&state)
                 .unwrap()

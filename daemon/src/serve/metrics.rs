@@ -472,6 +472,14 @@ fn health(registry: &mut Registry, snapshot: &Snapshot) {
         saved.clone(),
     );
     saved.set(h.last_save.map_or(0.0, seconds));
+    let unjournalled = Counter::<u64>::default();
+    registry.register(
+        "trustdrift_state_journal_overflows",
+        "Records handled while the crash journal was full: a crash before the next save \
+         would have lost them (raise state.journal_bytes)",
+        unjournalled.clone(),
+    );
+    unjournalled.inc_by(h.unjournalled);
     let build = gauge_family(
         registry,
         "trustdrift_build_info",

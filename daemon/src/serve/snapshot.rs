@@ -50,6 +50,9 @@ pub struct Health {
     pub maps: Vec<MapFill>,
     pub tracked: BTreeMap<String, u64>,
     pub last_save: Option<SystemTime>,
+    /// Records handled while the crash journal was full (a crash before the next save
+    /// would have lost them).
+    pub unjournalled: u64,
 }
 
 /// When the engine last made progress, for `/healthz`: a daemon whose engine is stuck
