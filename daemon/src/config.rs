@@ -99,6 +99,9 @@ pub struct Api {
     /// Open connections at once; more are closed as they arrive (slow clients must not
     /// use up the daemon's file descriptors).
     pub max_connections: usize,
+    /// Bytes of answers written and not yet read by their clients, across connections:
+    /// large answers are written as clients read them, and wait past this.
+    pub max_bytes_in_flight: usize,
     /// Show processes' command lines in the API (they can hold secrets: tokens, passwords
     /// passed as arguments). Off: they are not even recorded.
     pub cmdline: bool,
@@ -143,7 +146,14 @@ pub struct Paths {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Catalog {
+    /// Largest trust file read; bigger ones are reported, not parsed.
     pub max_file_bytes: u64,
+    /// Certificates read from one file; past it the rest are counted
+    /// (`catalog_certificates_dropped`), not parsed.
+    pub max_certificates_per_file: usize,
+    /// Memory parsed certificates may hold in all, in bytes; past it new content is known
+    /// by its digest only, not parsed, and counted (`catalog_contents_unparsed`).
+    pub max_content_bytes: u64,
     pub rescan_interval: String,
     pub max_files: usize,
     /// The longest one read in a process's world may take (a FIFO, a FUSE file that never
@@ -205,7 +215,8 @@ impl Default for Api {
             request_timeout: "10s".into(),
             liveness_timeout: "30s".into(),
             max_concurrent_requests: 64,
-            max_connections: 256,
+            max_connections: 512,
+            max_bytes_in_flight: 16 << 20,
             cmdline: false,
         }
     }
@@ -242,6 +253,8 @@ impl Default for Catalog {
     fn default() -> Self {
         Self {
             max_file_bytes: 16 << 20,
+            max_certificates_per_file: 4096,
+            max_content_bytes: 64 << 20,
             rescan_interval: "30s".into(),
             max_files: 16384,
             io_timeout: "2s".into(),
@@ -559,6 +572,27 @@ impl Config {
                 "must be at least 65536",
             ));
         }
+        if self.api.max_bytes_in_flight < 1 << 20 {
+            return Err(bad(
+                "api.max_bytes_in_flight",
+                &self.api.max_bytes_in_flight,
+                "must be at least 1 MiB (1048576)",
+            ));
+        }
+        if self.catalog.max_certificates_per_file == 0 {
+            return Err(bad(
+                "catalog.max_certificates_per_file",
+                &self.catalog.max_certificates_per_file,
+                "must be at least 1",
+            ));
+        }
+        if self.catalog.max_content_bytes < 1 << 20 {
+            return Err(bad(
+                "catalog.max_content_bytes",
+                &self.catalog.max_content_bytes,
+                "must be at least 1 MiB (1048576)",
+            ));
+        }
         if !(1 << 20..=1 << 31).contains(&self.state.journal_bytes) {
             return Err(bad(
                 "state.journal_bytes",
@@ -656,6 +690,10 @@ type Value = fn(&Config) -> String;
 const RESTART_KEYS: &[(&str, Value)] = &[
     ("api.listen", |c| c.api.listen.clone()),
     ("api.liveness_timeout", |c| c.api.liveness_timeout.clone()),
+    ("api.max_connections", |c| c.api.max_connections.to_string()),
+    ("api.max_bytes_in_flight", |c| {
+        c.api.max_bytes_in_flight.to_string()
+    }),
     ("probe.mode", |c| c.probe.mode.clone()),
     ("probe.max_accesses", |c| c.probe.max_accesses.to_string()),
     ("probe.max_fds", |c| c.probe.max_fds.to_string()),

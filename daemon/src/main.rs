@@ -13,7 +13,7 @@ use trustdrift::{
     config::{self, Config, Override},
     engine,
     probe::{self, Capacities, Mode, ProbeOptions, Programs, Shares},
-    serve::api,
+    serve::{api, stream::InFlight},
 };
 
 #[derive(Parser)]
@@ -337,8 +337,10 @@ async fn run(
     let connections = api::ConnectionLimits {
         max: config.api.max_connections,
         header_timeout: timeout,
+        write_stall: timeout,
         lifetime: timeout * 10,
     };
+    let in_flight = InFlight::new(config.api.max_bytes_in_flight);
     let refusals = Arc::new(api::Refusals::default());
     let reload = move || {
         let new = flags.load()?;
@@ -352,7 +354,14 @@ async fn run(
             heartbeat,
             timeout: liveness,
         };
-        let router = api::router(rx, liveness, concurrency, timeout, Arc::clone(&refusals));
+        let router = api::router(
+            rx,
+            liveness,
+            concurrency,
+            timeout,
+            Arc::clone(&refusals),
+            in_flight,
+        );
         api::serve(bound, router, connections, refusals)
     })
     .await

@@ -128,6 +128,25 @@ impl Cert {
     }
 }
 
+/// `n` distinct minimal certificates in PEM (self-signed, one shared key, a short name
+/// and serial each): the most certificates a file of a given size can hold, for tests of
+/// hostile stores.
+pub fn minimal_certificates(n: usize) -> Vec<String> {
+    let key = rcgen::KeyPair::generate().expect("key");
+    (0..n)
+        .map(|i| {
+            let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, format!("{i:x}"));
+            params.serial_number = Some(rcgen::SerialNumber::from(
+                (i as u64 + 1).to_be_bytes().to_vec(),
+            ));
+            params.self_signed(&key).expect("self-signed").pem()
+        })
+        .collect()
+}
+
 /// A self-signed certificate and key made by the real openssl: (cert.pem, key.pem).
 pub fn make_certificate(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
     let cert = dir.join(format!("{name}.pem"));

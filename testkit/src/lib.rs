@@ -28,8 +28,8 @@ mod tempdir;
 mod trace;
 
 pub use certs::{
-    Cert, bundle, make_certificate, replace_atomically, sha256_hex, sha256_of,
-    try_replace_atomically,
+    Cert, bundle, make_certificate, minimal_certificates, replace_atomically, sha256_hex,
+    sha256_of, try_replace_atomically,
 };
 pub use daemon::{Api, Daemon, DaemonSetup, StartError};
 pub use http::{free_port, http_get, http_response, try_free_port, try_http_get};

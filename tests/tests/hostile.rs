@@ -21,6 +21,10 @@ use trustdrift_e2e::{Cert, Daemon, Guarded, TempDir, Value, replace_atomically};
 #[path = "hostile/node.rs"]
 mod node;
 
+/// Hostile load against the daemon's own memory: huge stores, clients that never read.
+#[path = "hostile/memory.rs"]
+mod memory;
+
 /// Reads each path (at most 1 MiB of it: `/dev/zero` never ends), says so, and stays
 /// until its stdin closes. `-I` and no SSL_CERT_* so nothing else is read.
 fn reader(paths: &[&Path]) -> Guarded {
@@ -620,10 +624,10 @@ fn slow_and_crowding_api_clients_are_cut_off_and_real_ones_still_get_answers() {
     );
     assert!(answers.contains(&Some(200)), "{answers:?}");
     // Query strings far past the 2048-byte limit are refused, not parsed: with a 414 from
-    // the API while the head fits the HTTP parser's buffer (about 400 KiB), and past that
-    // by the parser itself (431, or the connection dropped if the client is still
-    // sending), and the daemon is unmoved.
-    let long = format!("/processes?comm={}", "a".repeat(200 * 1024));
+    // the API while the head fits a connection's buffer (64 KiB), and past that by the
+    // parser itself (431, or the connection dropped if the client is still sending), and
+    // the daemon is unmoved.
+    let long = format!("/processes?comm={}", "a".repeat(32 * 1024));
     assert_eq!(status_of(port, &long), Some(414));
     let huge = format!("/processes?comm={}", "a".repeat(4 << 20));
     assert!(matches!(status_of(port, &huge), None | Some(431)));

@@ -65,6 +65,8 @@ impl EngineOptions {
             },
             catalog: catalog::Limits {
                 max_file_bytes: c.catalog.max_file_bytes,
+                max_certs_per_file: c.catalog.max_certificates_per_file,
+                max_content_bytes: c.catalog.max_content_bytes,
                 max_files: c.catalog.max_files,
                 ..catalog::Limits::default()
             },

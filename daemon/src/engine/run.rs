@@ -40,6 +40,7 @@ where
     Fut: std::future::Future<Output = Result<()>>,
 {
     runtime::tune_allocator();
+    runtime::raise_fd_limit();
     let mut interrupt = tokio::signal::unix::signal(SignalKind::interrupt())?;
     let mut terminate = tokio::signal::unix::signal(SignalKind::terminate())?;
     let mut hangup = tokio::signal::unix::signal(SignalKind::hangup())?;
@@ -76,6 +77,9 @@ where
         .spawn(move || {
             let served = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
+                // Each streamed answer serializes on a thread of this pool while its
+                // client reads; serializing is shallow, a small stack does.
+                .thread_stack_size(256 << 10)
                 .build()
                 .context("starting the API's runtime")
                 .and_then(|rt| rt.block_on(serve(rx, api_heartbeat)));

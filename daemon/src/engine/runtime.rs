@@ -1,4 +1,5 @@
-//! How the daemon uses the machine it runs on: its allocator and its scheduling priority.
+//! How the daemon uses the machine it runs on: its allocator, its scheduling priority and
+//! its open-file limit.
 
 /// Hands memory the allocator holds but no longer uses back to the kernel. glibc keeps
 /// freed heap for reuse; after the start-up scan (a peak of /proc reads and store parses)
@@ -42,5 +43,29 @@ pub fn raise_priority(boost: u32) {
              outrun it (set probe.priority_boost = 0 to silence this)",
             std::io::Error::last_os_error()
         );
+    }
+}
+
+/// Raises the soft limit on open files to the hard one, as Go's runtime does for every
+/// program: the daemon holds a handle on each container's root, its API connections and
+/// its catalog's files at once, and a default soft limit of 1024 is a ceiling a busy node
+/// reaches. The hard limit stays the administrator's.
+pub fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write a valid rlimit for this process.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                tracing::debug!(
+                    "cannot raise the open-file limit: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
     }
 }

@@ -24,7 +24,9 @@ use crate::{
     events::journal::Mark,
     ledger::{Ledger, Origin, ProcKey, ProcessEntry, ProcessInfo, TrustRead, state_dir::StateDir},
     process::procfs,
-    stores::catalog::{Catalog, Content, FileIdentity, FileKey, RootKey, Shape, Version},
+    stores::catalog::{
+        Catalog, Content, FileIdentity, FileKey, RootKey, Shape, Version, contents::Budget,
+    },
     stores::digest::Digest,
     stores::formats::{CertInfo, ContentKind},
 };
@@ -230,6 +232,8 @@ struct Contents<'a> {
     built: BTreeMap<String, Arc<Content>>,
     /// The keyed digests were made under the key in use now.
     same_key: bool,
+    /// What restored contents are charged to, as parsed ones are.
+    budget: Budget,
 }
 
 impl Contents<'_> {
@@ -268,6 +272,7 @@ impl Contents<'_> {
         let content = Arc::new(Content {
             digest,
             size: saved.size,
+            charge: self.budget.charge(&shape),
             shape,
         });
         self.built.insert(sha.to_owned(), Arc::clone(&content));
@@ -412,6 +417,7 @@ impl StateDir {
             saved: &doc.contents,
             built: BTreeMap::new(),
             same_key,
+            budget: catalog.content_budget().clone(),
         };
         for f in &doc.files {
             let versions = f

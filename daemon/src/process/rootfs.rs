@@ -16,6 +16,10 @@ use std::{
     io,
     os::{fd::OwnedFd, unix::ffi::OsStrExt},
     path::{Component, Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags, openat2, readlinkat, statat};
@@ -248,7 +252,7 @@ fn verify(fd: &OwnedFd, expect: &FileIdentity) -> io::Result<()> {
 }
 
 /// Reads at most `cap` bytes; `true` in the second field if there was more.
-pub fn read_capped(fd: OwnedFd, cap: u64) -> io::Result<(Vec<u8>, bool)> {
+fn read_capped(fd: OwnedFd, cap: u64) -> io::Result<(Vec<u8>, bool)> {
     use std::io::Read;
     let mut buf = Vec::new();
     let mut file = std::fs::File::from(fd).take(cap + 1);
@@ -256,6 +260,94 @@ pub fn read_capped(fd: OwnedFd, cap: u64) -> io::Result<(Vec<u8>, bool)> {
     let over = buf.len() as u64 > cap;
     buf.truncate(cap as usize);
     Ok((buf, over))
+}
+
+/// The bytes files are being read into, across every job at once. A job left behind on
+/// a file that trickles its bytes (a hostile FUSE server) holds its buffer until it ends;
+/// thirty of them must not hold thirty times the largest file.
+#[derive(Clone, Debug, Default)]
+pub struct ReadBudget {
+    used: Arc<AtomicU64>,
+    max: Arc<AtomicU64>,
+}
+
+impl ReadBudget {
+    pub fn new(max: u64) -> Self {
+        let budget = Self::default();
+        budget.set_max(max);
+        budget
+    }
+
+    pub fn set_max(&self, max: u64) {
+        self.max.store(max, Ordering::Relaxed);
+    }
+
+    /// Takes `bytes` more for `held`, or fails with `ENOBUFS` when the budget is spent.
+    fn take(&self, held: &mut u64, bytes: u64) -> io::Result<()> {
+        let max = self.max.load(Ordering::Relaxed);
+        self.used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
+                used.checked_add(bytes).filter(|&n| n <= max)
+            })
+            .map_err(|_| io::Error::from_raw_os_error(libc::ENOBUFS))?;
+        *held += bytes;
+        Ok(())
+    }
+}
+
+/// A file's bytes, read under a [`ReadBudget`]: their share is given back when dropped.
+pub struct ReadBytes {
+    bytes: Vec<u8>,
+    held: u64,
+    budget: ReadBudget,
+}
+
+impl std::ops::Deref for ReadBytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+impl Drop for ReadBytes {
+    fn drop(&mut self) {
+        self.budget.used.fetch_sub(self.held, Ordering::Relaxed);
+    }
+}
+
+/// Reads at most `cap` bytes of `fd`, its buffer taken from `budget` as it grows (a read
+/// that would go past the budget fails with `ENOBUFS`, to be tried again later); `true`
+/// in the second field if there was more than `cap`.
+pub fn read_budgeted(fd: OwnedFd, cap: u64, budget: &ReadBudget) -> io::Result<(ReadBytes, bool)> {
+    use std::io::Read;
+    const STEP: usize = 64 << 10;
+    let limit = cap as usize + 1;
+    let mut out = ReadBytes {
+        bytes: Vec::new(),
+        held: 0,
+        budget: budget.clone(),
+    };
+    let mut file = std::fs::File::from(fd).take(limit as u64);
+    let mut chunk = vec![0u8; STEP.min(limit)];
+    loop {
+        let n = match file.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        let buf = &mut out.bytes;
+        if buf.capacity() - buf.len() < n {
+            let want = (buf.capacity() * 2).max(buf.len() + n).min(limit);
+            budget.take(&mut out.held, (want - buf.capacity()) as u64)?;
+            buf.reserve_exact(want - buf.len());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let over = out.bytes.len() > cap as usize;
+    out.bytes.truncate(cap as usize);
+    Ok((out, over))
 }
 
 /// An `O_PATH` handle on what fd `fd` of process `pid` is open on: the very file it

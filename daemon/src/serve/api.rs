@@ -2,11 +2,14 @@
 //! every answer comes from the latest published snapshot (requests never wait on the
 //! engine), requests carry no body, query strings are short, a limited number run at
 //! once and each has a deadline; connections are capped too, must send their headers in
-//! time and live a bounded time. Every refusal is counted for `/metrics`. Errors are
-//! JSON: `{"error": ..., "reason": ...}`.
+//! time, read their answers without stalling, and live a bounded time. The large answers
+//! are written as the client reads them, under one bound on the bytes in flight across
+//! connections ([`stream`](super::stream)). Every refusal is counted for `/metrics`.
+//! Errors are JSON: `{"error": ..., "reason": ...}`.
 
 use std::{
     collections::BTreeMap,
+    os::fd::AsFd,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -32,17 +35,23 @@ use crate::{
     judge::verdict::Verdict,
     serve::metrics,
     serve::snapshot::{Heartbeat, Snapshot},
-    serve::views::{CertView, ProcessView, StoreView},
+    serve::stream::{self, InFlight},
+    serve::views::{CertView, ProcessView},
 };
 
 /// Longest query string accepted.
 const MAX_QUERY: usize = 2048;
+/// A connection's socket send buffer (the kernel doubles it).
+const SEND_BUFFER: usize = 32 << 10;
+/// What hyper buffers of one connection, request headers included.
+const CONNECTION_BUFFER: usize = 64 << 10;
 
 #[derive(Clone)]
 struct AppState {
     snapshot: watch::Receiver<Arc<Snapshot>>,
     refusals: Arc<Refusals>,
     liveness: Liveness,
+    in_flight: InFlight,
 }
 
 /// What `/healthz` checks: the engine's heartbeat, against a bound.
@@ -172,13 +181,40 @@ async fn processes(State(s): State<AppState>, RawQuery(query): RawQuery) -> Resp
         Err(reason) => return error(StatusCode::BAD_REQUEST, reason),
     };
     let snapshot = s.snapshot.borrow().clone();
-    let list: Vec<&ProcessView> = snapshot
+    let list: Vec<Arc<ProcessView>> = snapshot
         .processes
         .iter()
-        .map(Arc::as_ref)
         .filter(|p| filters.matches(p))
+        .cloned()
         .collect();
-    Json(list).into_response()
+    streamed(Views(list), &s.in_flight)
+}
+
+/// Process views, shared with the snapshot, as a JSON array.
+struct Views(Vec<Arc<ProcessView>>);
+
+impl Serialize for Views {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.iter().map(Arc::as_ref))
+    }
+}
+
+/// One process view, shared with the snapshot.
+struct View(Arc<ProcessView>);
+
+impl Serialize for View {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
+/// A JSON answer written as the client reads it.
+fn streamed<T: Serialize + Send + 'static>(value: T, in_flight: &InFlight) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        stream::json(value, in_flight),
+    )
+        .into_response()
 }
 
 async fn process(State(s): State<AppState>, Path(pid): Path<String>) -> Response {
@@ -193,7 +229,7 @@ async fn process(State(s): State<AppState>, Path(pid): Path<String>) -> Response
         .filter(|p| p.pid == pid)
         .max_by(|a, b| a.start_time.cmp(&b.start_time))
     {
-        Some(p) => Json(p.as_ref()).into_response(),
+        Some(p) => streamed(View(Arc::clone(p)), &s.in_flight),
         None => error(
             StatusCode::NOT_FOUND,
             format!("no process {pid} with trust reads is known"),
@@ -209,11 +245,56 @@ struct Reference {
     errors: Vec<String>,
 }
 
-#[derive(Serialize)]
-struct Stores<'a> {
-    /// What a process started on the host now would trust.
-    host_reference: Option<Reference>,
-    stores: Vec<&'a StoreView>,
+/// The answer of `/stores`, written from the snapshot as it is served.
+struct Stores {
+    snapshot: Arc<Snapshot>,
+    /// Only the stores of this root (`host`, or a root id).
+    root: Option<String>,
+}
+
+impl Serialize for Stores {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let snapshot = &self.snapshot;
+        // What a process started on the host now would trust.
+        let host_reference = snapshot.host_reference.as_ref().map(|r| Reference {
+            loaded_at: crate::events::clock::rfc3339(r.loaded_at),
+            source: r.source.clone(),
+            certificates: r
+                .certs
+                .values()
+                .map(|c| CertView::from(c.as_ref()))
+                .collect(),
+            errors: r.errors.clone(),
+        });
+        let root = self.root.as_deref();
+        let mut out = s.serialize_struct("Stores", 2)?;
+        out.serialize_field("host_reference", &host_reference)?;
+        out.serialize_field(
+            "stores",
+            &Seq(|| {
+                snapshot
+                    .store_views
+                    .iter()
+                    .filter(move |v| root.is_none_or(|r| v.root == r))
+            }),
+        )?;
+        out.end()
+    }
+}
+
+/// A sequence serialized from an iterator made when it is written.
+struct Seq<F>(F);
+
+impl<F, I> Serialize for Seq<F>
+where
+    F: Fn() -> I,
+    I: Iterator,
+    I::Item: Serialize,
+{
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq((self.0)())
+    }
 }
 
 async fn stores(State(s): State<AppState>, RawQuery(query): RawQuery) -> Response {
@@ -229,24 +310,7 @@ async fn stores(State(s): State<AppState>, RawQuery(query): RawQuery) -> Respons
         );
     }
     let snapshot = s.snapshot.borrow().clone();
-    let body = Stores {
-        host_reference: snapshot.host_reference.as_ref().map(|r| Reference {
-            loaded_at: crate::events::clock::rfc3339(r.loaded_at),
-            source: r.source.clone(),
-            certificates: r
-                .certs
-                .values()
-                .map(|c| CertView::from(c.as_ref()))
-                .collect(),
-            errors: r.errors.clone(),
-        }),
-        stores: snapshot
-            .store_views
-            .iter()
-            .filter(|v| root.as_deref().is_none_or(|r| v.root == r))
-            .collect(),
-    };
-    Json(body).into_response()
+    streamed(Stores { snapshot, root }, &s.in_flight)
 }
 
 async fn healthz(State(s): State<AppState>) -> Response {
@@ -374,6 +438,7 @@ pub fn router(
     max_concurrent: usize,
     timeout: Duration,
     refusals: Arc<Refusals>,
+    in_flight: InFlight,
 ) -> Router {
     let limits = (
         Arc::new(Semaphore::new(max_concurrent)),
@@ -392,6 +457,7 @@ pub fn router(
             snapshot,
             refusals,
             liveness,
+            in_flight,
         })
         .layer(middleware::from_fn_with_state(limits, bounded))
 }
@@ -441,6 +507,9 @@ pub struct ConnectionLimits {
     /// Time to send a request's headers (the first, and each one on a kept-alive
     /// connection).
     pub header_timeout: Duration,
+    /// Time a client may leave its answer unread (nothing written) before the connection
+    /// is closed.
+    pub write_stall: Duration,
     /// Longest life of a connection, whatever it does; a scraper simply reconnects.
     pub lifetime: Duration,
 }
@@ -484,7 +553,9 @@ async fn accept_loop<L: Listener>(
     limits: ConnectionLimits,
     slots: Arc<Semaphore>,
     refusals: Arc<Refusals>,
-) {
+) where
+    L::Io: AsFd,
+{
     loop {
         // Accept errors (out of file descriptors, typically) are retried after a pause.
         let (stream, _) = listener.accept().await;
@@ -493,6 +564,11 @@ async fn accept_loop<L: Listener>(
             drop(stream);
             continue;
         };
+        // What the kernel buffers for a client that does not read is bounded too (and
+        // charged to the daemon's memory): a small send buffer, no autotuning.
+        let _ = rustix::net::sockopt::set_socket_send_buffer_size(&stream, SEND_BUFFER);
+        let mut stream = tokio_io_timeout::TimeoutStream::new(stream);
+        stream.set_write_timeout(Some(limits.write_stall));
         let service = hyper_util::service::TowerToHyperService::new(app.clone());
         let refusals = Arc::clone(&refusals);
         tokio::spawn(async move {
@@ -500,9 +576,11 @@ async fn accept_loop<L: Listener>(
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder
                 .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(limits.header_timeout);
+                .header_read_timeout(limits.header_timeout)
+                // A connection buffers at most this much of an answer beyond the socket.
+                .max_buf_size(CONNECTION_BUFFER);
             let connection =
-                builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                builder.serve_connection(hyper_util::rt::TokioIo::new(Box::pin(stream)), service);
             match tokio::time::timeout(limits.lifetime, connection).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) if e.is_timeout() => Refusals::count(&refusals.connection_timeout),

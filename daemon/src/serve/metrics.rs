@@ -499,7 +499,7 @@ mod tests {
         judge::renewal::Match,
         ledger::Origin,
         process::attribution::Attribution,
-        serve::views::{CertView, ExpiringView, FileView, RenewalView, Stamp},
+        serve::views::{CertList, CertView, ExpiringView, FileView, RenewalView, Stamp},
         stores::formats::CertInfo,
     };
 
@@ -538,9 +538,9 @@ mod tests {
             read_version: None,
             read_at: at,
             current_version: None,
-            missing_cas: vec![],
-            removed_cas_trusted: vec![],
-            removed_cas_expired: vec![],
+            missing_cas: CertList::default(),
+            removed_cas_trusted: CertList::default(),
+            removed_cas_expired: CertList::default(),
             expiring_in_memory: expiries
                 .iter()
                 .map(|&n| ExpiringView {
@@ -553,7 +553,7 @@ mod tests {
                     not_after: n,
                 })
                 .collect(),
-            expired_in_memory: vec![],
+            expired_in_memory: CertList::default(),
             note: None,
         }
     }

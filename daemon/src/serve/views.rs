@@ -63,8 +63,30 @@ impl From<&CertInfo> for CertView {
     }
 }
 
-fn certs(list: &[Arc<CertInfo>]) -> Vec<CertView> {
-    list.iter().map(|c| CertView::from(c.as_ref())).collect()
+/// Certificates as the API shows them, written when served: views share the catalog's
+/// parsed certificates instead of holding a copy of each as text (a process that read
+/// many large bundles, all changed, would otherwise hold them all twice).
+#[derive(Clone, Debug, Default)]
+pub struct CertList(pub Vec<Arc<CertInfo>>);
+
+impl CertList {
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+}
+
+impl Serialize for CertList {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.iter().map(|c| CertView::from(c.as_ref())))
+    }
+}
+
+fn certs(list: &[Arc<CertInfo>]) -> CertList {
+    CertList(list.to_vec())
 }
 
 /// A certificate the process holds in memory, gone from disk, whose renewal is on disk:
@@ -165,7 +187,7 @@ pub struct StoreView {
     /// Processes (live or recently exited) that read it.
     pub readers: usize,
     pub current: Option<VersionView>,
-    pub certificates: Vec<CertView>,
+    pub certificates: CertList,
     /// Every version kept, oldest first.
     pub versions: Vec<VersionView>,
 }
@@ -186,15 +208,12 @@ pub fn store_view(
         },
         readers,
         current: current.map(VersionView::new),
-        certificates: current
-            .and_then(|v| v.content.as_deref())
-            .map(|c| {
-                c.certificates()
-                    .values()
-                    .map(|c| CertView::from(c.as_ref()))
-                    .collect()
-            })
-            .unwrap_or_default(),
+        certificates: CertList(
+            current
+                .and_then(|v| v.content.as_deref())
+                .map(|c| c.certificates().into_values().collect())
+                .unwrap_or_default(),
+        ),
         versions: versions.iter().map(VersionView::new).collect(),
     }
 }
@@ -221,15 +240,15 @@ pub struct FileView {
     pub read_at: Stamp,
     /// What is on disk now.
     pub current_version: Option<VersionView>,
-    pub missing_cas: Vec<CertView>,
-    pub removed_cas_trusted: Vec<CertView>,
+    pub missing_cas: CertList,
+    pub removed_cas_trusted: CertList,
     /// CAs removed from disk it still holds, expired: listed, no exposure.
-    pub removed_cas_expired: Vec<CertView>,
+    pub removed_cas_expired: CertList,
     /// Certificates it holds that are gone from disk while their renewal is there,
     /// expired or not, earliest expiry first.
     pub expiring_in_memory: Vec<ExpiringView>,
     /// Those of them past their notAfter: TLS with this process fails now.
-    pub expired_in_memory: Vec<CertView>,
+    pub expired_in_memory: CertList,
     pub note: Option<String>,
 }
 

@@ -4,7 +4,11 @@
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
-    sync::{Arc, Weak},
+    mem::size_of,
+    sync::{
+        Arc, Weak,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use crate::stores::{
@@ -39,6 +43,119 @@ pub struct Content {
     pub digest: Digest,
     pub size: u64,
     pub shape: Shape,
+    /// Its share of the budget for parsed content, given back when it is dropped.
+    pub charge: Charge,
+}
+
+/// The bytes parsed contents hold, against `catalog.max_content_bytes`: every parsed
+/// content is charged its weight while it is alive, wherever it is held (the cache, a
+/// version, a process's read). Past the budget, new content is not parsed.
+#[derive(Clone, Debug, Default)]
+pub struct Budget {
+    used: Arc<AtomicU64>,
+    max: Arc<AtomicU64>,
+}
+
+impl Budget {
+    pub fn new(max: u64) -> Self {
+        let budget = Self::default();
+        budget.set_max(max);
+        budget
+    }
+
+    pub fn set_max(&self, max: u64) {
+        self.max.store(max, Ordering::Relaxed);
+    }
+
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// Whether `bytes` more fit.
+    pub fn fits(&self, bytes: u64) -> bool {
+        self.used().saturating_add(bytes) <= self.max.load(Ordering::Relaxed)
+    }
+
+    /// Charges what `shape` weighs to this budget, for as long as the charge lives.
+    pub fn charge(&self, shape: &Shape) -> Charge {
+        let bytes = weight(shape);
+        self.used.fetch_add(bytes, Ordering::Relaxed);
+        Charge {
+            bytes,
+            used: Some(Arc::clone(&self.used)),
+        }
+    }
+}
+
+/// A content's share of a [`Budget`].
+#[derive(Debug, Default)]
+pub struct Charge {
+    bytes: u64,
+    used: Option<Arc<AtomicU64>>,
+}
+
+impl Charge {
+    /// Not counted against any budget (tests, and content that holds nothing parsed).
+    pub fn none() -> Self {
+        Self::default()
+    }
+}
+
+impl Clone for Charge {
+    fn clone(&self) -> Self {
+        if let Some(used) = &self.used {
+            used.fetch_add(self.bytes, Ordering::Relaxed);
+        }
+        Self {
+            bytes: self.bytes,
+            used: self.used.clone(),
+        }
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        if let Some(used) = &self.used {
+            used.fetch_sub(self.bytes, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Two contents are alike whatever they are charged.
+impl PartialEq for Charge {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+/// What a content's parse holds in memory, about: certificates (their strings, the
+/// struct, the `Arc` and its pointer), error lines, a directory's entry names (the
+/// entries are contents of their own, charged themselves).
+pub fn weight(shape: &Shape) -> u64 {
+    let strings = |list: &[String]| -> usize { list.iter().map(|e| e.capacity() + 24).sum() };
+    let bytes = match shape {
+        Shape::File { certs, errors, .. } => {
+            certs
+                .iter()
+                .map(|c| {
+                    size_of::<CertInfo>()
+                        + 16
+                        + 8
+                        + c.subject.capacity()
+                        + c.issuer.capacity()
+                        + c.serial.capacity()
+                        + c.sha256.capacity()
+                        + c.spki_sha256.capacity()
+                })
+                .sum::<usize>()
+                + strings(errors)
+        }
+        Shape::Directory { entries, errors } => {
+            entries.keys().map(|k| k.capacity() + 64).sum::<usize>() + strings(errors)
+        }
+        Shape::Unreadable { reason } => reason.capacity(),
+    };
+    (bytes + size_of::<Content>()) as u64
 }
 
 impl Content {
@@ -196,6 +313,29 @@ impl ContentCache {
                 self.evicted += 1;
             }
         }
+    }
+
+    /// Drops contents only the cache holds, oldest first, until `enough` says so; each
+    /// is counted as evicted. What a version or a read still holds stays.
+    pub fn shed(&mut self, mut enough: impl FnMut() -> bool) {
+        let mut kept = VecDeque::with_capacity(self.order.len());
+        while let Some(key) = self.order.pop_front() {
+            if enough() {
+                kept.push_back(key);
+                kept.extend(self.order.drain(..));
+                break;
+            }
+            match self.contents.get(&key) {
+                // One reference: the cache's own (a content two keys share has two).
+                Some(c) if Arc::strong_count(c) == 1 => {
+                    self.contents.remove(&key);
+                    self.evicted += 1;
+                }
+                Some(_) => kept.push_back(key),
+                None => {}
+            }
+        }
+        self.order = kept;
     }
 
     /// Drops cached contents nothing outside the cache holds any more. The cache spares

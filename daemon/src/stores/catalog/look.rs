@@ -15,19 +15,25 @@ use std::{
 };
 
 use crate::{
-    process::rootfs::{self, Resolved, Root},
+    process::rootfs::{self, ReadBudget, Resolved, Root},
     stores::{
-        catalog::contents::{Content, ContentCache, Shape},
+        catalog::contents::{Budget, Charge, Content, ContentCache, Shape},
         digest::NodeKey,
         formats,
         identity::FileIdentity,
     },
 };
 
-/// What jobs share with the catalog: the content cache and the node's key.
+/// What jobs share with the catalog: the content cache, the node's key, and the bounds
+/// on memory every job draws from.
 pub struct Shared {
     pub cache: Mutex<ContentCache>,
     pub key: NodeKey,
+    /// Bytes of parsed content alive.
+    pub budget: Budget,
+    /// Bytes of files being read, across jobs (a job left behind on a file that trickles
+    /// its bytes holds its buffer until it ends).
+    pub reading: ReadBudget,
 }
 
 /// Bounds of one look.
@@ -35,6 +41,7 @@ pub struct Shared {
 pub struct LookLimits {
     pub max_file_bytes: u64,
     pub max_dir_entries: usize,
+    pub max_certs: usize,
 }
 
 /// What a look counted, for the catalog's counters.
@@ -44,6 +51,10 @@ pub struct Tally {
     pub parse_errors: u64,
     /// Reasons of files that could not be read.
     pub errors: Vec<&'static str>,
+    /// Certificates past the per-file cap, not read.
+    pub certs_dropped: u64,
+    /// Contents not parsed: the budget for parsed content was spent.
+    pub unparsed: u64,
 }
 
 /// The file a process's open got, which a look made for that open must find.
@@ -94,6 +105,8 @@ pub fn error_reason(e: &io::Error) -> &'static str {
         Some(libc::ELOOP) => "symlink_loop",
         Some(libc::EXDEV) => "escapes_root",
         Some(libc::EAGAIN) => "would_block",
+        // The bytes being read across jobs are at their bound (see `ReadBudget`).
+        Some(libc::ENOBUFS) => "io_saturated",
         _ => "io_error",
     }
 }
@@ -180,6 +193,7 @@ fn not_regular(shared: &Shared, tally: &mut Tally) -> Arc<Content> {
         shape: Shape::Unreadable {
             reason: "not a regular file (FIFO, device or socket): not read".into(),
         },
+        charge: Charge::none(),
     })
 }
 
@@ -212,8 +226,9 @@ fn read_content(
     limits: LookLimits,
     tally: &mut Tally,
 ) -> io::Result<Arc<Content>> {
-    let (bytes, over) = rootfs::read_capped(fd, limits.max_file_bytes)?;
+    let (bytes, over) = rootfs::read_budgeted(fd, limits.max_file_bytes, &shared.reading)?;
     tally.hashed += 1;
+    let mut spent = false;
     let (shape, public) = if over {
         tally.errors.push("too_large");
         (
@@ -226,19 +241,33 @@ fn read_content(
             false,
         )
     } else {
-        let parsed = formats::parse(&bytes);
+        let parsed = formats::parse_capped(&bytes, limits.max_certs);
         tally.parse_errors += parsed.errors.len() as u64;
+        tally.certs_dropped += parsed.certs_dropped as u64;
         // Only certificates are fingerprinted in the open: a key, a password or anything
         // else that is not public trust material gets a keyed digest.
         let public = !parsed.secret && !parsed.certs.is_empty();
-        (
-            Shape::File {
-                kind: parsed.kind,
-                certs: parsed.certs.into_iter().map(Arc::new).collect(),
-                errors: parsed.errors,
-            },
-            public,
-        )
+        let shape = Shape::File {
+            kind: parsed.kind,
+            certs: parsed.certs.into_iter().map(Arc::new).collect(),
+            errors: parsed.errors,
+        };
+        if make_room(shared, &shape) {
+            (shape, public)
+        } else {
+            // Known by its digest, not parsed; not cached, so a later look parses it
+            // once the budget has room again.
+            tally.unparsed += 1;
+            spent = true;
+            (
+                Shape::Unreadable {
+                    reason: "not parsed: the daemon's budget for parsed certificates is \
+                             spent (catalog.max_content_bytes)"
+                        .into(),
+                },
+                false,
+            )
+        }
     };
     let digest = shared.key.digest(&bytes, public);
     let mut cache = lock(&shared.cache);
@@ -246,13 +275,28 @@ fn read_content(
         cache.insert(identity, Arc::clone(&same));
         return Ok(same);
     }
+    let charge = shared.budget.charge(&shape);
     let content = Arc::new(Content {
         digest,
         size: bytes.len() as u64,
         shape,
+        charge,
     });
-    cache.insert(identity, Arc::clone(&content));
+    if !spent {
+        cache.insert(identity, Arc::clone(&content));
+    }
     Ok(content)
+}
+
+/// Whether what `shape` weighs fits the budget for parsed content, after dropping cached
+/// contents nothing else holds if it must.
+fn make_room(shared: &Shared, shape: &Shape) -> bool {
+    let weight = super::contents::weight(shape);
+    if shared.budget.fits(weight) {
+        return true;
+    }
+    lock(&shared.cache).shed(|| shared.budget.fits(weight));
+    shared.budget.fits(weight)
 }
 
 /// A directory store: every entry resolved inside the root and read. Returns the content
@@ -331,10 +375,13 @@ fn directory(
         }
         entries.insert(name, content);
     }
+    let size = entries.len() as u64;
+    let shape = Shape::Directory { entries, errors };
     let content = Content {
         digest: shared.key.digest(&summary, public),
-        size: entries.len() as u64,
-        shape: Shape::Directory { entries, errors },
+        size,
+        charge: shared.budget.charge(&shape),
+        shape,
     };
     Ok((Arc::new(content), newest))
 }

@@ -29,7 +29,7 @@ use std::{
 use serde::Serialize;
 
 use self::{
-    contents::ContentCache,
+    contents::{Budget, ContentCache},
     history::{Recorded, TrustFile},
     look::{LookLimits, Looked, Shared, Tally},
     roots::Roots,
@@ -44,7 +44,7 @@ pub use crate::stores::identity::{FileIdentity, FileKey, RootKey};
 use crate::{
     process::{
         deadline::{self, Deadline, Refused},
-        rootfs::Root,
+        rootfs::{ReadBudget, Root},
     },
     stores::{digest::NodeKey, identity::from_ns},
 };
@@ -55,11 +55,21 @@ use crate::{
 /// from the watches.
 pub const RECENT: Duration = Duration::from_millis(100);
 
+/// Bytes of files being read at once: four of the largest.
+fn read_budget(limits: &Limits) -> u64 {
+    limits.max_file_bytes.saturating_mul(4).max(1 << 20)
+}
+
 /// Bounds of the catalog; everything past them is counted, never silent.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
-    /// Largest file read; bigger ones are reported, not parsed.
+    /// Largest file read; bigger ones are reported, not parsed. Files being read at once
+    /// hold at most four times this.
     pub max_file_bytes: u64,
+    /// Certificates read from one file; the rest are counted, not parsed.
+    pub max_certs_per_file: usize,
+    /// Bytes parsed contents may hold in all; past it new content is not parsed.
+    pub max_content_bytes: u64,
     pub max_files: usize,
     pub max_versions_per_file: usize,
     pub max_cached_contents: usize,
@@ -72,6 +82,8 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_file_bytes: 16 << 20,
+            max_certs_per_file: crate::stores::formats::MAX_CERTIFICATES,
+            max_content_bytes: 64 << 20,
             max_files: 16384,
             max_versions_per_file: 16,
             max_cached_contents: 8192,
@@ -87,6 +99,10 @@ pub struct CatalogCounters {
     pub files_evicted: u64,
     pub versions_dropped: u64,
     pub contents_evicted: u64,
+    /// Certificates past the per-file cap.
+    pub certificates_dropped: u64,
+    /// Contents not parsed for want of budget.
+    pub contents_unparsed: u64,
     pub contents_hashed: u64,
     pub content_cache_hits: u64,
     pub read_errors: BTreeMap<String, u64>,
@@ -135,6 +151,8 @@ impl Catalog {
             shared: Arc::new(Shared {
                 cache: Mutex::new(ContentCache::new(limits.max_cached_contents)),
                 key,
+                budget: Budget::new(limits.max_content_bytes),
+                reading: ReadBudget::new(read_budget(&limits)),
             }),
             next_version: 1,
             counters: CatalogCounters::default(),
@@ -150,6 +168,13 @@ impl Catalog {
     pub fn set_limits(&mut self, limits: Limits) {
         self.limits = limits;
         self.cache().set_max(limits.max_cached_contents);
+        self.shared.budget.set_max(limits.max_content_bytes);
+        self.shared.reading.set_max(read_budget(&limits));
+    }
+
+    /// The budget parsed contents are charged to (restored ones too).
+    pub fn content_budget(&self) -> &Budget {
+        &self.shared.budget
     }
 
     fn cache(&self) -> std::sync::MutexGuard<'_, ContentCache> {
@@ -423,6 +448,8 @@ impl Catalog {
     fn count(&mut self, tally: &Tally) {
         self.counters.contents_hashed += tally.hashed;
         self.counters.parse_errors += tally.parse_errors;
+        self.counters.certificates_dropped += tally.certs_dropped;
+        self.counters.contents_unparsed += tally.unparsed;
         for reason in &tally.errors {
             self.count_error(reason);
         }
@@ -437,6 +464,7 @@ impl Catalog {
         LookLimits {
             max_file_bytes: self.limits.max_file_bytes,
             max_dir_entries: self.limits.max_dir_entries,
+            max_certs: self.limits.max_certs_per_file,
         }
     }
 

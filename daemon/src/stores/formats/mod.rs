@@ -63,15 +63,32 @@ pub struct Parsed {
     pub certs: Vec<CertInfo>,
     /// One human-readable line per problem; never any key material.
     pub errors: Vec<String>,
+    /// Certificates past the cap, not read.
+    pub certs_dropped: usize,
 }
 
 /// A file full of broken blocks would otherwise yield an error line per block, up to
 /// hundreds of thousands for a 16 MiB input.
 pub const MAX_ERRORS: usize = 64;
 
-/// Reads the certificates in one trust file's content. Never panics, whatever the bytes.
+/// Certificates read from one file by default (`catalog.max_certificates_per_file`): the
+/// largest real bundles hold a few hundred; a 16 MiB file of minimal certificates holds
+/// some 50,000, and each parsed one costs the daemon about half a kilobyte.
+pub const MAX_CERTIFICATES: usize = 4096;
+
+/// Reads the certificates in one trust file's content, at most [`MAX_CERTIFICATES`].
+/// Never panics, whatever the bytes.
 pub fn parse(bytes: &[u8]) -> Parsed {
-    let mut col = Collector::default();
+    parse_capped(bytes, MAX_CERTIFICATES)
+}
+
+/// Reads at most `max_certs` certificates of one trust file's content; the rest are
+/// counted in `Parsed::certs_dropped`, not decoded. Never panics, whatever the bytes.
+pub fn parse_capped(bytes: &[u8], max_certs: usize) -> Parsed {
+    let mut col = Collector {
+        max_certs,
+        ..Collector::default()
+    };
     let kind = sniff_and_read(bytes, &mut col);
     col.finish(kind)
 }
@@ -151,12 +168,31 @@ struct Collector {
     errors: Vec<String>,
     suppressed: usize,
     ordinal: usize,
+    max_certs: usize,
+    /// Certificates past `max_certs`, skipped.
+    dropped: usize,
 }
 
 impl Collector {
     fn next_ordinal(&mut self) -> usize {
         self.ordinal += 1;
         self.ordinal
+    }
+
+    /// Whether the cap is reached: further certificates are counted, not decoded.
+    fn full(&mut self) -> bool {
+        let full = self.certs.len() >= self.max_certs;
+        if full {
+            self.dropped += 1;
+        }
+        full
+    }
+
+    /// A certificate block begins: its ordinal, or `None` when the cap is reached (the
+    /// block is then skipped and counted).
+    fn begin_certificate(&mut self) -> Option<usize> {
+        let n = self.next_ordinal();
+        (!self.full()).then_some(n)
     }
 
     fn error(&mut self, line: String) {
@@ -174,6 +210,9 @@ impl Collector {
     /// Trailing bytes after the certificate are accepted: in OpenSSL's TRUSTED
     /// CERTIFICATE they are the trust settings.
     fn add_certificate(&mut self, n: usize, der: &[u8], whence: impl Display) {
+        if self.full() {
+            return;
+        }
         match X509Certificate::from_der(der) {
             Ok((_, cert)) => self.add_parsed(&cert),
             Err(e) => self.cert_error(n, whence, format!("malformed: {}", x509_problem(&e))),
@@ -181,6 +220,9 @@ impl Collector {
     }
 
     fn add_parsed(&mut self, cert: &X509Certificate<'_>) {
+        if self.full() {
+            return;
+        }
         let digest: [u8; 32] = Sha256::digest(cert.as_raw()).into();
         if self.seen.insert(digest) {
             self.certs.push(cert_info(cert, &digest));
@@ -192,11 +234,19 @@ impl Collector {
             self.errors
                 .push(format!("{} further problems not listed", self.suppressed));
         }
+        if self.dropped > 0 {
+            self.errors.push(format!(
+                "more than {} certificates: {} more not read \
+                 (catalog.max_certificates_per_file)",
+                self.max_certs, self.dropped
+            ));
+        }
         Parsed {
             kind,
             secret: self.secret,
             certs: self.certs,
             errors: self.errors,
+            certs_dropped: self.dropped,
         }
     }
 }
@@ -363,6 +413,28 @@ mod tests {
         let parsed = parse(&concat(&[&ca, &fixture("leaf.pem"), &ca]));
         assert_eq!(shas(&parsed), [CA_SHA256, LEAF_SHA256]);
         assert!(parsed.errors.is_empty());
+    }
+
+    #[test]
+    fn past_the_certificate_cap_the_rest_is_counted_not_read_and_a_key_still_makes_it_secret() {
+        let bundle = concat(&[
+            &fixture("ca.pem"),
+            &fixture("leaf.pem"),
+            &fixture("v1-root.pem"),
+            &fixture("test-only-throwaway.key"),
+        ]);
+        let parsed = parse_capped(&bundle, 1);
+        assert_eq!(shas(&parsed), [CA_SHA256]);
+        assert_eq!(parsed.certs_dropped, 2);
+        assert!(parsed.secret, "the key after the cap is still seen");
+        assert_eq!(
+            parsed.errors,
+            ["more than 1 certificates: 2 more not read (catalog.max_certificates_per_file)"]
+        );
+        // The same cap on the other formats' paths (a DER file).
+        let der = parse_capped(&fixture("ca.der"), 0);
+        assert!(der.certs.is_empty() && der.certs_dropped == 1, "{der:?}");
+        assert_eq!(parse(&bundle).certs_dropped, 0);
     }
 
     #[test]
@@ -553,7 +625,8 @@ mod tests {
                 kind: ContentKind::PrivateKey,
                 secret: true,
                 certs: vec![],
-                errors: vec![]
+                errors: vec![],
+                certs_dropped: 0,
             }
         );
         for label in [
@@ -877,6 +950,7 @@ mod tests {
             secret: false,
             certs: vec![],
             errors: vec![],
+            certs_dropped: 0,
         };
         assert_eq!(parse(cnf), empty);
         assert_eq!(parse(b""), empty);

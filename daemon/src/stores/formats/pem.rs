@@ -33,7 +33,9 @@ pub(super) fn read(bytes: &[u8], col: &mut Collector) -> Option<ContentKind> {
             let cert = match classify(label) {
                 BlockKind::Certificate => {
                     saw_cert = true;
-                    Some((col.next_ordinal(), Base64::default()))
+                    // Past the cap a block is skipped undecoded; the scan goes on, since
+                    // a key block further down still makes the file secret.
+                    col.begin_certificate().map(|n| (n, Base64::default()))
                 }
                 BlockKind::PrivateKey => {
                     saw_key = true;
