@@ -715,3 +715,137 @@ fn once_attached_every_thread_keeps_only_what_reading_other_processes_files_need
     daemon.wait_for("stale", reader.pid(), |p| p["verdict"] == "stale");
     assert_eq!(daemon.get("/healthz").0, 200);
 }
+
+#[test]
+fn the_state_directory_is_private_and_links_planted_in_it_or_in_the_pins_are_never_followed() {
+    use std::os::unix::fs::{PermissionsExt, symlink};
+    let dir = TempDir::new("private-state");
+    // Left by an older version: world-readable, with links planted where the daemon
+    // writes and where its clean-up walks.
+    let state = dir.join("state");
+    fs::create_dir(&state).unwrap();
+    fs::set_permissions(&state, fs::Permissions::from_mode(0o755)).unwrap();
+    fs::write(state.join("ledger.json"), "{\"format\": 2}").unwrap();
+    fs::set_permissions(state.join("ledger.json"), fs::Permissions::from_mode(0o644)).unwrap();
+    let victim = dir.join("victim");
+    fs::write(&victim, "not the daemon's").unwrap();
+    symlink(&victim, state.join("ledger.json.tmp")).unwrap();
+    let pins = PinDir::new("private");
+    let outside = PinDir::new("outside");
+    fs::create_dir_all(outside.path().join("keep")).unwrap();
+    let setup = || DaemonSetup {
+        state_dir: Some(&state),
+        pin_dir: Some(pins.path()),
+        ..DaemonSetup::default()
+    };
+    let Some(daemon) = Daemon::start_with(&["--set", "state.unpin_on_exit=true"], setup()) else {
+        return;
+    };
+    let path = dir.join("bundle.pem");
+    fs::write(&path, bundle(&[&Cert::ca("Private State Root")])).unwrap();
+    let reader = python_reader(&path);
+    daemon.wait_for("fresh", reader.pid(), |p| p["verdict"] == "fresh");
+    // A link in the pin directory to a directory elsewhere in bpffs.
+    symlink(outside.path().join("keep"), pins.path().join("planted")).unwrap();
+    daemon.stop().expect("a clean stop saves");
+
+    let mode = |p: &std::path::Path| fs::symlink_metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&state), 0o700, "the state directory");
+    for name in ["ledger.json", "journal"] {
+        assert_eq!(mode(&state.join(name)), 0o600, "{name}");
+    }
+    assert!(
+        fs::read_to_string(state.join("ledger.json"))
+            .unwrap()
+            .contains("Private State Root"),
+        "the ledger was saved in place"
+    );
+    assert_eq!(
+        fs::read_to_string(&victim).unwrap(),
+        "not the daemon's",
+        "the planted link was not written through"
+    );
+    assert!(
+        outside.path().join("keep").is_dir(),
+        "the pin clean-up did not follow the planted link"
+    );
+}
+
+/// Metric family names in the first column of docs/metrics.md's tables (a cell may name
+/// several, comma-separated).
+fn documented_metrics() -> std::collections::BTreeSet<String> {
+    let docs = fs::read_to_string(trustdrift_e2e::repo().join("docs/metrics.md")).unwrap();
+    docs.lines()
+        .filter(|l| l.starts_with("| `"))
+        .filter_map(|l| l.split('|').nth(1))
+        .flat_map(|cell| {
+            cell.split('`')
+                .skip(1)
+                .step_by(2)
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+#[test]
+fn every_metric_the_daemon_exports_is_documented_and_every_documented_one_is_exported() {
+    // Every opt-in family switched on, so that all of them are there.
+    let Some(daemon) = Daemon::start(&[
+        "--set",
+        "metrics.per_process=true",
+        "--set",
+        "metrics.bpf_stats=true",
+    ]) else {
+        return;
+    };
+    // A family with nothing to count has no series: give every group gauge something. A
+    // process holds a CA that leaves the file, a leaf and an expired root both renewed on
+    // disk.
+    let dir = TempDir::new("metrics-documented");
+    let path = dir.join("bundle.pem");
+    let issuer = Cert::ca("Documented Issuer");
+    let leaving = Cert::ca("Documented Leaving Root");
+    let expired = Cert::expired_ca("Documented Renewed Root", Duration::from_secs(86_400));
+    let leaf = issuer.leaf("documented.test", Duration::from_secs(2 * 86_400));
+    fs::write(&path, bundle(&[&issuer, &leaving, &expired, &leaf])).unwrap();
+    let reader = python_reader(&path);
+    daemon.wait_for("fresh", reader.pid(), |p| p["verdict"] == "fresh");
+    let renewed_leaf = issuer.leaf("documented.test", Duration::from_secs(90 * 86_400));
+    let renewed_root = Cert::ca("Documented Renewed Root");
+    fs::write(&path, bundle(&[&issuer, &renewed_root, &renewed_leaf])).unwrap();
+    daemon.wait_for("expired in memory", reader.pid(), |p| {
+        p["verdict"] == "expired_in_memory"
+    });
+    let deadline = Instant::now() + SOON;
+    let mut text = daemon.metrics();
+    while !text.contains("trustdrift_stale_certificate_expiration_timestamp_seconds{")
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(100));
+        text = daemon.metrics();
+    }
+    // Declared families, whether or not they have series now.
+    let exported: std::collections::BTreeSet<String> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(|name| name.to_owned())
+        .collect();
+    let documented = documented_metrics();
+    let base = |name: &str| name.strip_suffix("_total").unwrap_or(name).to_owned();
+    let documented_bases: std::collections::BTreeSet<String> =
+        documented.iter().map(|n| base(n)).collect();
+    let exported_bases: std::collections::BTreeSet<String> =
+        exported.iter().map(|n| base(n)).collect();
+    let undocumented: Vec<_> = exported_bases.difference(&documented_bases).collect();
+    assert!(
+        undocumented.is_empty(),
+        "exported, not in docs/metrics.md: {undocumented:?}"
+    );
+    let missing: Vec<_> = documented_bases.difference(&exported_bases).collect();
+    assert!(
+        missing.is_empty(),
+        "in docs/metrics.md, not exported: {missing:?}\n{text}"
+    );
+}
