@@ -10,6 +10,7 @@ use clap::Subcommand;
 mod footprint;
 mod latency;
 mod overhead;
+mod storm;
 mod throughput;
 
 pub use overhead::{WorkloadArgs, workload};
@@ -24,6 +25,9 @@ pub enum Which {
     /// Storms of processes reading trust files: matched opens per second handled with
     /// zero loss, and the loss curve past that.
     Throughput(throughput::Args),
+    /// A paced storm held for minutes with default capacities: cost per record over
+    /// time, losses, and memory back to idle after the storm's processes leave.
+    Storm(storm::Args),
     /// Store change to stale verdict in /processes and /metrics: p50 and p99.
     Latency(latency::Args),
     /// The daemon's RSS and CPU at idle and with 1,000 and 10,000 live readers.
@@ -34,6 +38,7 @@ pub fn run(which: Which, trustdrift: &Path) -> Result<()> {
     match which {
         Which::Overhead(args) => overhead::run(&args, trustdrift),
         Which::Throughput(args) => throughput::run(&args, trustdrift),
+        Which::Storm(args) => storm::run(&args, trustdrift),
         Which::Latency(args) => latency::run(&args, trustdrift),
         Which::Footprint(args) => footprint::run(&args, trustdrift),
     }

@@ -56,9 +56,6 @@ pub struct Args {
     /// Forking processes (default: one per CPU).
     #[arg(long)]
     drivers: Option<usize>,
-    /// Seconds of the sustained run, at the highest paced rate without loss.
-    #[arg(long, default_value_t = 60)]
-    sustain_seconds: u64,
     /// Rate (matched opens/s) of the run with default capacities, which finds whether
     /// (and when) the kernel's access table fills.
     #[arg(long, default_value_t = 2000)]
@@ -210,7 +207,11 @@ fn run_step(setup: &Setup, step: &Step) -> Result<Run> {
 
 /// Waits until every record of a storm that just ended is delivered or counted lost, or
 /// nothing has moved for 5 s; the last scrape, and how long it took.
-fn catch_up(daemon: &mut Daemon, before: &Metrics, expected: u64) -> Result<(Metrics, Duration)> {
+pub(super) fn catch_up(
+    daemon: &mut Daemon,
+    before: &Metrics,
+    expected: u64,
+) -> Result<(Metrics, Duration)> {
     let storm_end = Instant::now();
     let mut last_progress = (0u64, Instant::now());
     loop {
@@ -232,96 +233,8 @@ fn catch_up(daemon: &mut Daemon, before: &Metrics, expected: u64) -> Result<(Met
     }
 }
 
-fn records(m: &Metrics) -> u64 {
+pub(super) fn records(m: &Metrics) -> u64 {
     m.events("access") + m.events("exit") + m.events("exec")
-}
-
-/// A paced storm held for long: whether zero loss holds as the daemon's ledger fills
-/// with the exited storm processes (it keeps them for `ledger.exit_grace`).
-struct Sustained {
-    opens_per_s: f64,
-    windows: Vec<Window>,
-    run: Run,
-}
-
-/// One 5-second window of the sustained run.
-struct Window {
-    end: Duration,
-    tracked: u64,
-    delivered_per_s: f64,
-    lost: u64,
-    cpu_share: f64,
-    us_per_record: f64,
-}
-
-fn sustained_run(setup: &Setup, opens_per_s: f64) -> Result<Sustained> {
-    let files = setup.args.files;
-    let seconds = setup.args.sustain_seconds;
-    let processes = (opens_per_s / files as f64 * seconds as f64).ceil() as u64;
-    let mut daemon = Daemon::launch(
-        setup.bin,
-        &setup.daemon_args(processes, files),
-        DaemonSetup::default(),
-    )?;
-    harness::sleep(Duration::from_millis(500))?;
-    let before = daemon.scrape()?;
-    let plan = Plan {
-        paths: &setup.paths[..files],
-        drivers: setup.drivers,
-        rate: Some(opens_per_s / files as f64),
-        duration: Duration::from_secs(seconds),
-        max_processes: u64::MAX,
-    };
-    let whole = CpuMeter::start(daemon.pid())?;
-    let started = Instant::now();
-    let mut storm = Storm::start(&plan)?;
-    let mut windows = Vec::new();
-    let (mut last, mut cpu) = (before.clone(), CpuMeter::start(daemon.pid())?);
-    let every = Duration::from_secs(5);
-    while !storm.is_done() {
-        harness::check_interrupt()?;
-        daemon.ensure_running()?;
-        let next = started + every * (windows.len() as u32 + 1);
-        if Instant::now() < next {
-            std::thread::sleep(Duration::from_millis(20));
-            continue;
-        }
-        let now = daemon.scrape()?;
-        let (used, wall) = cpu.read()?;
-        cpu = CpuMeter::start(daemon.pid())?;
-        let delivered = records(&now) - records(&last);
-        windows.push(Window {
-            end: started.elapsed(),
-            tracked: now.tracked("processes"),
-            delivered_per_s: (now.events("access") - last.events("access")) as f64 / wall,
-            lost: lost_between(&last, &now).values().sum(),
-            cpu_share: used / wall,
-            us_per_record: 1e6 * used / delivered.max(1) as f64,
-        });
-        last = now;
-    }
-    let outcome = storm.finish()?;
-    let expected = outcome.processes * (files as u64 + 1);
-    let (after, caught_up) = catch_up(&mut daemon, &before, expected)?;
-    let (daemon_cpu, _) = whole.read()?;
-    let delivered = records(&after) - records(&before);
-    let lost = lost_between(&before, &after);
-    let lost_total: u64 = lost.values().sum();
-    daemon.stop()?;
-    Ok(Sustained {
-        opens_per_s,
-        windows,
-        run: Run {
-            storm: outcome,
-            expected,
-            delivered,
-            accesses: after.events("access") - before.events("access"),
-            unaccounted: expected.saturating_sub(delivered + lost_total),
-            lost,
-            catch_up: caught_up,
-            daemon_cpu,
-        },
-    })
 }
 
 /// With the default capacities: whether a storm at `rate` making 1.5x the access table's
@@ -448,39 +361,12 @@ pub fn run(args: &Args, trustdrift: &Path) -> Result<()> {
             runs[i].push(r);
         }
     }
-    // The sustained run holds the highest paced rate that lost nothing in any round (or
-    // the lowest paced rate, if every one lost).
-    let clean = highest_clean(&steps, &runs)
-        .or_else(|| args.rates.iter().min().map(|r| *r as f64))
-        .unwrap_or(1000.0);
-    let sustained = if args.sustain_seconds > 0 {
-        eprintln!(
-            "xtask: sustained {clean:.0} opens/s for {} s",
-            args.sustain_seconds
-        );
-        let s = sustained_run(&setup, clean)?;
-        for w in &s.windows {
-            eprintln!(
-                "xtask:   {:>5.1} s: {} processes tracked, {:.0} opens/s delivered, {} lost, \
-                 daemon {:.0}% CPU, {:.1} µs/record",
-                w.end.as_secs_f64(),
-                w.tracked,
-                w.delivered_per_s,
-                w.lost,
-                100.0 * w.cpu_share,
-                w.us_per_record
-            );
-        }
-        Some(s)
-    } else {
-        None
-    };
     eprintln!(
         "xtask: default capacities, {} opens/s: does the access table fill?",
         args.capacity_rate
     );
     let capacity = capacity_run(&setup)?;
-    let report = render(&setup, &steps, &runs, sustained.as_ref(), &capacity);
+    let report = render(&setup, &steps, &runs, &capacity);
     print!("{report}");
     if !args.no_write {
         write_section("throughput", &report)?;
@@ -511,13 +397,7 @@ fn highest_clean(steps: &[Step], runs: &[Vec<Run>]) -> Option<f64> {
         })
 }
 
-fn render(
-    setup: &Setup,
-    steps: &[Step],
-    runs: &[Vec<Run>],
-    sustained: Option<&Sustained>,
-    capacity: &Capacity,
-) -> String {
+fn render(setup: &Setup, steps: &[Step], runs: &[Vec<Run>], capacity: &Capacity) -> String {
     let args = setup.args;
     let mut s = String::new();
     s.push_str(&format!(
@@ -529,8 +409,8 @@ fn render(
          (only the storm matches, so the counts are exact), tables sized so a step's pairs \
          fit (`probe.max_accesses` = 1.25 x {} x F rounded up to a power of two, \
          `ledger.max_processes` >= 65536; see the last line for the defaults); {} s per \
-         step, at most {} processes; {} rounds, medians; then the highest paced rate without \
-         loss held for {} s. The daemon runs at its default `probe.priority_boost` (nice -5); \
+         step, at most {} processes; {} rounds, medians (a storm held for minutes: `cargo \
+         xtask bench storm`). The daemon runs at its default `probe.priority_boost` (nice -5); \
          nothing is pinned and the drivers are not reniced. \
          Delivered and lost from /metrics deltas (`trustdrift_events_total`, \
          `trustdrift_events_lost_total`); {}.\n\n",
@@ -545,7 +425,6 @@ fn render(
         args.seconds,
         args.max_processes,
         args.rounds,
-        args.sustain_seconds,
         harness::machine(),
     ));
     s.push_str(
@@ -637,49 +516,6 @@ fn render(
             "- highest paced storm with zero loss in every round: {best:.0} matched opens/s \
              (in {} s bursts)",
             args.seconds
-        ));
-    }
-    if let Some(sus) = sustained {
-        let r = &sus.run;
-        let (first, last) = (sus.windows.first(), sus.windows.last());
-        let trend = match (first, last) {
-            (Some(a), Some(b)) => format!(
-                "; the daemon's CPU per record went from {:.0} µs ({:.0}% of a core, {} \
-                 processes tracked) in the first 5 s to {:.0} µs ({:.0}%, {} tracked) in the \
-                 last",
-                a.us_per_record,
-                100.0 * a.cpu_share,
-                a.tracked,
-                b.us_per_record,
-                100.0 * b.cpu_share,
-                b.tracked
-            ),
-            _ => String::new(),
-        };
-        let first_loss = sus
-            .windows
-            .iter()
-            .find(|w| w.lost > 0)
-            .map(|w| {
-                format!(
-                    "; first loss in the window ending at {:.0} s, {} processes tracked",
-                    w.end.as_secs_f64(),
-                    w.tracked
-                )
-            })
-            .unwrap_or_default();
-        lines.push(format!(
-            "- sustained at {:.0} matched opens/s for {:.0} s (tables sized to fit): {} lost{}{}{}",
-            sus.opens_per_s,
-            r.storm.elapsed.as_secs_f64(),
-            r.lost_total(),
-            if r.lost.is_empty() {
-                String::new()
-            } else {
-                format!(" ({})", reasons(std::slice::from_ref(r)))
-            },
-            first_loss,
-            trend
         ));
     }
     for &mf in &args.max_files {

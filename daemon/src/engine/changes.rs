@@ -11,7 +11,7 @@ use crate::{
 
 impl Engine {
     pub(super) fn mark_readers(&mut self, file: &FileKey) {
-        self.publisher.stores_changed();
+        self.publisher.store_changed(file);
         self.saver.mark_dirty();
         self.publisher.mark_all(self.index.readers_of(file));
         let is_default_store = self.index.is_default_store(file);

@@ -56,8 +56,15 @@ impl Contexts {
     }
 
     /// Keeps the settled accesses `keep` says to (an exit whose record was lost leaves
-    /// its settled accesses behind).
+    /// its settled accesses behind), and gives back the room a storm made.
     pub fn retain_settled(&mut self, keep: impl Fn(&AccessKey) -> bool) {
         self.settled.retain(|a| keep(a));
+        // A map keeps its largest capacity unless told otherwise.
+        if self.known.capacity() > 1024 && self.known.len() * 4 < self.known.capacity() {
+            self.known.shrink_to_fit();
+        }
+        if self.settled.capacity() > 1024 && self.settled.len() * 4 < self.settled.capacity() {
+            self.settled.shrink_to_fit();
+        }
     }
 }

@@ -19,6 +19,7 @@ impl Engine {
         for (reason, n) in [
             ("undecodable_record", self.counters.undecodable),
             ("ledger_processes_evicted", l.processes_evicted),
+            ("ledger_processes_refused", l.processes_refused),
             ("ledger_reads_evicted", l.reads_evicted),
             ("catalog_files_evicted", c.files_evicted),
             ("catalog_versions_dropped", c.versions_dropped),

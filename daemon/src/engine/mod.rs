@@ -41,7 +41,6 @@ use self::{
 use crate::{
     config::Config,
     events::{self, Access, Event, Task, clock},
-    judge::verdict,
     ledger::{Counts, Ledger, Origin, ProcKey, ProcessInfo, TrustRead},
     probe::{MapFill, ProbeOptions},
     process::{
@@ -71,6 +70,9 @@ struct Counters {
     unjournalled: u64,
     /// Ring records the intake took while the crash journal was full.
     unjournalled_records: u64,
+    /// Processes left the ledger: once the snapshot that still showed them is replaced,
+    /// the memory they held goes back to the kernel.
+    trim_due: bool,
 }
 
 pub struct Engine {
@@ -210,6 +212,7 @@ impl Engine {
                 .observe(&file, None, &mut self.watcher, &mut self.io)
                 .is_ok_and(|v| v.content.is_some());
             if present {
+                self.publisher.store_changed(&file);
                 stores.insert(file);
             }
         }
@@ -448,6 +451,10 @@ impl Engine {
             listed: false,
             unverifiable: found.unverifiable,
         };
+        if let Some(f) = &file {
+            // Its versions or its readers changed.
+            self.publisher.store_changed(f);
+        }
         if self.ledger.add_read(&key, read) {
             if let Some(f) = file {
                 self.index.add(f, key);
@@ -456,7 +463,6 @@ impl Engine {
             // Refused (too many reads for one process): out of the kernel at once.
             self.kernel.forget_access(&access.key);
         }
-        self.publisher.stores_changed();
         self.publisher.mark(key);
     }
 
@@ -551,17 +557,18 @@ impl Engine {
     /// An exited process's aggregates cannot move again: they are read once at its exit
     /// and never polled after, or a storm's exited processes would be most of the work.
     fn poll(&mut self, stale_only: bool) {
-        let accesses: Vec<(AccessKey, ProcKey)> = self
-            .ledger
-            .processes()
-            .filter(|e| {
-                e.exited_at.is_none()
-                    && (!stale_only
-                        || self
-                            .publisher
-                            .verdict_of(&e.key)
-                            .is_some_and(|v| v >= verdict::Verdict::Stale))
-            })
+        let keys: Vec<ProcKey> = if stale_only {
+            self.publisher
+                .not_fresh()
+                .filter(|k| self.ledger.is_live(k))
+                .copied()
+                .collect()
+        } else {
+            self.ledger.live().map(|p| p.key).collect()
+        };
+        let accesses: Vec<(AccessKey, ProcKey)> = keys
+            .iter()
+            .filter_map(|k| self.ledger.get(k))
             .flat_map(|e| e.reads.iter().filter_map(|r| Some((r.access_key?, e.key))))
             .filter(|(a, _)| !self.contexts.is_settled(a))
             .collect();
@@ -646,45 +653,43 @@ impl Engine {
         self.publisher.mark(key);
     }
 
-    /// Time passes: certificates expire, exited processes leave after their grace.
+    /// Time passes: certificates expire, exited processes leave after their grace. The
+    /// cost follows what leaves and what is not fresh, not what is tracked.
     fn housekeeping(&mut self) {
         let now = SystemTime::now();
         let expired = self.ledger.expire(now);
         let any_expired = !expired.is_empty();
-        let mut gone = BTreeSet::new();
-        for (key, accesses) in expired {
-            for access in accesses {
-                self.kernel.forget_access(&access);
+        for gone in expired {
+            for access in &gone.accesses {
+                self.kernel.forget_access(access);
             }
-            self.publisher.forget(&key);
-            gone.insert(key);
+            self.publisher.forget(&gone.key);
+            for file in self.index.forget_reader(&gone.key, &gone.files) {
+                self.publisher.store_changed(&file);
+            }
         }
-        self.index.forget(&gone);
         // An exit whose record was lost leaves its settled accesses behind.
         let ledger = &self.ledger;
-        self.contexts.retain_settled(|a| {
-            ledger
-                .owner_of(a)
-                .and_then(|k| ledger.get(&k))
-                .is_some_and(|p| p.exited_at.is_none())
-        });
+        self.contexts
+            .retain_settled(|a| ledger.owner_of(a).is_some_and(|k| ledger.is_live(&k)));
         let index = &self.index;
-        self.catalog.forget_files(|f| index.keeps(f));
-        self.catalog.prune_contents();
-        // Verdicts move with time alone (a certificate held in memory expires): live
-        // processes are judged again. An exited one keeps the verdict it left with, or a
-        // storm's exited processes would be judged again every few seconds for minutes.
-        self.publisher.mark_all(
-            self.ledger
-                .processes()
-                .filter(|p| p.exited_at.is_none())
-                .map(|p| p.key),
-        );
-        self.counters.map_fill = self.kernel.map_fill();
-        self.publisher.stores_changed();
-        if any_expired {
-            runtime::release_freed_memory();
+        if self.catalog.forget_files(|f| index.keeps(f)) > 0 {
+            self.publisher.stores_changed();
         }
+        self.catalog.prune_contents();
+        // Verdicts move with time alone only where something is held that is not on disk
+        // (a certificate held in memory expires): live processes that are not fresh are
+        // judged again. A fresh one holds what is on disk; an exited one keeps the verdict
+        // it left with.
+        let due: Vec<ProcKey> = self
+            .publisher
+            .not_fresh()
+            .filter(|k| self.ledger.is_live(k))
+            .copied()
+            .collect();
+        self.publisher.mark_all(due);
+        self.counters.map_fill = self.kernel.map_fill();
+        self.counters.trim_due |= any_expired;
     }
 
     fn save(&mut self, force: bool) {
@@ -745,5 +750,8 @@ impl Engine {
             host,
         };
         self.publisher.publish(&sources, health);
+        if std::mem::take(&mut self.counters.trim_due) {
+            runtime::release_freed_memory();
+        }
     }
 }

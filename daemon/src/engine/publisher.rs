@@ -2,7 +2,7 @@
 //! figures, and the daemon's health, handed to the serving side as one snapshot.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeSet, VecDeque},
     sync::Arc,
     time::SystemTime,
 };
@@ -14,11 +14,14 @@ use crate::{
     judge::verdict::{self, Verdict},
     ledger::{Ledger, ProcKey},
     serve::{
-        snapshot::{Health, MetricsOptions, Snapshot, StoreFigures},
-        views::{self, ProcessView, StoreView},
+        snapshot::{
+            Health, MetricsOptions, ProcessViews, Snapshot, StoreFigureMap, StoreFigures,
+            StoreViews,
+        },
+        views,
     },
     stores::{
-        catalog::{Catalog, RootKey},
+        catalog::{Catalog, FileKey, RootKey, Version},
         reference::Reference,
     },
 };
@@ -36,13 +39,23 @@ pub struct Publisher {
     options: MetricsOptions,
     /// The probe is attached and the start-up scan is done.
     ready: bool,
-    views: BTreeMap<ProcKey, Arc<ProcessView>>,
+    views: ProcessViews,
+    /// Processes whose last verdict is stale or worse (unverified included): the ones time
+    /// alone can move, and the ones polled often for a re-read.
+    not_fresh: BTreeSet<ProcKey>,
     /// Processes to judge again at the next publication.
     dirty: BTreeSet<ProcKey>,
-    stores_dirty: bool,
-    stores: Arc<Vec<StoreFigures>>,
-    store_views: Arc<Vec<StoreView>>,
+    /// Stores whose view or figures must be made again (`all`: every one).
+    stores_dirty: StoresDirty,
+    stores: StoreFigureMap,
+    store_views: StoreViews,
     host_reference: Option<Arc<Reference>>,
+}
+
+#[derive(Default)]
+struct StoresDirty {
+    all: bool,
+    files: BTreeSet<FileKey>,
 }
 
 impl Publisher {
@@ -51,18 +64,22 @@ impl Publisher {
             tx,
             options,
             ready: false,
-            views: BTreeMap::new(),
+            views: ProcessViews::new(),
+            not_fresh: BTreeSet::new(),
             dirty: BTreeSet::new(),
-            stores_dirty: true,
-            stores: Arc::default(),
-            store_views: Arc::default(),
+            stores_dirty: StoresDirty {
+                all: true,
+                files: BTreeSet::new(),
+            },
+            stores: StoreFigureMap::new(),
+            store_views: StoreViews::new(),
             host_reference: None,
         }
     }
 
     pub fn set_options(&mut self, options: MetricsOptions) {
         self.options = options;
-        self.stores_dirty = true;
+        self.stores_dirty.all = true;
     }
 
     pub fn set_ready(&mut self) {
@@ -82,14 +99,23 @@ impl Publisher {
         self.dirty.extend(keys);
     }
 
-    /// Some store's content or readers changed.
+    /// Every store's view may have changed (the catalog forgot files, a reload).
     pub fn stores_changed(&mut self) {
-        self.stores_dirty = true;
+        self.stores_dirty.all = true;
+    }
+
+    /// `file`'s content, versions or readers changed.
+    pub fn store_changed(&mut self, file: &FileKey) {
+        if !self.stores_dirty.all {
+            self.stores_dirty.files.insert(file.clone());
+        }
     }
 
     /// `key` is gone from the ledger.
     pub fn forget(&mut self, key: &ProcKey) {
         self.views.remove(key);
+        self.not_fresh.remove(key);
+        self.dirty.remove(key);
     }
 
     /// The verdict last published for `key`.
@@ -97,18 +123,28 @@ impl Publisher {
         self.views.get(key).map(|v| v.verdict)
     }
 
-    /// Whether a publication is due: something changed (or `force`).
-    pub fn due(&self, force: bool) -> bool {
-        force || !self.dirty.is_empty() || self.tx.borrow().ready != self.ready
+    /// Processes last judged stale or worse, or unverified.
+    pub fn not_fresh(&self) -> impl Iterator<Item = &ProcKey> {
+        self.not_fresh.iter()
     }
 
-    /// Judges what changed and publishes a snapshot.
+    /// Whether a publication is due: something changed (or `force`).
+    pub fn due(&self, force: bool) -> bool {
+        force
+            || !self.dirty.is_empty()
+            || self.stores_dirty.all
+            || !self.stores_dirty.files.is_empty()
+            || self.tx.borrow().ready != self.ready
+    }
+
+    /// Judges what changed and publishes a snapshot: the cost follows what changed, not
+    /// what is tracked.
     pub fn publish(&mut self, sources: &Sources<'_>, health: Health) {
         self.refresh_stores(sources);
         let now = SystemTime::now();
         for key in std::mem::take(&mut self.dirty) {
             let Some(entry) = sources.ledger.get(&key) else {
-                self.views.remove(&key);
+                self.forget(&key);
                 continue;
             };
             let changed = entry
@@ -117,20 +153,23 @@ impl Publisher {
                 .and_then(|r| sources.index.stores_changed_at(&r, sources.catalog));
             match verdict::judge(entry, sources.catalog, changed, now) {
                 Some(v) => {
+                    if v.verdict >= Verdict::Stale {
+                        self.not_fresh.insert(key);
+                    } else {
+                        self.not_fresh.remove(&key);
+                    }
                     self.views
                         .insert(key, Arc::new(views::process_view(entry, &v)));
                 }
-                None => {
-                    self.views.remove(&key);
-                }
+                None => self.forget(&key),
             }
         }
         let snapshot = Snapshot {
-            processes: self.views.values().cloned().collect(),
+            processes: self.views.clone(),
             ready: self.ready,
             options: self.options.clone(),
-            stores: Arc::clone(&self.stores),
-            store_views: Arc::clone(&self.store_views),
+            stores: self.stores.clone(),
+            store_views: self.store_views.clone(),
             host_reference: self.host_reference.clone(),
             health,
         };
@@ -138,43 +177,64 @@ impl Publisher {
     }
 
     /// Trust stores for `/stores` and the store metrics: every file the catalog knows
-    /// (the host's; containers' too with `metrics.container_stores` for the metrics).
+    /// (the host's; containers' too with `metrics.container_stores` for the metrics),
+    /// made again only for the files that changed.
     fn refresh_stores(&mut self, sources: &Sources<'_>) {
-        if !self.stores_dirty {
-            return;
+        let dirty = std::mem::take(&mut self.stores_dirty);
+        if dirty.all {
+            self.stores = StoreFigureMap::new();
+            self.store_views = StoreViews::new();
+            for (key, versions) in sources.catalog.export() {
+                self.refresh_store(sources, key, Some(versions));
+            }
+        } else {
+            for key in &dirty.files {
+                self.refresh_store(sources, key, sources.catalog.versions(key));
+            }
         }
-        self.stores_dirty = false;
-        let host = sources.host;
-        let mut figures = Vec::new();
-        let mut store_views = Vec::new();
-        for (key, versions) in sources.catalog.export() {
-            let Some(current) = versions.back() else {
-                continue;
-            };
-            store_views.push(views::store_view(
+    }
+
+    fn refresh_store(
+        &mut self,
+        sources: &Sources<'_>,
+        key: &FileKey,
+        versions: Option<&VecDeque<Arc<Version>>>,
+    ) {
+        let Some((versions, current)) = versions.and_then(|v| Some((v, v.back()?))) else {
+            self.store_views.remove(key);
+            self.stores.remove(key);
+            return;
+        };
+        let host = Some(key.root) == sources.host;
+        self.store_views.insert(
+            key.clone(),
+            Arc::new(views::store_view(
                 key,
                 versions,
                 sources.index.reader_count(key),
-                Some(key.root) == host,
-            ));
-            let Some(content) = current.content.as_deref() else {
-                continue;
-            };
-            let label = if Some(key.root) == host {
-                key.path.to_string_lossy().into_owned()
-            } else if self.options.container_stores {
-                format!("{}:{}", key.root, key.path.display())
-            } else {
-                continue;
-            };
-            figures.push(StoreFigures {
+                host,
+            )),
+        );
+        let label = if host {
+            key.path.to_string_lossy().into_owned()
+        } else if self.options.container_stores {
+            format!("{}:{}", key.root, key.path.display())
+        } else {
+            self.stores.remove(key);
+            return;
+        };
+        let Some(content) = current.content.as_deref() else {
+            self.stores.remove(key);
+            return;
+        };
+        self.stores.insert(
+            key.clone(),
+            StoreFigures {
                 store: label,
                 certificates: content.certificates().len(),
                 changed_at: current.seen_at,
                 sha256: content.sha256_hex(),
-            });
-        }
-        self.stores = Arc::new(figures);
-        self.store_views = Arc::new(store_views);
+            },
+        );
     }
 }

@@ -34,15 +34,22 @@ impl ReadIndex {
         self.readers.get(file).map_or(0, BTreeSet::len)
     }
 
-    /// Forgets the processes in `gone` as readers of anything.
-    pub fn forget(&mut self, gone: &BTreeSet<ProcKey>) {
-        if gone.is_empty() {
-            return;
+    /// Forgets `key` as a reader of `files` (what it read); returns the files whose
+    /// readers changed.
+    pub fn forget_reader(&mut self, key: &ProcKey, files: &[FileKey]) -> Vec<FileKey> {
+        let mut changed = Vec::new();
+        for file in files {
+            let Some(readers) = self.readers.get_mut(file) else {
+                continue;
+            };
+            if readers.remove(key) {
+                changed.push(file.clone());
+            }
+            if readers.is_empty() {
+                self.readers.remove(file);
+            }
         }
-        for readers in self.readers.values_mut() {
-            readers.retain(|k| !gone.contains(k));
-        }
-        self.readers.retain(|_, r| !r.is_empty());
+        changed
     }
 
     /// Whether the default stores of `root` were looked for already.

@@ -178,13 +178,19 @@ where
                 engine.counters.queued_bytes = intake.queued_bytes();
                 engine.counters.unjournalled_records = intake.unjournalled();
                 if engine.saver.journal_pressing() {
-                    engine.save(true);
+                    engine.saver.press();
+                    engine.save(false);
                 }
             }
             guard = changes.readable_mut() => {
                 let mut guard = guard.context("waiting on inotify")?;
                 engine.take_changes(guard.get_inner_mut(), &mut change_buffer);
                 guard.clear_ready();
+            }
+            // A changed file is looked at when its debounce ends, not at the next tick.
+            () = until(engine.catalog.next_due()) => {
+                engine.refresh_due();
+                due = true;
             }
             _ = debounce.tick() => {
                 engine.refresh_due();
@@ -212,6 +218,17 @@ where
     }
     tracing::info!(events = engine.records(), "daemon stopped");
     Ok(())
+}
+
+/// Sleeps until `at` (at once if it is past); for ever if there is nothing to wait for.
+async fn until(at: Option<SystemTime>) {
+    match at {
+        Some(at) => {
+            let wait = at.duration_since(SystemTime::now()).unwrap_or_default();
+            tokio::time::sleep(wait).await;
+        }
+        None => std::future::pending().await,
+    }
 }
 
 /// The state directory's crash journal.
@@ -389,11 +406,11 @@ impl Engine {
                     listed: false,
                     unverifiable: None,
                 };
+                self.publisher.store_changed(&file);
                 if self.ledger.add_read(&key, read) {
                     self.index.add(file, key);
                 }
             }
-            self.publisher.stores_changed();
             self.publisher.mark(key);
         }
     }

@@ -13,10 +13,10 @@ use crate::{
     stores::catalog::Catalog,
 };
 
-/// A journal fuller than this share of its room is saved at once, storm or not.
+/// A journal fuller than this share of its room is saved without waiting for a storm to
+/// pass (still no sooner than saves are spaced: a huge ledger's save must not become
+/// most of the daemon's work; past that the journal overflows, counted).
 const JOURNAL_PRESSING: u64 = 2;
-/// Saves forced by the journal are at least this far apart.
-const MIN_FORCED_SPACING: Duration = Duration::from_secs(1);
 
 /// A record rate above which saves wait (see [`Saver::save`]).
 const STORM_RECORDS_PER_S: f64 = 1000.0;
@@ -28,7 +28,11 @@ pub struct Saver {
     dirty: bool,
     last_save: Option<SystemTime>,
     /// No unforced save before this.
-    next_save: Instant,
+    /// When the last save ended, what it cost and how many processes it wrote: the next
+    /// unforced save waits 20x that cost, scaled down if the ledger shrank since.
+    last_end: Instant,
+    last_cost: Duration,
+    last_len: usize,
     /// When the record rate was last measured, and the records handled by then.
     record_mark: (Instant, u64),
     /// Since when a save has been waiting for a storm to pass.
@@ -36,8 +40,8 @@ pub struct Saver {
     journal: Option<SharedJournal>,
     /// How far the ledger covers the journal now; a save writes it.
     covered: Mark,
-    /// When the journal last forced a save.
-    forced_at: Option<Instant>,
+    /// The next save is not deferred for a storm (the journal fills).
+    urgent: bool,
 }
 
 impl Saver {
@@ -47,7 +51,9 @@ impl Saver {
             state,
             dirty: false,
             last_save: None,
-            next_save: Instant::now(),
+            last_end: Instant::now(),
+            last_cost: Duration::ZERO,
+            last_len: 0,
             record_mark: (Instant::now(), 0),
             deferred_since: None,
             journal,
@@ -55,7 +61,7 @@ impl Saver {
                 epoch,
                 ..Mark::default()
             },
-            forced_at: None,
+            urgent: false,
         }
     }
 
@@ -99,19 +105,19 @@ impl Saver {
         self.journal.as_ref().map_or(0, |j| lock(j).used())
     }
 
-    /// Whether the journal is full enough that a save must not wait.
+    /// Whether the journal is full enough that the next save must not wait for a storm
+    /// to pass.
     pub fn journal_pressing(&self) -> bool {
         let Some(j) = &self.journal else {
             return false;
         };
-        let pressing = {
-            let j = lock(j);
-            j.used() > j.capacity() / JOURNAL_PRESSING
-        };
-        pressing
-            && self
-                .forced_at
-                .is_none_or(|t| t.elapsed() >= MIN_FORCED_SPACING)
+        let j = lock(j);
+        j.used() > j.capacity() / JOURNAL_PRESSING
+    }
+
+    /// The next save is not deferred for a storm.
+    pub fn press(&mut self) {
+        self.urgent = true;
     }
 
     /// The state directory, if persistence is on.
@@ -140,8 +146,13 @@ impl Saver {
         // A save writes the whole ledger: with tens of thousands of processes (a storm's,
         // kept for the exit grace) it takes long enough that saving every interval would
         // be most of the daemon's work. Spacing saves to 20x their own duration keeps
-        // them under 5% of a core whatever the ledger's size.
-        if !force && Instant::now() < self.next_save {
+        // them under 5% of a core whatever the ledger's size. Once a storm's processes
+        // have left, the next save (which lets the journal shrink) does not wait as if
+        // they had not; never scaled up, though: a small save's cost is mostly fixed (the
+        // sync), not per process.
+        let shrunk = (ledger.len() as f64 / self.last_len.max(1) as f64).min(1.0);
+        let spacing = self.last_cost.mul_f64(20.0 * shrunk);
+        if !force && Instant::now() < self.last_end + spacing {
             return;
         }
         // And while records pour in, a save (tens of milliseconds for a storm's ledger,
@@ -152,23 +163,23 @@ impl Saver {
         let (mark, then) = std::mem::replace(&mut self.record_mark, (now, records));
         let rate =
             records.saturating_sub(then) as f64 / now.duration_since(mark).as_secs_f64().max(1e-3);
-        if !force && rate > STORM_RECORDS_PER_S {
+        let urgent = std::mem::take(&mut self.urgent);
+        if !force && !urgent && rate > STORM_RECORDS_PER_S {
             let since = *self.deferred_since.get_or_insert(now);
             if now.duration_since(since) < MAX_SAVE_DEFERRAL {
                 return;
             }
         }
         self.deferred_since = None;
-        if force {
-            self.forced_at = Some(now);
-        }
         let started = Instant::now();
         let covered = self.journal.as_ref().map(|_| self.covered);
         match state.save(ledger, catalog, covered) {
             Ok(_) => {
                 self.dirty = false;
                 self.last_save = Some(SystemTime::now());
-                self.next_save = Instant::now() + started.elapsed() * 20;
+                self.last_end = Instant::now();
+                self.last_cost = started.elapsed();
+                self.last_len = ledger.len();
                 // What the save holds leaves the journal; what it does not (records
                 // taken from the ring buffer, not yet handled) stays.
                 if let (Some(j), Some(mark)) = (&self.journal, covered) {

@@ -8,7 +8,7 @@ pub mod persist;
 pub mod state_dir;
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     path::PathBuf,
     sync::Arc,
     time::{Duration, SystemTime},
@@ -116,7 +116,11 @@ impl Default for LedgerLimits {
 
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct LedgerCounters {
+    /// Exited processes dropped before their grace to make room: their verdict was
+    /// final; only their listing ends early.
     pub processes_evicted: u64,
+    /// Live processes not recorded: the ledger was full of live ones.
+    pub processes_refused: u64,
     pub reads_evicted: u64,
 }
 
@@ -140,11 +144,27 @@ pub struct CountsMoved {
     pub touched: SystemTime,
 }
 
+/// A process that left the ledger after its exit grace: what the kernel and the read
+/// index still hold of it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Expired {
+    pub key: ProcKey,
+    pub accesses: Vec<AccessKey>,
+    pub files: Vec<FileKey>,
+}
+
 #[derive(Default)]
 pub struct Ledger {
     limits: LedgerLimits,
     processes: BTreeMap<ProcKey, ProcessEntry>,
     by_access: HashMap<AccessKey, ProcKey>,
+    /// Processes not known to have exited: what polls and time-driven re-judging walk,
+    /// not the whole ledger (a storm's exited processes stay listed for the grace).
+    live: BTreeSet<ProcKey>,
+    /// Exited processes, oldest exit first: expiry and eviction take from the front.
+    exits: BTreeSet<(SystemTime, ProcKey)>,
+    /// Processes evicted to make room, not yet handed over by `expire`.
+    evicted: Vec<Expired>,
     pub counters: LedgerCounters,
 }
 
@@ -165,12 +185,17 @@ impl Ledger {
         self.processes.get(key)
     }
 
-    pub fn get_mut(&mut self, key: &ProcKey) -> Option<&mut ProcessEntry> {
-        self.processes.get_mut(key)
-    }
-
     pub fn processes(&self) -> impl Iterator<Item = &ProcessEntry> {
         self.processes.values()
+    }
+
+    /// Processes not known to have exited.
+    pub fn live(&self) -> impl Iterator<Item = &ProcessEntry> {
+        self.live.iter().filter_map(|k| self.processes.get(k))
+    }
+
+    pub fn is_live(&self, key: &ProcKey) -> bool {
+        self.live.contains(key)
     }
 
     pub fn len(&self) -> usize {
@@ -184,12 +209,16 @@ impl Ledger {
     /// Puts back a process saved by an earlier run.
     pub fn restore(&mut self, entry: ProcessEntry) {
         if self.processes.len() >= self.limits.max_processes {
-            self.counters.processes_evicted += 1;
+            self.counters.processes_refused += 1;
             return;
         }
         for access in entry.reads.iter().filter_map(|r| r.access_key) {
             self.by_access.insert(access, entry.key);
         }
+        match entry.exited_at {
+            Some(t) => self.exits.insert((t, entry.key)),
+            None => self.live.insert(entry.key),
+        };
         self.processes.insert(entry.key, entry);
     }
 
@@ -208,7 +237,7 @@ impl Ledger {
     ) -> Option<&mut ProcessEntry> {
         if !self.processes.contains_key(&key) {
             if self.processes.len() >= self.limits.max_processes && !self.evict_one() {
-                self.counters.processes_evicted += 1;
+                self.counters.processes_refused += 1;
                 return None;
             }
             self.processes.insert(
@@ -222,6 +251,7 @@ impl Ledger {
                     reads: Vec::new(),
                 },
             );
+            self.live.insert(key);
         }
         let entry = self.processes.get_mut(&key)?;
         if origin == Origin::Observed && entry.origin != Origin::Observed {
@@ -232,15 +262,12 @@ impl Ledger {
 
     /// Makes room by dropping the process that exited longest ago.
     fn evict_one(&mut self) -> bool {
-        let victim = self
-            .processes
-            .values()
-            .filter_map(|p| p.exited_at.map(|t| (t, p.key)))
-            .min()
-            .map(|(_, k)| k);
+        let victim = self.exits.first().map(|(_, k)| *k);
         match victim {
             Some(k) => {
-                self.remove(&k);
+                // Handed over with the next expiry, like the processes that leave then.
+                let removed = self.remove(&k);
+                self.evicted.extend(removed);
                 self.counters.processes_evicted += 1;
                 true
             }
@@ -351,41 +378,57 @@ impl Ledger {
     }
 
     pub fn exited(&mut self, key: &ProcKey, at: SystemTime) {
-        if let Some(entry) = self.processes.get_mut(key) {
-            entry.exited_at.get_or_insert(at);
+        if let Some(entry) = self.processes.get_mut(key)
+            && entry.exited_at.is_none()
+        {
+            entry.exited_at = Some(at);
+            self.live.remove(key);
+            self.exits.insert((at, *key));
         }
     }
 
-    /// Drops processes that exited more than the grace period ago; returns their kernel
-    /// aggregates so the probe can drop them too.
-    pub fn expire(&mut self, now: SystemTime) -> Vec<(ProcKey, Vec<AccessKey>)> {
+    /// Drops processes that exited more than the grace period ago (the oldest exits
+    /// only: the cost follows what leaves, not what is listed); returns what the kernel
+    /// and the read index hold of them (and of processes evicted since), to be dropped
+    /// too.
+    pub fn expire(&mut self, now: SystemTime) -> Vec<Expired> {
         let grace = self.limits.exit_grace;
-        let gone: Vec<ProcKey> = self
-            .processes
-            .values()
-            .filter(|p| {
-                p.exited_at
-                    .is_some_and(|t| now.duration_since(t).unwrap_or_default() >= grace)
-            })
-            .map(|p| p.key)
-            .collect();
-        gone.into_iter()
-            .map(|k| {
-                let accesses = self.remove(&k);
-                (k, accesses)
-            })
-            .collect()
+        let mut gone = std::mem::take(&mut self.evicted);
+        while let Some(&(at, key)) = self.exits.first() {
+            if now.duration_since(at).unwrap_or_default() < grace {
+                break;
+            }
+            gone.push(self.remove(&key).unwrap_or(Expired {
+                key,
+                accesses: Vec::new(),
+                files: Vec::new(),
+            }));
+            self.exits.remove(&(at, key));
+        }
+        // A map keeps its largest capacity unless told otherwise: a storm's hundreds of
+        // thousands of accesses would hold their room for good.
+        if self.by_access.capacity() > 1024 && self.by_access.len() * 4 < self.by_access.capacity()
+        {
+            self.by_access.shrink_to_fit();
+        }
+        gone
     }
 
-    fn remove(&mut self, key: &ProcKey) -> Vec<AccessKey> {
-        let Some(entry) = self.processes.remove(key) else {
-            return Vec::new();
-        };
+    fn remove(&mut self, key: &ProcKey) -> Option<Expired> {
+        let entry = self.processes.remove(key)?;
+        self.live.remove(key);
+        if let Some(t) = entry.exited_at {
+            self.exits.remove(&(t, *key));
+        }
         let accesses: Vec<AccessKey> = entry.reads.iter().filter_map(|r| r.access_key).collect();
         for a in &accesses {
             self.by_access.remove(a);
         }
-        accesses
+        Some(Expired {
+            key: *key,
+            accesses,
+            files: entry.reads.into_iter().filter_map(|r| r.file).collect(),
+        })
     }
 }
 
@@ -460,8 +503,14 @@ mod tests {
         l.exited(&key(1, 1), t0);
         assert!(l.expire(t0 + Duration::from_secs(5)).is_empty());
         let gone = l.expire(t0 + Duration::from_secs(11));
-        assert_eq!(gone, vec![(key(1, 1), vec![access(1)])]);
+        assert_eq!(gone.len(), 1);
+        assert_eq!(
+            (gone[0].key, gone[0].accesses.clone()),
+            (key(1, 1), vec![access(1)])
+        );
         assert_eq!(l.owner_of(&access(1)), None);
+        assert_eq!(l.live().count(), 0);
+        assert!(l.is_empty());
     }
 
     #[test]
@@ -479,7 +528,8 @@ mod tests {
             l.upsert(key(3, 1), Origin::Observed, ProcessInfo::default())
                 .is_none()
         );
-        assert_eq!(l.counters.processes_evicted, 1);
+        assert_eq!(l.counters.processes_refused, 1);
+        assert_eq!(l.counters.processes_evicted, 0);
         // An exited one makes room.
         l.exited(&key(1, 1), now);
         assert!(
@@ -489,6 +539,38 @@ mod tests {
         assert!(l.add_read(&key(3, 1), read("/a.pem", None)));
         assert!(!l.add_read(&key(3, 1), read("/b.pem", None)));
         assert_eq!(l.counters.reads_evicted, 1);
+    }
+
+    #[test]
+    fn the_oldest_exit_makes_room_first_and_is_handed_over_with_the_next_expiry() {
+        let mut l = Ledger::new(LedgerLimits {
+            max_processes: 3,
+            max_reads_per_process: 4,
+            exit_grace: Duration::from_secs(3600),
+        });
+        let t0 = SystemTime::now();
+        for pid in 1..=3 {
+            l.upsert(key(pid, 1), Origin::Observed, ProcessInfo::default());
+            l.add_read(&key(pid, 1), read("/etc/ssl/cert.pem", Some(access(pid))));
+        }
+        l.exited(&key(2, 1), t0);
+        l.exited(&key(1, 1), t0 + Duration::from_secs(1));
+        // A second exit record changes nothing.
+        l.exited(&key(2, 1), t0 + Duration::from_secs(9));
+        assert_eq!(l.live().map(|p| p.key).collect::<Vec<_>>(), vec![key(3, 1)]);
+        // Full: the process that exited first leaves.
+        assert!(
+            l.upsert(key(4, 1), Origin::Observed, ProcessInfo::default())
+                .is_some()
+        );
+        assert!(l.get(&key(2, 1)).is_none() && l.get(&key(1, 1)).is_some());
+        assert_eq!(l.owner_of(&access(2)), None);
+        // The grace has not passed for anyone, yet the evicted one is handed over.
+        let gone = l.expire(t0 + Duration::from_secs(2));
+        assert_eq!(gone.len(), 1);
+        assert_eq!(gone[0].key, key(2, 1));
+        assert_eq!(gone[0].accesses, vec![access(2)]);
+        assert!(l.is_live(&key(4, 1)) && !l.is_live(&key(1, 1)));
     }
 
     #[test]

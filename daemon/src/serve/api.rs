@@ -33,8 +33,9 @@ use tokio::sync::{Semaphore, watch};
 use crate::{
     config::Listen,
     judge::verdict::Verdict,
+    ledger::ProcKey,
     serve::metrics,
-    serve::snapshot::{Heartbeat, Snapshot},
+    serve::snapshot::{Heartbeat, ProcessViews, Snapshot},
     serve::stream::{self, InFlight},
     serve::views::{CertView, ProcessView},
 };
@@ -180,22 +181,24 @@ async fn processes(State(s): State<AppState>, RawQuery(query): RawQuery) -> Resp
         Ok(f) => f,
         Err(reason) => return error(StatusCode::BAD_REQUEST, reason),
     };
-    let snapshot = s.snapshot.borrow().clone();
-    let list: Vec<Arc<ProcessView>> = snapshot
-        .processes
-        .iter()
-        .filter(|p| filters.matches(p))
-        .cloned()
-        .collect();
-    streamed(Views(list), &s.in_flight)
+    let processes = s.snapshot.borrow().processes.clone();
+    streamed(Views { processes, filters }, &s.in_flight)
 }
 
-/// Process views, shared with the snapshot, as a JSON array.
-struct Views(Vec<Arc<ProcessView>>);
+/// The process views of a snapshot (shared with it), filtered as they are written.
+struct Views {
+    processes: ProcessViews,
+    filters: Filters,
+}
 
 impl Serialize for Views {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_seq(self.0.iter().map(Arc::as_ref))
+        s.collect_seq(
+            self.processes
+                .values()
+                .map(Arc::as_ref)
+                .filter(|p| self.filters.matches(p)),
+        )
     }
 }
 
@@ -223,10 +226,17 @@ async fn process(State(s): State<AppState>, Path(pid): Path<String>) -> Response
     };
     let snapshot = s.snapshot.borrow().clone();
     // The newest process with this pid (a reused pid's predecessor may linger, exited).
+    let images = ProcKey {
+        pid,
+        start_ticks: 0,
+    }..=ProcKey {
+        pid,
+        start_ticks: u64::MAX,
+    };
     match snapshot
         .processes
-        .iter()
-        .filter(|p| p.pid == pid)
+        .range(images)
+        .map(|(_, p)| p)
         .max_by(|a, b| a.start_time.cmp(&b.start_time))
     {
         Some(p) => streamed(View(Arc::clone(p)), &s.in_flight),
@@ -275,7 +285,8 @@ impl Serialize for Stores {
             &Seq(|| {
                 snapshot
                     .store_views
-                    .iter()
+                    .values()
+                    .map(Arc::as_ref)
                     .filter(move |v| root.is_none_or(|r| v.root == r))
             }),
         )?;

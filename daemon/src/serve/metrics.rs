@@ -175,7 +175,7 @@ pub fn render(snapshot: &Snapshot, api_refusals: &[(&str, u64)]) -> String {
     .collect();
     let mut oldest: BTreeMap<Labels, f64> = BTreeMap::new();
     let mut earliest_expiry: BTreeMap<Labels, i64> = BTreeMap::new();
-    for p in &snapshot.processes {
+    for p in snapshot.processes.values() {
         if p.exited_at.is_some() {
             continue;
         }
@@ -256,7 +256,7 @@ pub fn render(snapshot: &Snapshot, api_refusals: &[(&str, u64)]) -> String {
             .set(n);
     }
 
-    stores(&mut registry, &snapshot.stores);
+    stores(&mut registry, snapshot.stores.values());
     health(&mut registry, snapshot);
     own_usage(&mut registry);
     let refused = counter_family(
@@ -275,7 +275,7 @@ pub fn render(snapshot: &Snapshot, api_refusals: &[(&str, u64)]) -> String {
     out
 }
 
-fn stores(registry: &mut Registry, stores: &[StoreFigures]) {
+fn stores<'a>(registry: &mut Registry, stores: impl Iterator<Item = &'a StoreFigures>) {
     let certs = gauge_family(
         registry,
         "trustdrift_store_certificates",
@@ -582,11 +582,24 @@ mod tests {
         })
     }
 
+    /// A snapshot's views from a list, keyed as the publisher keys them.
+    fn views(list: Vec<Arc<ProcessView>>) -> crate::serve::snapshot::ProcessViews {
+        list.into_iter()
+            .map(|p| {
+                let key = crate::ledger::ProcKey {
+                    pid: p.pid,
+                    start_ticks: 0,
+                };
+                (key, p)
+            })
+            .collect()
+    }
+
     #[test]
     fn the_expiry_ahead_gauge_is_the_earliest_held_renewed_certificate_per_group() {
         let day = 86400;
         let snapshot = crate::serve::snapshot::Snapshot {
-            processes: vec![
+            processes: views(vec![
                 // One group, two processes: the earliest of all their certificates.
                 process(
                     1,
@@ -609,7 +622,7 @@ mod tests {
                 ),
                 // Stale, nothing renewed: no series.
                 process(4, "python3", None, vec![file(TrustKind::Ca, &[])]),
-            ],
+            ]),
             ..Default::default()
         };
         let text = render(&snapshot, &[]);
@@ -659,10 +672,10 @@ mod tests {
         let mut gone = (*process(1, "envoy", None, vec![file(TrustKind::Identity, &[T])])).clone();
         gone.exited_at = Some(Stamp(SystemTime::now()));
         let snapshot = crate::serve::snapshot::Snapshot {
-            processes: vec![
+            processes: views(vec![
                 Arc::new(gone),
                 process(2, "nginx", None, vec![file(TrustKind::Identity, &[])]),
-            ],
+            ]),
             ..Default::default()
         };
         let text = render(&snapshot, &[]);

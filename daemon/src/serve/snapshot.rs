@@ -12,10 +12,19 @@ use std::{
 };
 
 use crate::{
+    ledger::ProcKey,
     probe::{MapFill, ProgramStats},
     serve::views::{ProcessView, StoreView},
-    stores::reference::Reference,
+    stores::{identity::FileKey, reference::Reference},
 };
+
+/// The views, by process, shared from one snapshot to the next: a publication changes
+/// what changed and clones the rest in O(1), however many processes are tracked.
+pub type ProcessViews = imbl::OrdMap<ProcKey, Arc<ProcessView>>;
+/// The stores' views, shared the same way.
+pub type StoreViews = imbl::OrdMap<FileKey, Arc<StoreView>>;
+/// The stores' figures for the metrics, shared the same way.
+pub type StoreFigureMap = imbl::OrdMap<FileKey, StoreFigures>;
 
 /// What the metrics may show beyond the bounded default.
 #[derive(Clone, Debug, Default)]
@@ -91,12 +100,12 @@ impl Heartbeat {
 /// What the API serves.
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
-    pub processes: Vec<Arc<ProcessView>>,
+    pub processes: ProcessViews,
     /// The probe is attached and the start-up scan of /proc is done.
     pub ready: bool,
     pub options: MetricsOptions,
-    pub stores: Arc<Vec<StoreFigures>>,
-    pub store_views: Arc<Vec<StoreView>>,
+    pub stores: StoreFigureMap,
+    pub store_views: StoreViews,
     pub host_reference: Option<Arc<Reference>>,
     pub health: Health,
 }

@@ -88,7 +88,10 @@ impl Default for Limits {
             max_versions_per_file: 16,
             max_cached_contents: 8192,
             max_dir_entries: 4096,
-            debounce: Duration::from_millis(40),
+            // A rename sequence (an atomic writer's, a ..data swap) takes microseconds to
+            // a few milliseconds; the look waits no longer than that, since it is most
+            // of the time from a change to its verdict.
+            debounce: Duration::from_millis(25),
         }
     }
 }
@@ -379,6 +382,11 @@ impl Catalog {
         self.files.iter().map(|(k, f)| (k, &f.versions))
     }
 
+    /// The versions of one file, oldest first.
+    pub fn versions(&self, file: &FileKey) -> Option<&VecDeque<Arc<Version>>> {
+        self.files.get(file).map(|f| &f.versions)
+    }
+
     /// Restores a file's history saved by an earlier run; the next check appends to it.
     pub fn import(&mut self, file: FileKey, versions: Vec<Arc<Version>>) {
         if self.files.len() >= self.limits.max_files {
@@ -397,10 +405,13 @@ impl Catalog {
     }
 
     /// Drops files nobody refers to any more, and roots nobody can reach.
-    pub fn forget_files(&mut self, keep: impl Fn(&FileKey) -> bool) {
+    /// Forgets the files `keep` does not keep; how many it forgot.
+    pub fn forget_files(&mut self, keep: impl Fn(&FileKey) -> bool) -> usize {
+        let before = self.files.len();
         self.files.retain(|k, _| keep(k));
         self.schedule.retain(&keep);
         self.roots.retain_reachable();
+        before - self.files.len()
     }
 
     /// A watched directory changed: its files are re-checked after the debounce.
@@ -433,6 +444,11 @@ impl Catalog {
     }
 
     /// Files whose debounce elapsed, no longer scheduled.
+    /// When the next scheduled look is due.
+    pub fn next_due(&self) -> Option<SystemTime> {
+        self.schedule.next_due()
+    }
+
     pub fn take_due(&mut self, now: SystemTime) -> Vec<FileKey> {
         self.schedule.take_due(now)
     }

@@ -34,6 +34,11 @@ impl Schedule {
         due
     }
 
+    /// When the next file is due, if any is scheduled.
+    pub fn next_due(&self) -> Option<SystemTime> {
+        self.due.values().min().copied()
+    }
+
     pub fn retain(&mut self, keep: impl Fn(&FileKey) -> bool) {
         self.due.retain(|k, _| keep(k));
     }
