@@ -166,6 +166,9 @@ pub struct Catalog {
 #[serde(deny_unknown_fields, default)]
 pub struct Ledger {
     pub exit_grace: String,
+    /// Processes listed, live and exited within the grace. A storm of short-lived
+    /// processes fills it (exited ones make room first, counted): about 6.5 KiB each
+    /// with four reads, which the deployed memory limit must hold.
     pub max_processes: usize,
     pub poll_interval: String,
 }
@@ -266,7 +269,7 @@ impl Default for Ledger {
     fn default() -> Self {
         Self {
             exit_grace: "5m".into(),
-            max_processes: 65536,
+            max_processes: 32768,
             poll_interval: "250ms".into(),
         }
     }

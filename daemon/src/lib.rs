@@ -23,8 +23,10 @@
 //! - [`judge`] compares what each process read with what is on disk now;
 //! - [`engine`] is the loop that drives all of the above and publishes a snapshot;
 //! - [`serve`] renders the snapshot: the HTTP API, the metrics and their views;
-//! - [`cli`] talks to a running daemon, or traces accesses live.
+//! - [`cli`] talks to a running daemon, or traces accesses live;
+//! - [`budget`] bounds bytes held across threads (parsed content, reads in flight).
 
+pub mod budget;
 pub mod cli;
 pub mod config;
 pub mod engine;

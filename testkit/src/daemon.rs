@@ -410,3 +410,14 @@ impl Api {
         }
     }
 }
+
+/// The fingerprints (`sha256`) in a list of certificates as the API renders them.
+pub fn shas(list: &Value) -> Vec<String> {
+    list.as_array()
+        .map(|l| {
+            l.iter()
+                .filter_map(|c| c["sha256"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}

@@ -31,7 +31,7 @@ pub use certs::{
     Cert, bundle, make_certificate, minimal_certificates, replace_atomically, sha256_hex,
     sha256_of, try_replace_atomically,
 };
-pub use daemon::{Api, Daemon, DaemonSetup, StartError};
+pub use daemon::{Api, Daemon, DaemonSetup, StartError, shas};
 pub use http::{free_port, http_get, http_response, try_free_port, try_http_get};
 pub use process::{
     Guarded, Reloading, TLS_AGENT, python_reader, python_tls_server, python3, spawn_after_read,

@@ -11,6 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub use trustdrift_e2e::shas;
 use trustdrift_e2e::{Daemon, Guarded, Value, free_port, has_program};
 
 /// Held by scenarios that flood the machine (the storm) or count machine-wide events:
@@ -68,17 +69,6 @@ pub fn file<'a>(p: &'a Value, path: &str) -> &'a Value {
         .as_array()
         .and_then(|f| f.iter().find(|f| f["path"] == path))
         .unwrap_or_else(|| panic!("{path} not among the files of {p}"))
-}
-
-/// Fingerprints in a list of certificates.
-pub fn shas(list: &Value) -> Vec<String> {
-    list.as_array()
-        .map(|l| {
-            l.iter()
-                .filter_map(|c| c["sha256"].as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// Series of `family` in a /metrics text that contain every one of `labels`.

@@ -12,7 +12,7 @@ use std::{
 
 use trustdrift_e2e::{
     Cert, Daemon, Guarded, Reloading, TLS_AGENT, TempDir, Value, bundle, replace_atomically,
-    sha256_of,
+    sha256_of, shas,
 };
 
 /// A long-running TLS agent: [`TLS_AGENT`] in one of its roles.
@@ -62,16 +62,6 @@ fn file<'a>(p: &'a Value, path: &Path) -> &'a Value {
         .as_array()
         .and_then(|f| f.iter().find(|f| f["path"] == path.to_str().unwrap()))
         .unwrap_or_else(|| panic!("{} not among the files of {p}", path.display()))
-}
-
-fn shas(list: &Value) -> Vec<String> {
-    list.as_array()
-        .map(|l| {
-            l.iter()
-                .filter_map(|c| c["sha256"].as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 #[test]

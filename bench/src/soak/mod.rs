@@ -202,13 +202,7 @@ fn short(sha: &str) -> String {
 }
 
 fn shas(list: &Value) -> BTreeSet<String> {
-    list.as_array()
-        .map(|l| {
-            l.iter()
-                .filter_map(|c| c["sha256"].as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default()
+    trustdrift_testkit::shas(list).into_iter().collect()
 }
 
 impl Soak<'_> {

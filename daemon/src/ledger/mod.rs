@@ -107,7 +107,7 @@ pub struct LedgerLimits {
 impl Default for LedgerLimits {
     fn default() -> Self {
         Self {
-            max_processes: 65536,
+            max_processes: 32768,
             max_reads_per_process: 256,
             exit_grace: Duration::from_secs(300),
         }

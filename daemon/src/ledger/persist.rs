@@ -21,11 +21,12 @@ use serde::{Deserialize, Serialize};
 use trustdrift_common::AccessKey;
 
 use crate::{
+    budget::Budget,
     events::journal::Mark,
     ledger::{Ledger, Origin, ProcKey, ProcessEntry, ProcessInfo, TrustRead, state_dir::StateDir},
     process::procfs,
     stores::catalog::{
-        Catalog, Content, FileIdentity, FileKey, RootKey, Shape, Version, contents::Budget,
+        Catalog, Content, FileIdentity, FileKey, RootKey, Shape, Version, contents::weight,
     },
     stores::digest::Digest,
     stores::formats::{CertInfo, ContentKind},
@@ -272,7 +273,7 @@ impl Contents<'_> {
         let content = Arc::new(Content {
             digest,
             size: saved.size,
-            charge: self.budget.charge(&shape),
+            charge: self.budget.charge(weight(&shape)),
             shape,
         });
         self.built.insert(sha.to_owned(), Arc::clone(&content));

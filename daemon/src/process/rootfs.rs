@@ -16,16 +16,15 @@ use std::{
     io,
     os::{fd::OwnedFd, unix::ffi::OsStrExt},
     path::{Component, Path, PathBuf},
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
 };
 
 use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags, openat2, readlinkat, statat};
 use thiserror::Error;
 
-use crate::stores::identity::FileIdentity;
+use crate::{
+    budget::{Budget, Charge},
+    stores::identity::FileIdentity,
+};
 
 /// Symlinks followed before giving up, as the kernel does (`MAXSYMLINKS`).
 const MAX_LINKS: usize = 40;
@@ -262,44 +261,10 @@ fn read_capped(fd: OwnedFd, cap: u64) -> io::Result<(Vec<u8>, bool)> {
     Ok((buf, over))
 }
 
-/// The bytes files are being read into, across every job at once. A job left behind on
-/// a file that trickles its bytes (a hostile FUSE server) holds its buffer until it ends;
-/// thirty of them must not hold thirty times the largest file.
-#[derive(Clone, Debug, Default)]
-pub struct ReadBudget {
-    used: Arc<AtomicU64>,
-    max: Arc<AtomicU64>,
-}
-
-impl ReadBudget {
-    pub fn new(max: u64) -> Self {
-        let budget = Self::default();
-        budget.set_max(max);
-        budget
-    }
-
-    pub fn set_max(&self, max: u64) {
-        self.max.store(max, Ordering::Relaxed);
-    }
-
-    /// Takes `bytes` more for `held`, or fails with `ENOBUFS` when the budget is spent.
-    fn take(&self, held: &mut u64, bytes: u64) -> io::Result<()> {
-        let max = self.max.load(Ordering::Relaxed);
-        self.used
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
-                used.checked_add(bytes).filter(|&n| n <= max)
-            })
-            .map_err(|_| io::Error::from_raw_os_error(libc::ENOBUFS))?;
-        *held += bytes;
-        Ok(())
-    }
-}
-
-/// A file's bytes, read under a [`ReadBudget`]: their share is given back when dropped.
+/// A file's bytes, read under a [`Budget`]: their share is given back when dropped.
 pub struct ReadBytes {
     bytes: Vec<u8>,
-    held: u64,
-    budget: ReadBudget,
+    charge: Charge,
 }
 
 impl std::ops::Deref for ReadBytes {
@@ -310,23 +275,19 @@ impl std::ops::Deref for ReadBytes {
     }
 }
 
-impl Drop for ReadBytes {
-    fn drop(&mut self) {
-        self.budget.used.fetch_sub(self.held, Ordering::Relaxed);
-    }
-}
-
 /// Reads at most `cap` bytes of `fd`, its buffer taken from `budget` as it grows (a read
 /// that would go past the budget fails with `ENOBUFS`, to be tried again later); `true`
-/// in the second field if there was more than `cap`.
-pub fn read_budgeted(fd: OwnedFd, cap: u64, budget: &ReadBudget) -> io::Result<(ReadBytes, bool)> {
+/// in the second field if there was more than `cap`. The budget is the bytes being read
+/// across every job at once: a job left behind on a file that trickles its bytes (a
+/// hostile FUSE server) holds its buffer until it ends, and thirty of them must not hold
+/// thirty times the largest file.
+pub fn read_budgeted(fd: OwnedFd, cap: u64, budget: &Budget) -> io::Result<(ReadBytes, bool)> {
     use std::io::Read;
     const STEP: usize = 64 << 10;
     let limit = cap as usize + 1;
     let mut out = ReadBytes {
         bytes: Vec::new(),
-        held: 0,
-        budget: budget.clone(),
+        charge: Charge::none(),
     };
     let mut file = std::fs::File::from(fd).take(limit as u64);
     let mut chunk = vec![0u8; STEP.min(limit)];
@@ -340,7 +301,9 @@ pub fn read_budgeted(fd: OwnedFd, cap: u64, budget: &ReadBudget) -> io::Result<(
         let buf = &mut out.bytes;
         if buf.capacity() - buf.len() < n {
             let want = (buf.capacity() * 2).max(buf.len() + n).min(limit);
-            budget.take(&mut out.held, (want - buf.capacity()) as u64)?;
+            if !budget.try_grow(&mut out.charge, (want - buf.capacity()) as u64) {
+                return Err(io::Error::from_raw_os_error(libc::ENOBUFS));
+            }
             buf.reserve_exact(want - buf.len());
         }
         buf.extend_from_slice(&chunk[..n]);

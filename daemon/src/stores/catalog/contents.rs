@@ -5,16 +5,16 @@
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
     mem::size_of,
-    sync::{
-        Arc, Weak,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::{Arc, Weak},
 };
 
-use crate::stores::{
-    digest::Digest,
-    formats::{CertInfo, ContentKind},
-    identity::FileIdentity,
+use crate::{
+    budget::Charge,
+    stores::{
+        digest::Digest,
+        formats::{CertInfo, ContentKind},
+        identity::FileIdentity,
+    },
 };
 
 /// What a version holds.
@@ -45,87 +45,6 @@ pub struct Content {
     pub shape: Shape,
     /// Its share of the budget for parsed content, given back when it is dropped.
     pub charge: Charge,
-}
-
-/// The bytes parsed contents hold, against `catalog.max_content_bytes`: every parsed
-/// content is charged its weight while it is alive, wherever it is held (the cache, a
-/// version, a process's read). Past the budget, new content is not parsed.
-#[derive(Clone, Debug, Default)]
-pub struct Budget {
-    used: Arc<AtomicU64>,
-    max: Arc<AtomicU64>,
-}
-
-impl Budget {
-    pub fn new(max: u64) -> Self {
-        let budget = Self::default();
-        budget.set_max(max);
-        budget
-    }
-
-    pub fn set_max(&self, max: u64) {
-        self.max.store(max, Ordering::Relaxed);
-    }
-
-    pub fn used(&self) -> u64 {
-        self.used.load(Ordering::Relaxed)
-    }
-
-    /// Whether `bytes` more fit.
-    pub fn fits(&self, bytes: u64) -> bool {
-        self.used().saturating_add(bytes) <= self.max.load(Ordering::Relaxed)
-    }
-
-    /// Charges what `shape` weighs to this budget, for as long as the charge lives.
-    pub fn charge(&self, shape: &Shape) -> Charge {
-        let bytes = weight(shape);
-        self.used.fetch_add(bytes, Ordering::Relaxed);
-        Charge {
-            bytes,
-            used: Some(Arc::clone(&self.used)),
-        }
-    }
-}
-
-/// A content's share of a [`Budget`].
-#[derive(Debug, Default)]
-pub struct Charge {
-    bytes: u64,
-    used: Option<Arc<AtomicU64>>,
-}
-
-impl Charge {
-    /// Not counted against any budget (tests, and content that holds nothing parsed).
-    pub fn none() -> Self {
-        Self::default()
-    }
-}
-
-impl Clone for Charge {
-    fn clone(&self) -> Self {
-        if let Some(used) = &self.used {
-            used.fetch_add(self.bytes, Ordering::Relaxed);
-        }
-        Self {
-            bytes: self.bytes,
-            used: self.used.clone(),
-        }
-    }
-}
-
-impl Drop for Charge {
-    fn drop(&mut self) {
-        if let Some(used) = &self.used {
-            used.fetch_sub(self.bytes, Ordering::Relaxed);
-        }
-    }
-}
-
-/// Two contents are alike whatever they are charged.
-impl PartialEq for Charge {
-    fn eq(&self, _: &Self) -> bool {
-        true
-    }
 }
 
 /// What a content's parse holds in memory, about: certificates (their strings, the

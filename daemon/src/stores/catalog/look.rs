@@ -15,9 +15,10 @@ use std::{
 };
 
 use crate::{
-    process::rootfs::{self, ReadBudget, Resolved, Root},
+    budget::{Budget, Charge},
+    process::rootfs::{self, Resolved, Root},
     stores::{
-        catalog::contents::{Budget, Charge, Content, ContentCache, Shape},
+        catalog::contents::{Content, ContentCache, Shape, weight},
         digest::NodeKey,
         formats,
         identity::FileIdentity,
@@ -33,7 +34,7 @@ pub struct Shared {
     pub budget: Budget,
     /// Bytes of files being read, across jobs (a job left behind on a file that trickles
     /// its bytes holds its buffer until it ends).
-    pub reading: ReadBudget,
+    pub reading: Budget,
 }
 
 /// Bounds of one look.
@@ -105,7 +106,7 @@ pub fn error_reason(e: &io::Error) -> &'static str {
         Some(libc::ELOOP) => "symlink_loop",
         Some(libc::EXDEV) => "escapes_root",
         Some(libc::EAGAIN) => "would_block",
-        // The bytes being read across jobs are at their bound (see `ReadBudget`).
+        // The bytes being read across jobs are at their bound (see `rootfs::read_budgeted`).
         Some(libc::ENOBUFS) => "io_saturated",
         _ => "io_error",
     }
@@ -275,7 +276,7 @@ fn read_content(
         cache.insert(identity, Arc::clone(&same));
         return Ok(same);
     }
-    let charge = shared.budget.charge(&shape);
+    let charge = shared.budget.charge(weight(&shape));
     let content = Arc::new(Content {
         digest,
         size: bytes.len() as u64,
@@ -291,7 +292,7 @@ fn read_content(
 /// Whether what `shape` weighs fits the budget for parsed content, after dropping cached
 /// contents nothing else holds if it must.
 fn make_room(shared: &Shared, shape: &Shape) -> bool {
-    let weight = super::contents::weight(shape);
+    let weight = weight(shape);
     if shared.budget.fits(weight) {
         return true;
     }
@@ -380,7 +381,7 @@ fn directory(
     let content = Content {
         digest: shared.key.digest(&summary, public),
         size,
-        charge: shared.budget.charge(&shape),
+        charge: shared.budget.charge(weight(&shape)),
         shape,
     };
     Ok((Arc::new(content), newest))

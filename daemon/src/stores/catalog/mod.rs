@@ -28,8 +28,10 @@ use std::{
 
 use serde::Serialize;
 
+use crate::budget::Budget;
+
 use self::{
-    contents::{Budget, ContentCache},
+    contents::ContentCache,
     history::{Recorded, TrustFile},
     look::{LookLimits, Looked, Shared, Tally},
     roots::Roots,
@@ -44,7 +46,7 @@ pub use crate::stores::identity::{FileIdentity, FileKey, RootKey};
 use crate::{
     process::{
         deadline::{self, Deadline, Refused},
-        rootfs::{ReadBudget, Root},
+        rootfs::Root,
     },
     stores::{digest::NodeKey, identity::from_ns},
 };
@@ -155,7 +157,7 @@ impl Catalog {
                 cache: Mutex::new(ContentCache::new(limits.max_cached_contents)),
                 key,
                 budget: Budget::new(limits.max_content_bytes),
-                reading: ReadBudget::new(read_budget(&limits)),
+                reading: Budget::new(read_budget(&limits)),
             }),
             next_version: 1,
             counters: CatalogCounters::default(),
