@@ -33,7 +33,9 @@ impl Engine {
     pub(super) fn on_change(&mut self, change: Change) {
         let now = SystemTime::now();
         match change {
-            Change::Dir { root, dir } => self.catalog.dir_changed(root, &dir, now),
+            Change::Dir { root, dir, settled } => {
+                self.catalog.dir_changed(root, &dir, now, settled)
+            }
             Change::Gone { root, dir } => self.catalog.dir_gone(root, &dir, now),
             Change::Overflow => self.catalog.all_dirty(now),
         }

@@ -26,7 +26,14 @@ use crate::{
 /// What a watch event means for the catalog.
 pub enum Change {
     /// Something in `dir` of `root` changed.
-    Dir { root: RootKey, dir: PathBuf },
+    /// `settled`: the event ends a change (a name renamed into place, a file closed after
+    /// writing), so what the directory's files hold now is final; otherwise a write may
+    /// still be going on.
+    Dir {
+        root: RootKey,
+        dir: PathBuf,
+        settled: bool,
+    },
     /// The watch is gone (directory removed or unmounted).
     Gone { root: RootKey, dir: PathBuf },
     /// The kernel queue overflowed: anything may have changed.
@@ -86,6 +93,9 @@ impl Watcher {
                 .map(|(root, dir)| Change::Gone { root, dir })
                 .collect();
         }
+        let settled = event
+            .mask
+            .intersects(inotify::EventMask::MOVED_TO | inotify::EventMask::CLOSE_WRITE);
         self.by_wd
             .get(&wd)
             .map(|dirs| {
@@ -93,6 +103,7 @@ impl Watcher {
                     .map(|(root, dir)| Change::Dir {
                         root: *root,
                         dir: dir.clone(),
+                        settled,
                     })
                     .collect()
             })

@@ -416,9 +416,15 @@ impl Catalog {
         before - self.files.len()
     }
 
-    /// A watched directory changed: its files are re-checked after the debounce.
-    pub fn dir_changed(&mut self, root: RootKey, dir: &Path, now: SystemTime) {
-        let due = now + self.limits.debounce;
+    /// A watched directory changed: its files are re-checked after the debounce, which
+    /// lets a write in progress finish; at once when the change is `settled` (renamed into
+    /// place, closed after writing: how rotations and package managers replace files).
+    pub fn dir_changed(&mut self, root: RootKey, dir: &Path, now: SystemTime, settled: bool) {
+        let due = if settled {
+            now
+        } else {
+            now + self.limits.debounce
+        };
         for (key, f) in &self.files {
             if key.root == root && f.watched_dirs.contains(dir) {
                 self.schedule.mark(key, due);
@@ -429,7 +435,7 @@ impl Catalog {
     /// A watched directory went away (removed, unmounted): its files are re-checked and
     /// watched again from wherever their paths lead now.
     pub fn dir_gone(&mut self, root: RootKey, dir: &Path, now: SystemTime) {
-        self.dir_changed(root, dir, now);
+        self.dir_changed(root, dir, now, false);
         for (key, f) in self.files.iter_mut() {
             if key.root == root {
                 f.watched_dirs.remove(dir);
@@ -445,12 +451,12 @@ impl Catalog {
         }
     }
 
-    /// Files whose debounce elapsed, no longer scheduled.
     /// When the next scheduled look is due.
     pub fn next_due(&self) -> Option<SystemTime> {
         self.schedule.next_due()
     }
 
+    /// Files whose debounce elapsed, no longer scheduled.
     pub fn take_due(&mut self, now: SystemTime) -> Vec<FileKey> {
         self.schedule.take_due(now)
     }

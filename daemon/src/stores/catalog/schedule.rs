@@ -11,9 +11,12 @@ pub struct Schedule {
 }
 
 impl Schedule {
-    /// `file` is to be looked at again from `at` on (an earlier date stands).
+    /// `file` is to be looked at again from `at` on (whichever date is earlier stands).
     pub fn mark(&mut self, file: &FileKey, at: SystemTime) {
-        self.due.entry(file.clone()).or_insert(at);
+        self.due
+            .entry(file.clone())
+            .and_modify(|t| *t = (*t).min(at))
+            .or_insert(at);
     }
 
     pub fn contains(&self, file: &FileKey) -> bool {
