@@ -5,8 +5,8 @@
 use core::mem::{offset_of, size_of};
 
 use crate::{
-    ACCESS_RECORD_CAP, COMM_LEN, KPATH_CAP, LOSS_REASONS, MAX_SUFFIXES, PATH_CAP, PREFILTER_SLOTS,
-    PREFIX_CAP, PROC_FD_SLOTS, QUICK_WORDS, SUFFIX_CAP,
+    ACCESS_RECORD_CAP, COMM_LEN, FD_FILTER_SLOTS, KPATH_CAP, LOSS_REASONS, MAX_SUFFIXES, PATH_CAP,
+    PREFILTER_SLOTS, PREFIX_CAP, PROC_FD_SLOTS, QUICK_WORDS, SUFFIX_CAP,
     filter::{FilterTable, PrefixKey, SuffixRule},
     kernel::KernelOffsets,
     records::{AccessEvent, EventHeader, ProcEvent},
@@ -26,6 +26,8 @@ pub const LAYOUT: &[(&str, usize)] = &[
     ("COMM_LEN", COMM_LEN),
     ("PROC_FD_SLOTS", PROC_FD_SLOTS),
     ("PREFILTER_SLOTS", PREFILTER_SLOTS),
+    ("FD_FILTER_SLOTS", FD_FILTER_SLOTS),
+    ("counter::SLOTS", crate::maps::counter::SLOTS as usize),
     ("QUICK_WORDS", QUICK_WORDS),
     ("LOSS_REASONS", LOSS_REASONS),
     ("ACCESS_RECORD_CAP", ACCESS_RECORD_CAP),

@@ -50,6 +50,10 @@ pub const PROC_FD_SLOTS: usize = 16;
 /// Slots of the per-tgid pre-filter (a power of two): how many tracked fds live in
 /// processes whose tgid falls into the slot. Zero lets a read skip the fd table.
 pub const PREFILTER_SLOTS: usize = 1 << 16;
+/// Slots of the per-fd-number pre-filter (a power of two): how many tracked fds, in any
+/// process, have a number that falls into the slot. Zero lets a read, close or dup skip
+/// everything else, without even asking which process it is.
+pub const FD_FILTER_SLOTS: usize = 1 << 10;
 /// Bytes of the node's key for keyed digests (the `NODE_KEY` map's value).
 pub const NODE_KEY_BYTES: usize = 32;
 

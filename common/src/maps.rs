@@ -18,11 +18,12 @@ pub mod name {
     pub const OWNERS: &str = "OWNERS";
     pub const WALK: &str = "WALK";
     pub const NODE_KEY: &str = "NODE_KEY";
+    pub const FD_FILTER: &str = "FD_FILTER";
 
     /// Every map: all of them are pinned together.
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 15] = [
         EVENTS, LOSSES, PREFIXES, FILTER, ACCESSES, FDS, PROCS, PREFILTER, COUNTERS, SCRATCH,
-        ANNOUNCE, OWNERS, WALK, NODE_KEY,
+        ANNOUNCE, OWNERS, WALK, NODE_KEY, FD_FILTER,
     ];
 }
 
@@ -40,4 +41,12 @@ pub mod capacity {
     pub const OWNERS: u32 = 16384;
     /// Trust prefixes the kernel filter holds.
     pub const PREFIXES: u32 = 256;
+}
+
+/// Slots of the `COUNTERS` array, which the probe adds to atomically.
+pub mod counter {
+    /// Live entries in `FDS`, to tell when the LRU starts evicting live fds.
+    pub const FDS_LIVE: u32 = 0;
+    /// Slots of the array.
+    pub const SLOTS: u32 = 1;
 }

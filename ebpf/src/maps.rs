@@ -8,10 +8,11 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
+pub use trustdrift_common::maps::counter;
 use trustdrift_common::{
-    AccessEvent, AccessKey, AccessStats, FdKey, FilterTable, KPATH_CAP, KernelOffsets,
-    LOSS_REASONS, NODE_KEY_BYTES, OwnerKey, OwnerQuotas, OwnerUsage, PATH_CAP, PREFILTER_SLOTS,
-    PREFIX_CAP, ProcState, maps::capacity,
+    AccessEvent, AccessKey, AccessStats, FD_FILTER_SLOTS, FdKey, FilterTable, KPATH_CAP,
+    KernelOffsets, LOSS_REASONS, NODE_KEY_BYTES, OwnerKey, OwnerQuotas, OwnerUsage, PATH_CAP,
+    PREFILTER_SLOTS, PREFIX_CAP, ProcState, maps::capacity,
 };
 
 /// tgid of the daemon: its own reads of trust files are not observations.
@@ -77,14 +78,16 @@ pub static PROCS: HashMap<u32, ProcState> = HashMap::with_max_entries(capacity::
 #[map]
 pub static PREFILTER: Array<u64> = Array::with_max_entries(PREFILTER_SLOTS as u32, 0);
 
-/// Global counters. Key: `counter::*`. Value: count. Bound: 1.
+/// Per-fd-number pre-filter, checked before anything else on a read, close or dup. Key:
+/// `fd & (FD_FILTER_SLOTS - 1)`. Value: tracked fds (of any process) in that slot. Zero
+/// skips even the helper call that names the process. Bound: `FD_FILTER_SLOTS`.
 #[map]
-pub static COUNTERS: Array<u64> = Array::with_max_entries(1, 0);
+pub static FD_FILTER: Array<u64> = Array::with_max_entries(FD_FILTER_SLOTS as u32, 0);
 
-pub mod counter {
-    /// Live entries in `FDS`, to tell when the LRU starts evicting live fds.
-    pub const FDS_LIVE: u32 = 0;
-}
+/// Global counters: live entries of the tables, so that their fill is known without
+/// walking them. Key: `counter::*`. Value: count. Bound: `counter::SLOTS`.
+#[map]
+pub static COUNTERS: Array<u64> = Array::with_max_entries(counter::SLOTS, 0);
 
 /// What each owner (a uid, a cgroup, a uid in a cgroup) holds of `PROCS` and `ACCESSES`.
 /// Key: `OwnerKey`. Value: `OwnerUsage`. Bound: 16384, LRU (an evicted owner starts from
