@@ -9,7 +9,7 @@ use crate::{
     PREFILTER_SLOTS, PREFIX_CAP, PROC_FD_SLOTS, QUICK_WORDS, SUFFIX_CAP,
     filter::{FilterTable, PrefixKey, SuffixRule},
     kernel::KernelOffsets,
-    records::{AccessEvent, EventHeader, ProcEvent},
+    records::{AccessEvent, EventHeader, ProcEvent, RereadEvent},
     tables::{
         AccessKey, AccessStats, FdKey, MatchedOpen, OwnerKey, OwnerQuotas, OwnerUsage, ProcState,
         owner_kind,
@@ -68,6 +68,11 @@ pub const LAYOUT: &[(&str, usize)] = &[
         offset_of!(AccessEvent, kpath_flags),
     ),
     ("ProcEvent", size_of::<ProcEvent>()),
+    ("RereadEvent", size_of::<RereadEvent>()),
+    ("RereadEvent.key", offset_of!(RereadEvent, key)),
+    ("RereadEvent.cause", offset_of!(RereadEvent, cause)),
+    // REREAD_WATCH: AccessKey -> u8.
+    ("REREAD_WATCH value", size_of::<u8>()),
     ("AccessKey", size_of::<AccessKey>()),
     ("AccessKey.tgid", offset_of!(AccessKey, tgid)),
     ("AccessKey.exec_seq", offset_of!(AccessKey, exec_seq)),

@@ -24,7 +24,8 @@ pub use filter::{
 pub use kernel::KernelOffsets;
 pub use loss::{LOSS_REASONS, Loss};
 pub use records::{
-    ACCESS_RECORD_CAP, AccessEvent, EventHeader, EventKind, ProcEvent, kpath_flags, match_flags,
+    ACCESS_RECORD_CAP, AccessEvent, EventHeader, EventKind, ProcEvent, RereadCause, RereadEvent,
+    kpath_flags, match_flags,
 };
 pub use tables::{
     AccessKey, AccessStats, FdKey, MatchedOpen, OwnerKey, OwnerQuotas, OwnerUsage, ProcState,
@@ -81,6 +82,7 @@ mod pod {
     unsafe impl aya::Pod for EventHeader {}
     unsafe impl aya::Pod for AccessEvent {}
     unsafe impl aya::Pod for ProcEvent {}
+    unsafe impl aya::Pod for RereadEvent {}
 }
 
 #[cfg(test)]
@@ -129,5 +131,8 @@ mod tests {
         assert_eq!(Loss::try_from(99), Err(UnknownDiscriminant(99)));
         assert_eq!(EventKind::try_from(2), Ok(EventKind::Exec));
         assert!(EventKind::try_from(0).is_err());
+        assert_eq!(EventKind::try_from(4), Ok(EventKind::Reread));
+        assert_eq!(RereadCause::try_from(2), Ok(RereadCause::Read));
+        assert!(RereadCause::try_from(0).is_err());
     }
 }

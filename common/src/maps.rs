@@ -19,11 +19,26 @@ pub mod name {
     pub const WALK: &str = "WALK";
     pub const NODE_KEY: &str = "NODE_KEY";
     pub const FD_FILTER: &str = "FD_FILTER";
+    pub const REREAD_WATCH: &str = "REREAD_WATCH";
 
     /// Every map: all of them are pinned together.
-    pub const ALL: [&str; 15] = [
-        EVENTS, LOSSES, PREFIXES, FILTER, ACCESSES, FDS, PROCS, PREFILTER, COUNTERS, SCRATCH,
-        ANNOUNCE, OWNERS, WALK, NODE_KEY, FD_FILTER,
+    pub const ALL: [&str; 16] = [
+        EVENTS,
+        LOSSES,
+        PREFIXES,
+        FILTER,
+        ACCESSES,
+        FDS,
+        PROCS,
+        PREFILTER,
+        COUNTERS,
+        SCRATCH,
+        ANNOUNCE,
+        OWNERS,
+        WALK,
+        NODE_KEY,
+        FD_FILTER,
+        REREAD_WATCH,
     ];
 }
 
@@ -41,6 +56,8 @@ pub mod capacity {
     pub const OWNERS: u32 = 16384;
     /// Trust prefixes the kernel filter holds.
     pub const PREFIXES: u32 = 256;
+    /// Accesses the daemon may watch for a re-read at once (`REREAD_WATCH`).
+    pub const REREAD_WATCH: u32 = 4096;
 }
 
 /// Slots of the `COUNTERS` array, which the probe adds to atomically.

@@ -7,15 +7,15 @@ use core::mem::size_of;
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_probe_read_kernel_buf};
 use trustdrift_common::{
     ACCESS_RECORD_CAP, AccessEvent, AccessKey, AccessStats, EventKind, KPATH_CAP, Loss,
-    MatchedOpen, PATH_CAP, ProcState, kpath_flags,
+    MatchedOpen, PATH_CAP, ProcState, RereadCause, kpath_flags,
 };
 
 use crate::{
     atomic,
-    emit::{header, lost},
+    emit::{self, header, lost},
     kernel::opened_inode,
     kpath,
-    maps::{ACCESSES, ANNOUNCE, Announcement, EVENTS, QUOTAS, SCRATCH},
+    maps::{ACCESSES, ANNOUNCE, Announcement, EVENTS, QUOTAS, REREAD_WATCH, SCRATCH},
     owners::{self, Table},
 };
 
@@ -40,6 +40,7 @@ pub fn opened(
         // SAFETY: a valid map value.
         let stats = unsafe { &mut *stats };
         reopened(stats, ino, dev, now);
+        watched(key, RereadCause::Open, now);
         return true;
     }
     // A new (process, path) pair: within the process's quota of paths and its owner's
@@ -123,6 +124,24 @@ pub fn add_read(key: &AccessKey, bytes: u64, now: u64) {
     stats.last_read_ns = now;
     atomic::add(&mut stats.bytes, bytes);
     atomic::add(&mut stats.reads, 1);
+    watched(key, RereadCause::Read, now);
+}
+
+/// An existing access moved: if the daemon watches it, tell it once. Only re-opens and
+/// reads on tracked fds get here, never the untracked common case.
+#[inline(always)]
+fn watched(key: &AccessKey, cause: RereadCause, now: u64) {
+    if REREAD_WATCH.get_ptr(key).is_none() {
+        return;
+    }
+    // Of racing threads, only the one whose delete succeeds sends the record.
+    if REREAD_WATCH.remove(key).is_err() {
+        return;
+    }
+    if !emit::reread(key, cause, now) {
+        // The ring buffer was full (counted): keep watching, the next access tries again.
+        let _ = REREAD_WATCH.insert(key, 1, 0);
+    }
 }
 
 /// Sends the first-access record: the fixed part, the path re-read from the opener's

@@ -60,6 +60,14 @@ pub static FILTER: Array<FilterTable> = Array::with_max_entries(1, 0);
 pub static ACCESSES: HashMap<AccessKey, AccessStats> =
     HashMap::with_max_entries(capacity::ACCESSES, 0);
 
+/// Accesses the daemon wants to hear about at their next re-open or read (it judged the
+/// process stale and waits for it to re-read). Key: the `ACCESSES` key. Value: 1. Bound:
+/// 4096, written by the daemon; the probe looks here only when it updates an existing
+/// access, and removes the entry when it sends its `RereadEvent` (one shot).
+#[map]
+pub static REREAD_WATCH: HashMap<AccessKey, u8> =
+    HashMap::with_max_entries(capacity::REREAD_WATCH, 0);
+
 /// Open trust fds. Key: (tgid, fd), so a read by any thread is attributed. Value: the
 /// `ACCESSES` key of the path. Bound: 16384, LRU; evicting a live entry counts
 /// `Loss::FdTableEvicted`.

@@ -153,6 +153,7 @@ pub struct Probe {
     losses: PerCpuArray<MapData, u64>,
     procs: HashMap<MapData, u32, ProcState>,
     counters: Array<MapData, u64>,
+    rereads: HashMap<MapData, AccessKey, u8>,
     filter: Filter,
     capacities: Capacities,
     /// This node's key for keyed digests (see `stores::digest`).
@@ -462,6 +463,13 @@ impl Probe {
         let losses = take(&mut ebpf, name::LOSSES)?;
         let procs = take(&mut ebpf, name::PROCS)?;
         let counters = take(&mut ebpf, name::COUNTERS)?;
+        let mut rereads: HashMap<MapData, AccessKey, u8> = take(&mut ebpf, name::REREAD_WATCH)?;
+        // Watches are this daemon's own questions: a previous run's (kept by a pinned
+        // probe) are for judgements it no longer holds.
+        let stale: Vec<AccessKey> = rereads.keys().filter_map(Result::ok).collect();
+        for key in stale {
+            let _ = rereads.remove(&key);
+        }
         let node_key = node_key(&mut ebpf)?;
         Ok(Self {
             ebpf,
@@ -470,6 +478,7 @@ impl Probe {
             losses,
             procs,
             counters,
+            rereads,
             filter,
             capacities: caps,
             node_key,
@@ -590,6 +599,22 @@ impl Probe {
     /// Drops the aggregate of an access the daemon no longer needs.
     pub fn forget_access(&mut self, key: &AccessKey) {
         let _ = self.accesses.remove(key);
+    }
+
+    /// Asks the probe for one re-read record (`Event::Reread`) at the next re-open of the
+    /// path of `key` by its process image, or read on an fd it holds on it; the watch is
+    /// gone once it fired. Fails when `REREAD_WATCH` is full: the caller then relies on
+    /// polling the aggregate. Unwatch an access when forgetting it, or its entry stays
+    /// until the next daemon start.
+    pub fn watch_reread(&mut self, key: &AccessKey) -> Result<()> {
+        self.rereads
+            .insert(key, 1, 0)
+            .context("adding a re-read watch (REREAD_WATCH full?)")
+    }
+
+    /// Withdraws a re-read watch that has not fired (no-op otherwise).
+    pub fn unwatch_reread(&mut self, key: &AccessKey) {
+        let _ = self.rereads.remove(key);
     }
 
     /// Losses counted by the probe since it was loaded, summed over CPUs.
