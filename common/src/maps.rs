@@ -60,10 +60,19 @@ pub mod capacity {
     pub const REREAD_WATCH: u32 = 4096;
 }
 
-/// Slots of the `COUNTERS` array, which the probe adds to atomically.
+/// Slots of the `COUNTERS` array. The probe adds to its own slots atomically; the daemon
+/// writes only [`counter::ACCESSES_DELETED`]. Both survive a daemon restart with the maps
+/// pinned, so a fill computed from them stays right across restarts.
 pub mod counter {
     /// Live entries in `FDS`, to tell when the LRU starts evicting live fds.
     pub const FDS_LIVE: u32 = 0;
+    /// Live entries in `PROCS` (the probe inserts and removes them all).
+    pub const PROCS_LIVE: u32 = 1;
+    /// Entries the probe inserted into `ACCESSES` and announced (one it had to drop again,
+    /// its record lost, is not counted).
+    pub const ACCESSES_INSERTED: u32 = 2;
+    /// Entries of `ACCESSES` the daemon deleted (written by the daemon only).
+    pub const ACCESSES_DELETED: u32 = 3;
     /// Slots of the array.
-    pub const SLOTS: u32 = 1;
+    pub const SLOTS: u32 = 4;
 }

@@ -15,7 +15,9 @@ use crate::{
     emit::{self, header, lost},
     kernel::opened_inode,
     kpath,
-    maps::{ACCESSES, ANNOUNCE, Announcement, EVENTS, QUOTAS, REREAD_WATCH, SCRATCH},
+    maps::{
+        ACCESSES, ANNOUNCE, Announcement, COUNTERS, EVENTS, QUOTAS, REREAD_WATCH, SCRATCH, counter,
+    },
     owners::{self, Table},
 };
 
@@ -66,6 +68,7 @@ pub fn opened(
     let recorded = match ACCESSES.insert(key, fresh, BPF_NOEXIST as u64) {
         Ok(()) => {
             if announce(pid_tgid, key, open, fd, (ino, dev), state, now) {
+                count_inserted(1);
                 true
             } else {
                 // The daemon would never learn of this entry: drop it so the next open
@@ -98,6 +101,15 @@ pub fn opened(
         }
     }
     recorded
+}
+
+/// Counts entries the probe added to `ACCESSES` (the daemon counts those it deletes), so
+/// the table's fill is known without walking it.
+#[inline(always)]
+fn count_inserted(n: u64) {
+    if let Some(inserted) = COUNTERS.get_ptr_mut(counter::ACCESSES_INSERTED) {
+        atomic::add(inserted, n);
+    }
 }
 
 /// A further open of an aggregated path. Threads racing here may leave the inode of one
