@@ -5,11 +5,11 @@
 use core::mem::{offset_of, size_of};
 
 use crate::{
-    ACCESS_RECORD_CAP, COMM_LEN, KPATH_CAP, LOSS_REASONS, MAX_SUFFIXES, PATH_CAP, PREFILTER_SLOTS,
-    PREFIX_CAP, PROC_FD_SLOTS, QUICK_WORDS, SUFFIX_CAP,
+    ACCESS_RECORD_CAP, COMM_LEN, FD_FILTER_SLOTS, KPATH_CAP, LOSS_REASONS, MAX_SUFFIXES, PATH_CAP,
+    PREFILTER_SLOTS, PREFIX_CAP, PROC_FD_SLOTS, QUICK_WORDS, SUFFIX_CAP,
     filter::{FilterTable, PrefixKey, SuffixRule},
     kernel::KernelOffsets,
-    records::{AccessEvent, EventHeader, ProcEvent},
+    records::{AccessEvent, EventHeader, ProcEvent, RereadEvent},
     tables::{
         AccessKey, AccessStats, FdKey, MatchedOpen, OwnerKey, OwnerQuotas, OwnerUsage, ProcState,
         owner_kind,
@@ -26,6 +26,8 @@ pub const LAYOUT: &[(&str, usize)] = &[
     ("COMM_LEN", COMM_LEN),
     ("PROC_FD_SLOTS", PROC_FD_SLOTS),
     ("PREFILTER_SLOTS", PREFILTER_SLOTS),
+    ("FD_FILTER_SLOTS", FD_FILTER_SLOTS),
+    ("counter::SLOTS", crate::maps::counter::SLOTS as usize),
     ("QUICK_WORDS", QUICK_WORDS),
     ("LOSS_REASONS", LOSS_REASONS),
     ("ACCESS_RECORD_CAP", ACCESS_RECORD_CAP),
@@ -66,6 +68,11 @@ pub const LAYOUT: &[(&str, usize)] = &[
         offset_of!(AccessEvent, kpath_flags),
     ),
     ("ProcEvent", size_of::<ProcEvent>()),
+    ("RereadEvent", size_of::<RereadEvent>()),
+    ("RereadEvent.key", offset_of!(RereadEvent, key)),
+    ("RereadEvent.cause", offset_of!(RereadEvent, cause)),
+    // REREAD_WATCH: AccessKey -> u8.
+    ("REREAD_WATCH value", size_of::<u8>()),
     ("AccessKey", size_of::<AccessKey>()),
     ("AccessKey.tgid", offset_of!(AccessKey, tgid)),
     ("AccessKey.exec_seq", offset_of!(AccessKey, exec_seq)),

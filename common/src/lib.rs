@@ -24,7 +24,8 @@ pub use filter::{
 pub use kernel::KernelOffsets;
 pub use loss::{LOSS_REASONS, Loss};
 pub use records::{
-    ACCESS_RECORD_CAP, AccessEvent, EventHeader, EventKind, ProcEvent, kpath_flags, match_flags,
+    ACCESS_RECORD_CAP, AccessEvent, EventHeader, EventKind, ProcEvent, RereadCause, RereadEvent,
+    kpath_flags, match_flags,
 };
 pub use tables::{
     AccessKey, AccessStats, FdKey, MatchedOpen, OwnerKey, OwnerQuotas, OwnerUsage, ProcState,
@@ -50,6 +51,10 @@ pub const PROC_FD_SLOTS: usize = 16;
 /// Slots of the per-tgid pre-filter (a power of two): how many tracked fds live in
 /// processes whose tgid falls into the slot. Zero lets a read skip the fd table.
 pub const PREFILTER_SLOTS: usize = 1 << 16;
+/// Slots of the per-fd-number pre-filter (a power of two): how many tracked fds, in any
+/// process, have a number that falls into the slot. Zero lets a read, close or dup skip
+/// everything else, without even asking which process it is.
+pub const FD_FILTER_SLOTS: usize = 1 << 10;
 /// Bytes of the node's key for keyed digests (the `NODE_KEY` map's value).
 pub const NODE_KEY_BYTES: usize = 32;
 
@@ -77,6 +82,7 @@ mod pod {
     unsafe impl aya::Pod for EventHeader {}
     unsafe impl aya::Pod for AccessEvent {}
     unsafe impl aya::Pod for ProcEvent {}
+    unsafe impl aya::Pod for RereadEvent {}
 }
 
 #[cfg(test)]
@@ -125,5 +131,8 @@ mod tests {
         assert_eq!(Loss::try_from(99), Err(UnknownDiscriminant(99)));
         assert_eq!(EventKind::try_from(2), Ok(EventKind::Exec));
         assert!(EventKind::try_from(0).is_err());
+        assert_eq!(EventKind::try_from(4), Ok(EventKind::Reread));
+        assert_eq!(RereadCause::try_from(2), Ok(RereadCause::Read));
+        assert!(RereadCause::try_from(0).is_err());
     }
 }

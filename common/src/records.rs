@@ -16,6 +16,8 @@ pub enum EventKind {
     Exec = 2,
     /// A process that had touched trust files exited.
     Exit = 3,
+    /// A process re-opened or read a path the daemon watches (`REREAD_WATCH`).
+    Reread = 4,
 }
 
 impl TryFrom<u32> for EventKind {
@@ -25,6 +27,7 @@ impl TryFrom<u32> for EventKind {
             1 => Ok(Self::Access),
             2 => Ok(Self::Exec),
             3 => Ok(Self::Exit),
+            4 => Ok(Self::Reread),
             other => Err(UnknownDiscriminant(other)),
         }
     }
@@ -125,9 +128,45 @@ pub struct ProcEvent {
     pub header: EventHeader,
 }
 
+/// What brought a watched access back (see [`RereadEvent`]).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RereadCause {
+    /// A new open of the path by the same process image.
+    Open = 1,
+    /// A read on an fd the process holds on the path.
+    Read = 2,
+}
+
+impl TryFrom<u32> for RereadCause {
+    type Error = UnknownDiscriminant;
+    fn try_from(value: u32) -> Result<Self, Self::Error> {
+        match value {
+            1 => Ok(Self::Open),
+            2 => Ok(Self::Read),
+            other => Err(UnknownDiscriminant(other)),
+        }
+    }
+}
+
+/// A watched access moved: the daemon asked (`REREAD_WATCH`) to hear of the next open of,
+/// or read on, this (process image, path), and the probe sends it once, removing the
+/// watch. The header names the process as the access key does; its `mnt_ns` is 0 (the
+/// daemon knows the process from the access it watches).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct RereadEvent {
+    pub header: EventHeader,
+    pub key: AccessKey,
+    /// [`RereadCause`] as `u32`.
+    pub cause: u32,
+    pub _pad: u32,
+}
+
 // The wire sizes. A change here is a change of the record format: both sides are built
 // from this crate, but a pinned probe of an older build may still be writing records, and
 // the pinned-layout hash (see `layout`) keeps the two apart.
 const _: () = assert!(size_of::<EventHeader>() == 64);
 const _: () = assert!(size_of::<AccessEvent>() == 136);
 const _: () = assert!(size_of::<ProcEvent>() == 64);
+const _: () = assert!(size_of::<RereadEvent>() == 96);

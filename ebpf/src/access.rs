@@ -7,15 +7,17 @@ use core::mem::size_of;
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_probe_read_kernel_buf};
 use trustdrift_common::{
     ACCESS_RECORD_CAP, AccessEvent, AccessKey, AccessStats, EventKind, KPATH_CAP, Loss,
-    MatchedOpen, PATH_CAP, ProcState, kpath_flags,
+    MatchedOpen, PATH_CAP, ProcState, RereadCause, kpath_flags,
 };
 
 use crate::{
     atomic,
-    emit::{header, lost},
+    emit::{self, header, lost},
     kernel::opened_inode,
     kpath,
-    maps::{ACCESSES, ANNOUNCE, Announcement, EVENTS, QUOTAS, SCRATCH},
+    maps::{
+        ACCESSES, ANNOUNCE, Announcement, COUNTERS, EVENTS, QUOTAS, REREAD_WATCH, SCRATCH, counter,
+    },
     owners::{self, Table},
 };
 
@@ -40,6 +42,7 @@ pub fn opened(
         // SAFETY: a valid map value.
         let stats = unsafe { &mut *stats };
         reopened(stats, ino, dev, now);
+        watched(key, RereadCause::Open, now);
         return true;
     }
     // A new (process, path) pair: within the process's quota of paths and its owner's
@@ -65,6 +68,7 @@ pub fn opened(
     let recorded = match ACCESSES.insert(key, fresh, BPF_NOEXIST as u64) {
         Ok(()) => {
             if announce(pid_tgid, key, open, fd, (ino, dev), state, now) {
+                count_inserted(1);
                 true
             } else {
                 // The daemon would never learn of this entry: drop it so the next open
@@ -99,6 +103,15 @@ pub fn opened(
     recorded
 }
 
+/// Counts entries the probe added to `ACCESSES` (the daemon counts those it deletes), so
+/// the table's fill is known without walking it.
+#[inline(always)]
+fn count_inserted(n: u64) {
+    if let Some(inserted) = COUNTERS.get_ptr_mut(counter::ACCESSES_INSERTED) {
+        atomic::add(inserted, n);
+    }
+}
+
 /// A further open of an aggregated path. Threads racing here may leave the inode of one
 /// open with the time of another; both are opens of that path within nanoseconds.
 #[inline(always)]
@@ -123,6 +136,24 @@ pub fn add_read(key: &AccessKey, bytes: u64, now: u64) {
     stats.last_read_ns = now;
     atomic::add(&mut stats.bytes, bytes);
     atomic::add(&mut stats.reads, 1);
+    watched(key, RereadCause::Read, now);
+}
+
+/// An existing access moved: if the daemon watches it, tell it once. Only re-opens and
+/// reads on tracked fds get here, never the untracked common case.
+#[inline(always)]
+fn watched(key: &AccessKey, cause: RereadCause, now: u64) {
+    if REREAD_WATCH.get_ptr(key).is_none() {
+        return;
+    }
+    // Of racing threads, only the one whose delete succeeds sends the record.
+    if REREAD_WATCH.remove(key).is_err() {
+        return;
+    }
+    if !emit::reread(key, cause, now) {
+        // The ring buffer was full (counted): keep watching, the next access tries again.
+        let _ = REREAD_WATCH.insert(key, 1, 0);
+    }
 }
 
 /// Sends the first-access record: the fixed part, the path re-read from the opener's

@@ -1,10 +1,14 @@
 //! What leaves the kernel: ring-buffer records and loss counters.
 
+use aya_ebpf::helpers::bpf_get_current_pid_tgid;
 use aya_ebpf::helpers::{
     bpf_get_current_comm, bpf_get_current_uid_gid,
     generated::{bpf_get_current_cgroup_id, bpf_ktime_get_boot_ns},
 };
-use trustdrift_common::{COMM_LEN, EventHeader, EventKind, Loss, ProcEvent, ProcState};
+use trustdrift_common::{
+    AccessKey, COMM_LEN, EventHeader, EventKind, Loss, ProcEvent, ProcState, RereadCause,
+    RereadEvent,
+};
 
 use crate::maps::{EVENTS, LOSSES};
 
@@ -53,4 +57,36 @@ pub fn proc_event(kind: EventKind, pid_tgid: u64, proc: &ProcState) {
         }
         None => lost(Loss::RingbufFull),
     }
+}
+
+/// Sends a re-read record for `key`; false when the ring buffer had no room (counted).
+#[inline(always)]
+pub fn reread(key: &AccessKey, cause: RereadCause, now: u64) -> bool {
+    let Some(mut entry) = EVENTS.reserve::<RereadEvent>(0) else {
+        lost(Loss::RingbufFull);
+        return false;
+    };
+    // The process as its access key names it: no `PROCS` lookup on this path.
+    let identity = ProcState {
+        start_ns: key.start_ns,
+        mnt_ns: 0,
+        exec_seq: key.exec_seq,
+        fds: [-1; trustdrift_common::PROC_FD_SLOTS],
+        owner_cgroup: 0,
+        owner_uid: 0,
+        paths: 0,
+    };
+    entry.write(RereadEvent {
+        header: header(
+            EventKind::Reread,
+            bpf_get_current_pid_tgid(),
+            &identity,
+            now,
+        ),
+        key: *key,
+        cause: cause as u32,
+        _pad: 0,
+    });
+    entry.submit(0);
+    true
 }

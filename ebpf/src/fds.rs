@@ -1,15 +1,44 @@
 //! Open trust fds: registered when a matched open returns, so that reads from any thread
 //! of the process are attributed to the path; dropped on close, dup over, exec and exit.
+//!
+//! Every read, close and dup on the host lands here, almost always on an fd nobody
+//! tracks: the fd-number pre-filter answers that from the syscall's own argument, before
+//! any helper call or hash lookup.
 
 use aya_ebpf::helpers::bpf_get_current_pid_tgid;
-use trustdrift_common::{AccessKey, FdKey, Loss, PREFILTER_SLOTS, PROC_FD_SLOTS, ProcState};
+use trustdrift_common::{
+    AccessKey, FD_FILTER_SLOTS, FdKey, Loss, PREFILTER_SLOTS, PROC_FD_SLOTS, ProcState,
+};
 
 use crate::{
     access::add_read,
     atomic,
     emit::{lost, now_ns},
-    maps::{COUNTERS, FDS, FDS_CAPACITY, PREFILTER, PROCS, counter},
+    maps::{COUNTERS, FD_FILTER, FDS, FDS_CAPACITY, PREFILTER, PROCS, counter},
 };
+
+#[inline(always)]
+fn fd_filter_slot(fd: u64) -> Option<*mut u64> {
+    FD_FILTER.get_ptr_mut(fd as u32 & (FD_FILTER_SLOTS as u32 - 1))
+}
+
+/// Whether some process may track an fd with this number (false positives allowed,
+/// never negatives). Costs one array load: no helper call.
+#[inline(always)]
+pub fn fd_may_be_tracked(fd: u64) -> bool {
+    fd_filter_slot(fd).is_some_and(|slot| atomic::load(slot) != 0)
+}
+
+/// Whether any fd is tracked at all.
+#[inline(always)]
+fn any_tracked() -> bool {
+    fds_live().is_some_and(|live| atomic::load(live) != 0)
+}
+
+#[inline(always)]
+fn current_tgid() -> u32 {
+    (bpf_get_current_pid_tgid() >> 32) as u32
+}
 
 #[inline(always)]
 fn prefilter_slot(tgid: u32) -> Option<*mut u64> {
@@ -79,6 +108,9 @@ pub fn register(tgid: u32, fd: i32, key: &AccessKey, state: &mut ProcState) {
     if let Some(slot) = prefilter_slot(tgid) {
         atomic::add(slot, 1);
     }
+    if let Some(slot) = fd_filter_slot(fd as u64) {
+        atomic::add(slot, 1);
+    }
 }
 
 /// Drops the tracked fd in slot `i` of the process, if any.
@@ -102,11 +134,23 @@ pub fn forget_fd_slot(tgid: u32, state: &mut ProcState, i: usize) {
     if let Some(slot) = prefilter_slot(tgid) {
         atomic::sub(slot, 1);
     }
+    if let Some(slot) = fd_filter_slot(fd as u64) {
+        atomic::sub(slot, 1);
+    }
 }
 
 /// `close`, `dup2`/`dup3` over a tracked fd, `close_range`: forget fds in `[first, last]`.
 #[inline(always)]
-pub fn closed(tgid: u32, first: u32, last: u32) {
+pub fn closed(first: u32, last: u32) {
+    let maybe = if first == last {
+        fd_may_be_tracked(u64::from(first))
+    } else {
+        any_tracked()
+    };
+    if !maybe {
+        return;
+    }
+    let tgid = current_tgid();
     if !may_have_fds(tgid) {
         return;
     }
@@ -128,10 +172,10 @@ pub fn closed(tgid: u32, first: u32, last: u32) {
 /// Exit of `dup`, `dup2`, `dup3` or `fcntl(F_DUPFD*)`: the new fd reads the same file.
 #[inline(always)]
 pub fn duplicated(old: u64, ret: i64) {
-    if ret < 0 || ret as u64 == old {
+    if ret < 0 || ret as u64 == old || !fd_may_be_tracked(old) {
         return;
     }
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let tgid = current_tgid();
     if !may_have_fds(tgid) {
         return;
     }
@@ -151,9 +195,12 @@ pub fn duplicated(old: u64, ret: i64) {
 
 /// Exit of `read`, `pread64`, `readv`, `preadv`, `preadv2` or `getdents64` on `fd`.
 #[inline(always)]
-pub fn read_returned(pid_tgid: u64, fd: u64, ret: i64) {
-    let tgid = (pid_tgid >> 32) as u32;
-    if ret < 0 || !may_have_fds(tgid) {
+pub fn read_returned(fd: u64, ret: i64) {
+    if ret < 0 || !fd_may_be_tracked(fd) {
+        return;
+    }
+    let tgid = current_tgid();
+    if !may_have_fds(tgid) {
         return;
     }
     let Some(key) = FDS.get_ptr(FdKey {

@@ -6,8 +6,8 @@
 //! halves the slow-path cost every hooked syscall pays compared with `sys_enter` plus
 //! `sys_exit`. Lean mode: classic open-entry tracepoints only. Two classic tracepoints
 //! follow exec and exit. Every syscall on the host passes through `sys_exit`, so it
-//! returns after a few loads unless the syscall is an open or concerns a process that
-//! holds a trust fd.
+//! returns after a few loads, without a helper call, unless the syscall is a read-only
+//! open (one copy of the path) or names an fd number some process tracks as a trust fd.
 #![no_std]
 #![no_main]
 // Atomic adds on map values: the BPF target has no compare-and-swap, so core's atomics
@@ -34,7 +34,6 @@ mod process;
 use aya_ebpf::{
     EbpfContext,
     bindings::pt_regs,
-    helpers::bpf_get_current_pid_tgid,
     macros::{btf_tracepoint, tracepoint},
     programs::{BtfTracePointContext, TracePointContext},
 };
@@ -91,19 +90,19 @@ unsafe fn try_sys_exit(regs: *const pt_regs, ret: i64) {
             // Whether it succeeded or not, the fd no longer names the tracked file.
             // SAFETY: as above.
             let fd = unsafe { arch::first_arg_at_exit(regs) } as u32;
-            fds::closed(tgid(), fd, fd);
+            fds::closed(fd, fd);
         }
         nr::CLOSE_RANGE => {
             // SAFETY: as above.
             let (first, last) = unsafe { (arch::first_arg_at_exit(regs), arch::arg(regs, 1)) };
             if ret == 0 {
-                fds::closed(tgid(), first as u32, last as u32);
+                fds::closed(first as u32, last as u32);
             }
         }
         nr::READ | nr::PREAD64 | nr::READV | nr::PREADV | nr::PREADV2 | nr::GETDENTS64 => {
             // SAFETY: as above.
             let fd = unsafe { arch::first_arg_at_exit(regs) };
-            fds::read_returned(bpf_get_current_pid_tgid(), fd, ret);
+            fds::read_returned(fd, ret);
         }
         // A duplicate reads the same open file (Python's listdir(fd), fdopendir(dup(fd))).
         nr::DUP => {
@@ -116,7 +115,7 @@ unsafe fn try_sys_exit(regs: *const pt_regs, ret: i64) {
             let (old, new) = unsafe { (arch::first_arg_at_exit(regs), arch::arg(regs, 1)) };
             // The new fd was closed implicitly if it was open.
             if ret >= 0 && old != new {
-                fds::closed(tgid(), new as u32, new as u32);
+                fds::closed(new as u32, new as u32);
             }
             fds::duplicated(old, ret);
         }
@@ -133,11 +132,6 @@ unsafe fn try_sys_exit(regs: *const pt_regs, ret: i64) {
 
 const F_DUPFD: u64 = 0;
 const F_DUPFD_CLOEXEC: u64 = 1030;
-
-#[inline(always)]
-fn tgid() -> u32 {
-    (bpf_get_current_pid_tgid() >> 32) as u32
-}
 
 #[tracepoint(category = "sched", name = "sched_process_exec")]
 pub fn sched_process_exec(ctx: TracePointContext) -> u32 {

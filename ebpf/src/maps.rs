@@ -8,10 +8,11 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
+pub use trustdrift_common::maps::counter;
 use trustdrift_common::{
-    AccessEvent, AccessKey, AccessStats, FdKey, FilterTable, KPATH_CAP, KernelOffsets,
-    LOSS_REASONS, NODE_KEY_BYTES, OwnerKey, OwnerQuotas, OwnerUsage, PATH_CAP, PREFILTER_SLOTS,
-    PREFIX_CAP, ProcState, maps::capacity,
+    AccessEvent, AccessKey, AccessStats, FD_FILTER_SLOTS, FdKey, FilterTable, KPATH_CAP,
+    KernelOffsets, LOSS_REASONS, NODE_KEY_BYTES, OwnerKey, OwnerQuotas, OwnerUsage, PATH_CAP,
+    PREFILTER_SLOTS, PREFIX_CAP, ProcState, maps::capacity,
 };
 
 /// tgid of the daemon: its own reads of trust files are not observations.
@@ -59,6 +60,14 @@ pub static FILTER: Array<FilterTable> = Array::with_max_entries(1, 0);
 pub static ACCESSES: HashMap<AccessKey, AccessStats> =
     HashMap::with_max_entries(capacity::ACCESSES, 0);
 
+/// Accesses the daemon wants to hear about at their next re-open or read (it judged the
+/// process stale and waits for it to re-read). Key: the `ACCESSES` key. Value: 1. Bound:
+/// 4096, written by the daemon; the probe looks here only when it updates an existing
+/// access, and removes the entry when it sends its `RereadEvent` (one shot).
+#[map]
+pub static REREAD_WATCH: HashMap<AccessKey, u8> =
+    HashMap::with_max_entries(capacity::REREAD_WATCH, 0);
+
 /// Open trust fds. Key: (tgid, fd), so a read by any thread is attributed. Value: the
 /// `ACCESSES` key of the path. Bound: 16384, LRU; evicting a live entry counts
 /// `Loss::FdTableEvicted`.
@@ -77,14 +86,16 @@ pub static PROCS: HashMap<u32, ProcState> = HashMap::with_max_entries(capacity::
 #[map]
 pub static PREFILTER: Array<u64> = Array::with_max_entries(PREFILTER_SLOTS as u32, 0);
 
-/// Global counters. Key: `counter::*`. Value: count. Bound: 1.
+/// Per-fd-number pre-filter, checked before anything else on a read, close or dup. Key:
+/// `fd & (FD_FILTER_SLOTS - 1)`. Value: tracked fds (of any process) in that slot. Zero
+/// skips even the helper call that names the process. Bound: `FD_FILTER_SLOTS`.
 #[map]
-pub static COUNTERS: Array<u64> = Array::with_max_entries(1, 0);
+pub static FD_FILTER: Array<u64> = Array::with_max_entries(FD_FILTER_SLOTS as u32, 0);
 
-pub mod counter {
-    /// Live entries in `FDS`, to tell when the LRU starts evicting live fds.
-    pub const FDS_LIVE: u32 = 0;
-}
+/// Global counters: live entries of the tables, so that their fill is known without
+/// walking them. Key: `counter::*`. Value: count. Bound: `counter::SLOTS`.
+#[map]
+pub static COUNTERS: Array<u64> = Array::with_max_entries(counter::SLOTS, 0);
 
 /// What each owner (a uid, a cgroup, a uid in a cgroup) holds of `PROCS` and `ACCESSES`.
 /// Key: `OwnerKey`. Value: `OwnerUsage`. Bound: 16384, LRU (an evicted owner starts from

@@ -8,10 +8,11 @@ use aya_ebpf::{
 use trustdrift_common::{EventKind, KernelOffsets, Loss, PROC_FD_SLOTS, ProcState};
 
 use crate::{
+    atomic,
     emit::{lost, proc_event},
     fds::forget_fd_slot,
     kernel,
-    maps::{OFFSETS, PROCS},
+    maps::{COUNTERS, OFFSETS, PROCS, counter},
     owners::{self, Table},
 };
 
@@ -49,7 +50,9 @@ pub fn current(tgid: u32) -> Current {
     }
     // Another thread may have raced us: NOEXIST keeps the first, then we read it back.
     let inserted = PROCS.insert(tgid, fresh, BPF_NOEXIST as u64).is_ok();
-    if !inserted {
+    if inserted {
+        count(1);
+    } else {
         // Either the race (the other thread charged) or a full table: not ours to keep.
         owners::release(owner_cgroup, owner_uid, Table::Procs, 1);
     }
@@ -124,6 +127,17 @@ pub fn try_exit(ctx: &TracePointContext) -> Result<(), ()> {
         u64::from(state.paths),
     );
     owners::release(state.owner_cgroup, state.owner_uid, Table::Procs, 1);
-    let _ = PROCS.remove(tgid);
+    if PROCS.remove(tgid).is_ok() {
+        count(u64::MAX);
+    }
     Ok(())
+}
+
+/// Adds `delta` (wrapping: `u64::MAX` is minus one) to the live count of `PROCS`, so the
+/// daemon knows its fill without walking it.
+#[inline(always)]
+fn count(delta: u64) {
+    if let Some(live) = COUNTERS.get_ptr_mut(counter::PROCS_LIVE) {
+        atomic::add(live, delta);
+    }
 }

@@ -3,14 +3,18 @@
 //! root, and how many bytes they read.
 
 use std::{
+    ffi::CString,
     fs,
-    os::unix::fs::symlink,
+    io::{BufRead, BufReader},
+    os::unix::{ffi::OsStrExt, fs::symlink},
+    path::{Path, PathBuf},
     process::{Command, Stdio},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use trustdrift_e2e::{
-    Guarded, SOON, TempDir, Trace, Value, make_certificate, python3, records_for,
+    Cert, Daemon, DaemonSetup, Guarded, PinDir, SOON, TempDir, Trace, Value, make_certificate,
+    python3, records_for,
 };
 
 /// Runs a python script that holds on (keeping its root, cwd and fds inspectable, like a
@@ -413,4 +417,191 @@ fn without_privileges_trace_says_what_it_needs() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("run it as root"), "{stderr}");
     assert!(stderr.contains("CAP_BPF"), "{stderr}");
+}
+
+/// Entries of the map `name` the daemon pinned under `pins`, counted by walking its keys
+/// with the bpf syscall (as `bpftool map` would): what the daemon's fill must match.
+fn walked_entries(pins: &Path, name: &str, key_size: usize) -> u64 {
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    #[repr(C)]
+    struct NextKey {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        next_key: u64,
+    }
+    const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+    const BPF_OBJ_GET: libc::c_long = 7;
+    let layout: PathBuf = fs::read_dir(pins)
+        .expect("the pin directory")
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.as_bytes().starts_with(b"layout-"))
+        })
+        .expect("a pinned layout");
+    let path = CString::new(layout.join("maps").join(name).as_os_str().as_bytes()).unwrap();
+    let get = ObjGet {
+        pathname: path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    // SAFETY: the attr points at a NUL-terminated path alive for the call.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, &get, size_of::<ObjGet>()) };
+    assert!(
+        fd >= 0,
+        "opening pinned {name}: {}",
+        std::io::Error::last_os_error()
+    );
+    let (mut key, mut next) = (vec![0u8; key_size], vec![0u8; key_size]);
+    let mut count = 0;
+    loop {
+        let attr = NextKey {
+            map_fd: fd as u32,
+            _pad: 0,
+            key: if count == 0 { 0 } else { key.as_ptr() as u64 },
+            next_key: next.as_mut_ptr() as u64,
+        };
+        // SAFETY: key and next_key are buffers of the map's key size, alive for the call.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_GET_NEXT_KEY,
+                &attr,
+                size_of::<NextKey>(),
+            )
+        };
+        if rc != 0 {
+            break;
+        }
+        count += 1;
+        std::mem::swap(&mut key, &mut next);
+    }
+    // SAFETY: our own fd.
+    unsafe { libc::close(fd as i32) };
+    count
+}
+
+/// The daemon's reported fill of `map` (`trustdrift_bpf_map_entries`).
+fn reported_entries(daemon: &Daemon, map: &str) -> Option<u64> {
+    let label = format!("trustdrift_bpf_map_entries{{map=\"{map}\"}} ");
+    daemon
+        .metrics()
+        .lines()
+        .find_map(|l| l.strip_prefix(&label)?.trim().parse().ok())
+}
+
+/// Waits until the fill the daemon reports equals a walk of the pinned tables (the fill is
+/// refreshed every few seconds, and the host may be opening trust files meanwhile) and
+/// the walk shows what `settled` expects, and returns it: (accesses, procs).
+fn fill_matches_a_walk(
+    daemon: &Daemon,
+    pins: &Path,
+    when: &str,
+    settled: impl Fn((u64, u64)) -> bool,
+) -> (u64, u64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let walked = (
+            walked_entries(pins, "ACCESSES", 24),
+            walked_entries(pins, "PROCS", 4),
+        );
+        let reported = (
+            reported_entries(daemon, "accesses"),
+            reported_entries(daemon, "procs"),
+        );
+        if settled(walked) && reported == (Some(walked.0), Some(walked.1)) {
+            return walked;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{when}: reported (accesses, procs) {reported:?}, a walk finds {walked:?}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// A python process that opens and reads `paths`, then holds on until dropped.
+fn holder(paths: &[PathBuf]) -> Guarded {
+    let script = "import sys\n\
+                  for p in sys.argv[1:]:\n    \
+                      with open(p, 'rb') as f:\n        \
+                          f.read()\n\
+                  print('read', flush=True)\n\
+                  sys.stdin.read()";
+    let mut child = Guarded::spawn(
+        Command::new(python3())
+            .args(["-I", "-S", "-c", script])
+            .args(paths)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped()),
+    );
+    let mut line = String::new();
+    BufReader::new(child.0.stdout.take().expect("piped stdout"))
+        .read_line(&mut line)
+        .expect("the holder's answer");
+    assert_eq!(line.trim(), "read");
+    child
+}
+
+#[test]
+fn the_reported_table_fill_matches_a_walk_after_reads_refusals_exits_and_a_restart() {
+    let dir = TempDir::new("probe-fill");
+    let paths: Vec<PathBuf> = (0..3).map(|i| dir.join(format!("ca-{i}.pem"))).collect();
+    let ca = Cert::ca("Fill Root");
+    for p in &paths {
+        fs::write(p, &ca.pem).unwrap();
+    }
+    let prefix = format!("{}/", dir.path().display());
+    let pins = PinDir::new("fill");
+    let args = [
+        "--no-default-paths",
+        "--prefix",
+        &prefix,
+        // Two paths per process: each holder's third open is refused by the probe.
+        "--set",
+        "probe.max_paths_per_process=2",
+    ];
+    let setup = || DaemonSetup {
+        pin_dir: Some(pins.path()),
+        ..DaemonSetup::default()
+    };
+    let Some(daemon) = Daemon::start_with(&args, setup()) else {
+        return;
+    };
+    let mut holders: Vec<Guarded> = (0..3).map(|_| holder(&paths)).collect();
+    for h in &holders {
+        daemon.wait_for("listed with two files", h.pid(), |p| {
+            p["files"].as_array().is_some_and(|f| f.len() == 2)
+        });
+    }
+    let (accesses, procs) = fill_matches_a_walk(&daemon, pins.path(), "after the reads", |_| true);
+    assert!(accesses >= 6 && procs >= 3, "({accesses}, {procs})");
+
+    // An exit: the probe drops the process, the daemon takes its two aggregates.
+    let gone = holders.remove(0);
+    let pid = gone.pid();
+    drop(gone);
+    daemon.wait_for("exited", pid, |p| p["exited_at"].is_string());
+    let after_exit = fill_matches_a_walk(&daemon, pins.path(), "after an exit", |(a, p)| {
+        a <= accesses - 2 && p < procs
+    });
+
+    // A restart (with a fresh state: the new daemon knows none of the accesses): the pinned
+    // probe kept counting, and the new daemon's fill still matches.
+    daemon.kill();
+    let Some(daemon) = Daemon::start_with(&args, setup()) else {
+        panic!("the daemon did not start again");
+    };
+    fill_matches_a_walk(&daemon, pins.path(), "after a restart", |_| true);
+    drop(holders);
+    fill_matches_a_walk(&daemon, pins.path(), "after the last exits", |(_, p)| {
+        p <= after_exit.1 - 2
+    });
 }

@@ -170,6 +170,8 @@ impl Tracer {
                 self.on_end("exit", &task, |_| true);
                 self.resolver.forget_process(task.tgid, task.start_ns);
             }
+            // `trace` never watches accesses.
+            Event::Reread(_) => {}
         }
     }
 

@@ -15,6 +15,11 @@ pub trait Kernel {
     fn take_access_stats(&mut self, key: &AccessKey) -> Option<AccessStats>;
     /// Drops an aggregate the daemon no longer needs (or refuses to keep).
     fn forget_access(&mut self, key: &AccessKey);
+    /// Asks for one `Event::Reread` at the next re-open of, or read on, `key` (an error
+    /// when the watch table is full: the aggregate's poll still sees the re-read).
+    fn watch_reread(&mut self, key: &AccessKey) -> Result<()>;
+    /// Withdraws a watch that has not fired (the access was forgotten or judged again).
+    fn unwatch_reread(&mut self, key: &AccessKey);
     /// Observations the probe could not keep, by reason, since it was loaded.
     fn losses(&self) -> Vec<(Loss, u64)>;
     /// How full each bounded map is (may walk a map: now and then, not per record).
@@ -40,6 +45,14 @@ impl Kernel for Probe {
 
     fn forget_access(&mut self, key: &AccessKey) {
         Probe::forget_access(self, key);
+    }
+
+    fn watch_reread(&mut self, key: &AccessKey) -> Result<()> {
+        Probe::watch_reread(self, key)
+    }
+
+    fn unwatch_reread(&mut self, key: &AccessKey) {
+        Probe::unwatch_reread(self, key);
     }
 
     fn losses(&self) -> Vec<(Loss, u64)> {

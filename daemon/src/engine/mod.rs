@@ -310,6 +310,7 @@ impl Engine {
             Event::Access(_) => "access",
             Event::Exec(_) => "exec",
             Event::Exit(_) => "exit",
+            Event::Reread(_) => "reread",
         };
         *self.counters.events.entry(kind.into()).or_default() += 1;
         self.saver.mark_dirty();
@@ -345,6 +346,8 @@ impl Engine {
                 self.resolver.forget_process(task.tgid, task.start_ns);
                 self.publisher.mark(key);
             }
+            // Counted above; the aggregate's poll still picks the re-read up.
+            Event::Reread(_) => {}
         }
     }
 

@@ -30,6 +30,8 @@ struct Tables {
     accesses: HashMap<AccessKey, AccessStats>,
     forgotten: Vec<AccessKey>,
     taken: Vec<AccessKey>,
+    /// Accesses watched for a re-read, in the order asked (unwatching removes them).
+    watched: Vec<AccessKey>,
 }
 
 struct FakeKernel(Arc<Mutex<Tables>>, PinStatus);
@@ -47,6 +49,13 @@ impl Kernel for FakeKernel {
         let mut t = self.0.lock().unwrap();
         t.forgotten.push(*key);
         t.accesses.remove(key);
+    }
+    fn watch_reread(&mut self, key: &AccessKey) -> Result<()> {
+        self.0.lock().unwrap().watched.push(*key);
+        Ok(())
+    }
+    fn unwatch_reread(&mut self, key: &AccessKey) {
+        self.0.lock().unwrap().watched.retain(|k| k != key);
     }
     fn losses(&self) -> Vec<(Loss, u64)> {
         Vec::new()
@@ -290,4 +299,22 @@ fn a_repeated_announcement_of_a_known_access_changes_nothing() {
             .len(),
         1
     );
+}
+
+#[test]
+fn a_reread_notice_is_counted_and_a_watch_can_be_withdrawn() {
+    let mut b = Bench::new("reread", "");
+    let bundle = b.file("bundle.pem", "content");
+    let task = b.process();
+    let access = b.open(&task, &bundle, stats(1, 1, 7));
+    b.engine.kernel.watch_reread(&access).unwrap();
+    assert_eq!(b.tables.lock().unwrap().watched, vec![access]);
+    b.engine.on_event(Event::Reread(crate::events::Reread {
+        task: task.clone(),
+        key: access,
+        cause: trustdrift_common::RereadCause::Open,
+    }));
+    assert_eq!(b.engine.counters.events.get("reread"), Some(&1));
+    b.engine.kernel.unwatch_reread(&access);
+    assert!(b.tables.lock().unwrap().watched.is_empty());
 }

@@ -6,7 +6,7 @@ use std::{ffi::OsStr, mem::size_of, os::unix::ffi::OsStrExt, path::PathBuf};
 use thiserror::Error;
 use trustdrift_common::{
     AccessEvent, AccessKey, COMM_LEN, EventHeader, EventKind, KPATH_CAP, PATH_CAP, ProcEvent,
-    UnknownDiscriminant, kpath_flags, match_flags,
+    RereadCause, RereadEvent, UnknownDiscriminant, kpath_flags, match_flags,
 };
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -83,11 +83,22 @@ impl Access {
     }
 }
 
+/// A watched access moved (see `Probe::watch_reread`): its process re-opened the path or
+/// read from it. Sent once per watch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reread {
+    /// Who, and when; `mnt_ns` is 0 (the access being watched says it already).
+    pub task: Task,
+    pub key: AccessKey,
+    pub cause: RereadCause,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
     Access(Access),
     Exec(Task),
     Exit(Task),
+    Reread(Reread),
 }
 
 fn read<T: aya::Pod>(bytes: &[u8], what: &'static str) -> Result<T, DecodeError> {
@@ -192,6 +203,14 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
             let e: ProcEvent = read(bytes, "exit record")?;
             Ok(Event::Exit(task(&e.header)))
         }
+        EventKind::Reread => {
+            let e: RereadEvent = read(bytes, "re-read record")?;
+            Ok(Event::Reread(Reread {
+                task: task(&e.header),
+                key: e.key,
+                cause: RereadCause::try_from(e.cause)?,
+            }))
+        }
     }
 }
 
@@ -283,6 +302,30 @@ mod tests {
         let mut cut = whole.clone();
         cut.truncate(cut.len() - 5);
         assert!(matches!(decode(&cut), Err(DecodeError::Short { .. })));
+    }
+
+    #[test]
+    fn a_reread_record_names_its_access_and_cause_and_rejects_an_unknown_cause() {
+        let key = AccessKey {
+            tgid: 42,
+            exec_seq: 1,
+            start_ns: 7,
+            path_hash: 99,
+        };
+        let mut event = RereadEvent {
+            header: header(EventKind::Reread as u32),
+            key,
+            cause: RereadCause::Read as u32,
+            _pad: 0,
+        };
+        let Event::Reread(r) = decode(&bytes_of(&event)).unwrap() else {
+            panic!("not a re-read");
+        };
+        assert_eq!((r.key, r.cause, r.task.tgid), (key, RereadCause::Read, 42));
+        event.cause = 9;
+        assert_eq!(decode(&bytes_of(&event)), Err(DecodeError::UnknownKind(9)));
+        let short = &bytes_of(&event)[..size_of::<EventHeader>() + 4];
+        assert!(matches!(decode(short), Err(DecodeError::Short { .. })));
     }
 
     #[test]

@@ -8,4 +8,4 @@ pub mod decode;
 pub mod intake;
 pub mod journal;
 
-pub use decode::{Access, DecodeError, Event, Task, decode, userspace_dev};
+pub use decode::{Access, DecodeError, Event, Reread, Task, decode, userspace_dev};

@@ -23,7 +23,7 @@ use aya::{
 };
 use trustdrift_common::{
     AccessKey, AccessStats, FilterTable, KernelOffsets, LOSS_REASONS, Loss, NODE_KEY_BYTES,
-    OwnerQuotas, PREFIX_CAP, ProcState, layout::LAYOUT, maps::capacity, maps::name, owner_kind,
+    OwnerQuotas, PREFIX_CAP, layout::LAYOUT, maps::capacity, maps::counter, maps::name, owner_kind,
 };
 
 use self::{pinning::PinStatus, trust_paths::TrustPaths};
@@ -151,8 +151,8 @@ pub struct Probe {
     /// The same map's fd, for the lookup-and-delete aya does not offer on hash maps.
     accesses_fd: OwnedFd,
     losses: PerCpuArray<MapData, u64>,
-    procs: HashMap<MapData, u32, ProcState>,
     counters: Array<MapData, u64>,
+    rereads: HashMap<MapData, AccessKey, u8>,
     filter: Filter,
     capacities: Capacities,
     /// This node's key for keyed digests (see `stores::digest`).
@@ -460,16 +460,22 @@ impl Probe {
         let accesses = HashMap::try_from(access_map)
             .context("map ACCESSES has an unexpected type or layout")?;
         let losses = take(&mut ebpf, name::LOSSES)?;
-        let procs = take(&mut ebpf, name::PROCS)?;
         let counters = take(&mut ebpf, name::COUNTERS)?;
+        let mut rereads: HashMap<MapData, AccessKey, u8> = take(&mut ebpf, name::REREAD_WATCH)?;
+        // Watches are this daemon's own questions: a previous run's (kept by a pinned
+        // probe) are for judgements it no longer holds.
+        let stale: Vec<AccessKey> = rereads.keys().filter_map(Result::ok).collect();
+        for key in stale {
+            let _ = rereads.remove(&key);
+        }
         let node_key = node_key(&mut ebpf)?;
         Ok(Self {
             ebpf,
             accesses,
             accesses_fd,
             losses,
-            procs,
             counters,
+            rereads,
             filter,
             capacities: caps,
             node_key,
@@ -494,27 +500,41 @@ impl Probe {
         self.filter.write(paths)
     }
 
-    /// How full each bounded map is. Counts hash maps by walking their keys: call it
-    /// now and then, not per request.
+    /// How full each bounded map is, from the counters the probe keeps as it inserts and
+    /// removes (and the daemon's own count of the `ACCESSES` entries it deleted): O(1),
+    /// whatever is tracked.
     pub fn map_fill(&self) -> Vec<MapFill> {
-        let counter = |i: u32| self.counters.get(&i, 0).unwrap_or(0);
+        let get = |i: u32| self.counters.get(&i, 0).unwrap_or(0);
+        // The daemon may delete an entry a moment before the probe counts its insert.
+        let accesses =
+            get(counter::ACCESSES_INSERTED).saturating_sub(get(counter::ACCESSES_DELETED));
         vec![
             MapFill {
                 map: "accesses",
-                entries: self.accesses.keys().count() as u64,
+                entries: accesses,
                 capacity: u64::from(self.capacities.accesses),
             },
             MapFill {
                 map: "procs",
-                entries: self.procs.keys().count() as u64,
+                entries: get(counter::PROCS_LIVE),
                 capacity: u64::from(self.capacities.procs),
             },
             MapFill {
                 map: "fds",
-                entries: counter(0),
+                entries: get(counter::FDS_LIVE),
                 capacity: u64::from(self.capacities.fds),
             },
         ]
+    }
+
+    /// Counts `n` entries this daemon deleted from `ACCESSES`, in the pinned counters so
+    /// the fill stays right across restarts. Only the daemon writes this slot.
+    fn count_deleted(&mut self, n: u64) {
+        let slot = counter::ACCESSES_DELETED;
+        let deleted = self.counters.get(&slot, 0).unwrap_or(0);
+        if let Err(e) = self.counters.set(slot, deleted.wrapping_add(n), 0) {
+            tracing::debug!("counting deleted accesses: {e}");
+        }
     }
 
     /// Leaves nothing behind: unpins maps and links (they go when this process exits).
@@ -574,6 +594,7 @@ impl Probe {
             )
         };
         if rc == 0 {
+            self.count_deleted(1);
             return Some(value);
         }
         match std::io::Error::last_os_error().raw_os_error() {
@@ -589,7 +610,25 @@ impl Probe {
 
     /// Drops the aggregate of an access the daemon no longer needs.
     pub fn forget_access(&mut self, key: &AccessKey) {
-        let _ = self.accesses.remove(key);
+        if self.accesses.remove(key).is_ok() {
+            self.count_deleted(1);
+        }
+    }
+
+    /// Asks the probe for one re-read record (`Event::Reread`) at the next re-open of the
+    /// path of `key` by its process image, or read on an fd it holds on it; the watch is
+    /// gone once it fired. Fails when `REREAD_WATCH` is full: the caller then relies on
+    /// polling the aggregate. Unwatch an access when forgetting it, or its entry stays
+    /// until the next daemon start.
+    pub fn watch_reread(&mut self, key: &AccessKey) -> Result<()> {
+        self.rereads
+            .insert(key, 1, 0)
+            .context("adding a re-read watch (REREAD_WATCH full?)")
+    }
+
+    /// Withdraws a re-read watch that has not fired (no-op otherwise).
+    pub fn unwatch_reread(&mut self, key: &AccessKey) {
+        let _ = self.rereads.remove(key);
     }
 
     /// Losses counted by the probe since it was loaded, summed over CPUs.
