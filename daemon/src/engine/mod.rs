@@ -328,10 +328,14 @@ impl Engine {
             Event::Exec(task) => {
                 let Some(key) = proc_key(&task) else { return };
                 self.contexts.forget(&key);
+                let watched = self.publisher.is_not_fresh(&key);
                 for access in self
                     .ledger
                     .exec(&key, task.exec_seq.wrapping_add(1), &task.comm)
                 {
+                    if watched {
+                        self.kernel.unwatch_reread(&access);
+                    }
                     self.kernel.forget_access(&access);
                 }
                 self.publisher.mark(key);
@@ -339,6 +343,9 @@ impl Engine {
             Event::Exit(task) => {
                 let Some(key) = proc_key(&task) else { return };
                 self.contexts.forget(&key);
+                if self.publisher.is_not_fresh(&key) {
+                    self.watch_rereads(&key, false);
+                }
                 self.poll_exiting(&key);
                 self.ledger.exited(&key, wall(task.ts_ns));
                 self.peers.exited(&key);
@@ -346,8 +353,16 @@ impl Engine {
                 self.resolver.forget_process(task.tgid, task.start_ns);
                 self.publisher.mark(key);
             }
-            // Counted above; the aggregate's poll still picks the re-read up.
-            Event::Reread(_) => {}
+            // A process judged stale opened or read what it had read again: its aggregate
+            // says which version now, without waiting for the next poll.
+            Event::Reread(reread) => {
+                let Some(key) = self.ledger.owner_of(&reread.key) else {
+                    return;
+                };
+                if self.ledger.is_live(&key) && !self.contexts.is_settled(&reread.key) {
+                    self.poll_accesses(vec![(reread.key, key)], false);
+                }
+            }
         }
     }
 
@@ -578,6 +593,30 @@ impl Engine {
         self.poll_accesses(accesses, false);
     }
 
+    /// Asks the probe to say at once when a live process judged stale re-reads what it
+    /// read (`watch`), or withdraws that (it is fresh again, or leaving). A watch fires
+    /// once: the poll it causes marks the process, and if it is still stale when judged
+    /// again it is watched again. A full watch table only leaves that process to the
+    /// regular poll of stale processes.
+    fn watch_rereads(&mut self, key: &ProcKey, watch: bool) {
+        if watch && !self.ledger.is_live(key) {
+            return;
+        }
+        let Some(entry) = self.ledger.get(key) else {
+            return;
+        };
+        for access in entry.reads.iter().filter_map(|r| r.access_key) {
+            if self.contexts.is_settled(&access) {
+                continue;
+            }
+            if !watch {
+                self.kernel.unwatch_reread(&access);
+            } else if let Err(e) = self.kernel.watch_reread(&access) {
+                tracing::debug!("re-read of {access:?} left to the poll: {e:#}");
+            }
+        }
+    }
+
     /// The last word on what an exiting process read: its aggregates, taken out of the
     /// kernel (they cannot move again), so a storm's exited processes do not hold the
     /// access table for the exit grace.
@@ -753,6 +792,9 @@ impl Engine {
             host,
         };
         self.publisher.publish(&sources, health);
+        for (key, stale) in self.publisher.take_judged() {
+            self.watch_rereads(&key, stale);
+        }
         if std::mem::take(&mut self.counters.trim_due) {
             runtime::release_freed_memory();
         }

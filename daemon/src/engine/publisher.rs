@@ -40,9 +40,11 @@ pub struct Publisher {
     /// The probe is attached and the start-up scan is done.
     ready: bool,
     views: ProcessViews,
-    /// Processes whose last verdict is stale or worse (unverified included): the ones time
-    /// alone can move, and the ones polled often for a re-read.
+    /// Processes whose last verdict is stale or worse: the ones time alone can move, and
+    /// the ones whose re-reads are watched for.
     not_fresh: BTreeSet<ProcKey>,
+    /// Judged since last taken: `true` judged stale or worse (again), `false` no longer.
+    judged: Vec<(ProcKey, bool)>,
     /// Processes to judge again at the next publication.
     dirty: BTreeSet<ProcKey>,
     /// Stores whose view or figures must be made again (`all`: every one).
@@ -66,6 +68,7 @@ impl Publisher {
             ready: false,
             views: ProcessViews::new(),
             not_fresh: BTreeSet::new(),
+            judged: Vec::new(),
             dirty: BTreeSet::new(),
             stores_dirty: StoresDirty {
                 all: true,
@@ -123,9 +126,19 @@ impl Publisher {
         self.views.get(key).map(|v| v.verdict)
     }
 
-    /// Processes last judged stale or worse, or unverified.
+    /// Processes last judged stale or worse.
     pub fn not_fresh(&self) -> impl Iterator<Item = &ProcKey> {
         self.not_fresh.iter()
+    }
+
+    pub fn is_not_fresh(&self, key: &ProcKey) -> bool {
+        self.not_fresh.contains(key)
+    }
+
+    /// The processes judged since the last call: `true` for one judged stale or worse
+    /// (each time it is), `false` for one that no longer is.
+    pub fn take_judged(&mut self) -> Vec<(ProcKey, bool)> {
+        std::mem::take(&mut self.judged)
     }
 
     /// Whether a publication is due: something changed (or `force`).
@@ -155,8 +168,9 @@ impl Publisher {
                 Some(v) => {
                     if v.verdict >= Verdict::Stale {
                         self.not_fresh.insert(key);
-                    } else {
-                        self.not_fresh.remove(&key);
+                        self.judged.push((key, true));
+                    } else if self.not_fresh.remove(&key) {
+                        self.judged.push((key, false));
                     }
                     self.views
                         .insert(key, Arc::new(views::process_view(entry, &v)));

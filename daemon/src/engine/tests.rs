@@ -18,6 +18,7 @@ use super::{Engine, kernel::Kernel, options::EngineOptions, publisher::Publisher
 use crate::{
     config::Config,
     events::{Access, Event, Task},
+    judge::verdict::Verdict,
     ledger::ProcKey,
     probe::{MapFill, ProgramStats, pinning::PinStatus, trust_paths::TrustPaths},
     process::procfs,
@@ -301,20 +302,85 @@ fn a_repeated_announcement_of_a_known_access_changes_nothing() {
     );
 }
 
+/// A certificate from the daemon's fixtures, as text.
+fn fixture(name: &str) -> String {
+    fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/store_format")
+            .join(name),
+    )
+    .unwrap()
+}
+
 #[test]
-fn a_reread_notice_is_counted_and_a_watch_can_be_withdrawn() {
-    let mut b = Bench::new("reread", "");
-    let bundle = b.file("bundle.pem", "content");
+fn a_stale_process_is_watched_and_its_reread_notice_makes_it_fresh_without_a_poll() {
+    let mut b = Bench::new("reread-notice", "");
+    let bundle = b.file("bundle.pem", &fixture("ca.pem"));
     let task = b.process();
-    let access = b.open(&task, &bundle, stats(1, 1, 7));
-    b.engine.kernel.watch_reread(&access).unwrap();
+    let key = Bench::key_of(&task);
+    let access = b.open(&task, &bundle, stats(1, 1, 5));
+    b.engine.publish(true);
+    assert!(
+        b.tables.lock().unwrap().watched.is_empty(),
+        "fresh: not watched"
+    );
+
+    // The bundle changes under the process: it is stale, and its access is watched.
+    std::thread::sleep(Duration::from_millis(20));
+    fs::write(&bundle, fixture("v1-root.pem")).unwrap();
+    let file = b.engine.ledger.get(&key).unwrap().reads[0]
+        .file
+        .clone()
+        .unwrap();
+    assert!(
+        b.engine
+            .catalog
+            .refresh(&file, &mut b.engine.watcher, &mut b.engine.io)
+    );
+    b.engine.mark_readers(&file);
+    b.engine.publish(true);
+    assert_eq!(b.engine.publisher.verdict_of(&key), Some(Verdict::Stale));
     assert_eq!(b.tables.lock().unwrap().watched, vec![access]);
+
+    // It opens the bundle again: the probe's notice alone brings the new version in.
+    let mut again = stats(2, 2, 12);
+    again.last_ino = std::os::unix::fs::MetadataExt::ino(&fs::metadata(&bundle).unwrap());
+    b.tables.lock().unwrap().accesses.insert(access, again);
     b.engine.on_event(Event::Reread(crate::events::Reread {
         task: task.clone(),
         key: access,
         cause: trustdrift_common::RereadCause::Open,
     }));
     assert_eq!(b.engine.counters.events.get("reread"), Some(&1));
-    b.engine.kernel.unwatch_reread(&access);
+    b.engine.publish(true);
+    assert_eq!(b.engine.publisher.verdict_of(&key), Some(Verdict::Fresh));
+    assert!(
+        b.tables.lock().unwrap().watched.is_empty(),
+        "fresh again: the watch is withdrawn"
+    );
+}
+
+#[test]
+fn an_exiting_stale_process_leaves_no_watch_behind() {
+    let mut b = Bench::new("reread-exit", "");
+    let bundle = b.file("bundle.pem", &fixture("ca.pem"));
+    let task = b.process();
+    let key = Bench::key_of(&task);
+    b.open(&task, &bundle, stats(1, 1, 5));
+    std::thread::sleep(Duration::from_millis(20));
+    fs::write(&bundle, fixture("v1-root.pem")).unwrap();
+    let file = b.engine.ledger.get(&key).unwrap().reads[0]
+        .file
+        .clone()
+        .unwrap();
+    assert!(
+        b.engine
+            .catalog
+            .refresh(&file, &mut b.engine.watcher, &mut b.engine.io)
+    );
+    b.engine.mark_readers(&file);
+    b.engine.publish(true);
+    assert_eq!(b.tables.lock().unwrap().watched.len(), 1);
+    b.engine.on_event(Event::Exit(task.clone()));
     assert!(b.tables.lock().unwrap().watched.is_empty());
 }
