@@ -11,7 +11,7 @@ use aya_ebpf::{
 use trustdrift_common::{
     AccessEvent, AccessKey, AccessStats, FdKey, FilterTable, KPATH_CAP, KernelOffsets,
     LOSS_REASONS, NODE_KEY_BYTES, OwnerKey, OwnerQuotas, OwnerUsage, PATH_CAP, PREFILTER_SLOTS,
-    PREFIX_CAP, ProcState, maps::capacity,
+    PREFIX_CAP, ProcState, SEED_PATH_CAP, SeedOffsets, TlsLibraries, maps::capacity,
 };
 
 /// tgid of the daemon: its own reads of trust files are not observations.
@@ -166,4 +166,33 @@ pub struct WalkState {
     pub pos: u32,
     /// `kpath_flags`.
     pub flags: u32,
+}
+
+/// Kernel layout the start-up iterators need beyond `OFFSETS`.
+#[unsafe(no_mangle)]
+pub static SEED_OFFSETS: Global<SeedOffsets> = Global::new(SeedOffsets::NONE);
+
+/// File name prefixes of the TLS libraries the start-up iterators look for in mappings.
+/// Key: 0. Value: the table (a map, not a global: too big to copy onto the stack).
+/// Bound: 1. Not pinned: the daemon writes it before the start-up reads.
+#[map]
+pub static TLS_LIBRARIES: Array<TlsLibraries> = Array::with_max_entries(1, 0);
+
+/// Per-CPU scratch of the start-up iterators (`iter`): the path `bpf_d_path` writes, and
+/// the last file handled. Key: 0. Bound: 1. Not pinned: only the start-up reads use it.
+#[map]
+pub static SEED_SCRATCH: PerCpuArray<SeedScratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// A path as `bpf_d_path` writes it, laid out so that the 8 bytes ending at any path
+/// length are inside the value (zeros before a short path).
+#[repr(C)]
+pub struct SeedScratch {
+    /// Always zero.
+    pub zeros: u64,
+    pub path: [u8; SEED_PATH_CAP],
+    pub slack: u64,
+    /// The last (read session, task, file) the maps iterator handled.
+    pub last_session: u64,
+    pub last_task: u64,
+    pub last_file: u64,
 }
