@@ -4,9 +4,10 @@
 //! `seed_maps` (`iter/task_vma`) sends, per process, its executable, the TLS libraries it
 //! maps, and the regular files it maps that the filter may want.
 //!
-//! The kernel filter here is the quick-reject bitmaps of the probe's own `FILTER` table
-//! (no trie lookup, no suffix rules): a superset of what the filter accepts, which the
-//! daemon then narrows with the exact rules. Paths come from `bpf_d_path`, relative to
+//! The kernel filter here is the probe's own: its prefix trie, and for suffixes only the
+//! quick-reject bitmap of its `FILTER` table (no suffix rules): a superset of what the
+//! filter accepts, which the daemon then narrows with the exact rules. What a mapped file
+//! turned out to be is remembered, so the libraries every process maps are judged once. Paths come from `bpf_d_path`, relative to
 //! the daemon's root; for a process whose root is elsewhere in the same tree (a chroot)
 //! such a path is not what the process names, so its files go unfiltered and the daemon
 //! strips the root.
@@ -16,15 +17,21 @@
 
 use core::{ffi::c_void, mem::size_of, ptr::read_unaligned};
 
-use aya_ebpf::helpers::generated::{bpf_d_path, bpf_seq_write};
+use aya_ebpf::{
+    helpers::generated::{bpf_d_path, bpf_seq_write},
+    maps::lpm_trie::Key,
+};
 use trustdrift_common::{
-    FilterTable, KernelOffsets, QUICK_WORDS, SEED_PATH_CAP, SeedOffsets, SeedRecord,
+    FilterTable, KernelOffsets, PREFIX_CAP, QUICK_WORDS, SEED_PATH_CAP, SeedOffsets, SeedRecord,
     ascii_lower_word, low_bytes_mask, quick_slot, seed_flags, seed_kind,
 };
 
 use crate::{
     kernel::{current_task, field},
-    maps::{FILTER, OFFSETS, SEED_OFFSETS, SEED_SCRATCH, SeedScratch, TLS_LIBRARIES},
+    maps::{
+        FILTER, OFFSETS, PREFIXES, SEED_FILE_CLASS, SEED_OFFSETS, SEED_SCRATCH, SeedScratch,
+        TLS_LIBRARIES,
+    },
 };
 
 /// `struct bpf_iter_meta`.
@@ -117,20 +124,40 @@ unsafe fn try_seed_maps(ctx: *mut TaskVmaContext) -> Option<()> {
     if seen_last(session, task as u64, file as u64) {
         return None;
     }
+    // SAFETY: `meta` is the context's.
+    let seq = unsafe { (*meta).seq };
+    let exe = field::<u64>(task as u64, s.task_mm).and_then(|mm| field::<u64>(mm, s.mm_exe_file));
+    let is_exe = exe == Some(file as u64);
+    // Processes map the same few libraries: a file already judged is not looked at
+    // again, which keeps the cost per process low.
+    let key = class_key(&o, file as u64);
+    let known = match key {
+        Some(key) if !is_exe => SEED_FILE_CLASS.get_ptr(key).map(|c| {
+            // SAFETY: a valid map value.
+            unsafe { *c }
+        }),
+        _ => None,
+    };
+    if known == Some(file_class::NOTHING) && !task_root_elsewhere(&o, task as u64) {
+        return None;
+    }
     let (ino, dev, mode) = inode_of(&o, &s, file as u64)?;
     if mode != S_IFREG {
         return None;
     }
     let mut record = record_of(&o, &s, task as u64, seed_kind::EXE)?;
     (record.ino, record.dev) = (ino, dev);
-    // SAFETY: `meta` is the context's.
-    let seq = unsafe { (*meta).seq };
-    let exe = field::<u64>(task as u64, s.task_mm).and_then(|mm| field::<u64>(mm, s.mm_exe_file));
-    if exe == Some(file as u64) {
+    if is_exe {
         write(seq, &record);
         return Some(());
     }
-    if let Some(index) = tls_library(&o, file as u64) {
+    let library = match known {
+        Some(class) if class >= file_class::TLS_LIBRARY => Some(class - file_class::TLS_LIBRARY),
+        Some(_) => None,
+        None => tls_library(&o, file as u64),
+    };
+    if let Some(index) = library {
+        remember(key, file_class::TLS_LIBRARY + index);
         record.kind = seed_kind::TLS_LIBRARY;
         record.detail = index;
         write(seq, &record);
@@ -138,7 +165,50 @@ unsafe fn try_seed_maps(ctx: *mut TaskVmaContext) -> Option<()> {
     }
     record.kind = seed_kind::MAPPED;
     // SAFETY: `file` is a BTF-typed file pointer.
-    unsafe { send_path(&o, seq, record, file) }
+    let sent = unsafe { send_path(&o, seq, record, file) };
+    if sent.is_none() && record.flags & seed_flags::ROOT_ELSEWHERE == 0 {
+        remember(key, file_class::NOTHING);
+    }
+    sent
+}
+
+/// The `SEED_FILE_CLASS` key of a file: what its path is made of.
+fn class_key(o: &KernelOffsets, file: u64) -> Option<[u64; 2]> {
+    let mnt = field::<u64>(file, o.file_path.wrapping_add(o.path_mnt))?;
+    let dentry = field::<u64>(file, o.file_path.wrapping_add(o.path_dentry))?;
+    Some([mnt, dentry])
+}
+
+/// What `SEED_FILE_CLASS` says of an open file.
+mod file_class {
+    /// Neither a TLS library nor a path the filter may want (for a process whose root
+    /// is not elsewhere).
+    pub const NOTHING: u32 = 1;
+    /// A TLS library: this plus its index.
+    pub const TLS_LIBRARY: u32 = 2;
+}
+
+fn remember(key: Option<[u64; 2]>, class: u32) {
+    if let Some(key) = key {
+        let _ = SEED_FILE_CLASS.insert(key, class, 0);
+    }
+}
+
+/// `root_elsewhere` of the task this CPU's last mapping belonged to, worked out once per
+/// task (its mappings come in a row).
+fn task_root_elsewhere(o: &KernelOffsets, task: u64) -> bool {
+    let Some(s) = SEED_SCRATCH.get_ptr_mut(0) else {
+        return root_elsewhere(o, task);
+    };
+    // SAFETY: this CPU's value; `seen_last` set `last_task` for this very call.
+    unsafe {
+        if (*s).elsewhere_task != task || (*s).elsewhere_session != (*s).last_session {
+            (*s).elsewhere_task = task;
+            (*s).elsewhere_session = (*s).last_session;
+            (*s).elsewhere = u64::from(root_elsewhere(o, task));
+        }
+        (*s).elsewhere != 0
+    }
 }
 
 /// Whether this mapping's file is the one the last mapping of the same process in the
@@ -297,9 +367,9 @@ fn quick_maybe(bitmap: &[u64; QUICK_WORDS], word: u64) -> bool {
 }
 
 /// Whether the path in the scratch (`len` bytes, without its NUL) may be one the trust
-/// filter accepts: its head is an include prefix's, or its tail a suffix's. No filter
-/// written yet: everything may be.
-fn may_be_trust(s: *const SeedScratch, len: usize) -> bool {
+/// filter accepts: an include prefix starts it, or (no exclusion does and) its tail may
+/// be a suffix's. No filter written yet: everything may be.
+fn may_be_trust(s: *mut SeedScratch, len: usize) -> bool {
     let Some(filter) = FILTER.get_ptr(0) else {
         return true;
     };
@@ -314,7 +384,13 @@ fn may_be_trust(s: *const SeedScratch, len: usize) -> bool {
         // SAFETY: the first 8 bytes of the path buffer.
         let head = unsafe { read_unaligned(base.add(path_at) as *const u64) };
         if quick_maybe(&f.heads, head & low_bytes_mask(f.head_len)) {
-            return true;
+            // The probe's own trie, as for an observed open: an include prefix takes
+            // it; an exclusion vetoes the suffixes too (`TrustPaths::matches`).
+            match prefix_verdict(s, len) {
+                Some(0) => return false,
+                Some(_) => return true,
+                None => {}
+            }
         }
     }
     let tail_len = f.tail_len;
@@ -332,6 +408,22 @@ fn may_be_trust(s: *const SeedScratch, len: usize) -> bool {
         }
     }
     false
+}
+
+/// The value of the longest `PREFIXES` entry that starts the path in the scratch (`len`
+/// bytes): include (1) or exclude (0); `None` when none does.
+fn prefix_verdict(s: *mut SeedScratch, len: usize) -> Option<u8> {
+    let len = if len > PREFIX_CAP { PREFIX_CAP } else { len };
+    // SAFETY: this CPU's value; `prefixlen` followed by `path` has the layout of an LPM
+    // key, and the kernel reads only the key size of the trie.
+    unsafe {
+        (*s).prefixlen = (len * 8) as u32;
+        let key = &*(&raw const (*s).prefixlen).cast::<Key<[u8; PREFIX_CAP]>>();
+        let verdict = PREFIXES.get(key).copied();
+        // The tail window of short paths reads these bytes as zeros.
+        (*s).prefixlen = 0;
+        verdict
+    }
 }
 
 fn write(seq: *mut c_void, record: &SeedRecord) {
