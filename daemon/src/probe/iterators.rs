@@ -6,6 +6,7 @@
 use std::{
     fs::File,
     io::{self, Read},
+    time::Instant,
 };
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -149,18 +150,29 @@ impl SeedIterators {
     /// Runs both iterators now (the fds, then the mappings) and hands every record to
     /// `each`, streamed: nothing but one read's worth is held.
     pub fn read(self, mut each: impl FnMut(SeedEntry<'_>)) -> io::Result<()> {
-        read_records(self.files, &mut each)?;
-        read_records(self.maps, &mut each)
+        for (file, program) in [(self.files, "seed_files"), (self.maps, "seed_maps")] {
+            let started = Instant::now();
+            let records = read_records(file, &mut each)?;
+            tracing::debug!(
+                program,
+                records,
+                ms = started.elapsed().as_millis() as u64,
+                "read a start-up iterator"
+            );
+        }
+        Ok(())
     }
 }
 
 const RECORD: usize = size_of::<SeedRecord>();
 
-fn read_records(mut file: impl Read, each: &mut impl FnMut(SeedEntry<'_>)) -> io::Result<()> {
+/// Hands every record of `file` to `each`; how many there were.
+fn read_records(mut file: impl Read, each: &mut impl FnMut(SeedEntry<'_>)) -> io::Result<u64> {
     // The kernel fills a read with whole records, up to its seq buffer (a few pages);
     // a record cut across reads is completed by the next one all the same.
     let mut buf = vec![0u8; 64 << 10];
     let mut held = 0;
+    let mut records = 0;
     loop {
         if held == buf.len() {
             buf.resize(buf.len() * 2, 0);
@@ -172,7 +184,8 @@ fn read_records(mut file: impl Read, each: &mut impl FnMut(SeedEntry<'_>)) -> io
             Err(e) => return Err(e),
         };
         held += n;
-        let used = decode(&buf[..held], each)?;
+        let (used, count) = decode(&buf[..held], each)?;
+        records += count;
         buf.copy_within(used..held, 0);
         held -= used;
     }
@@ -182,12 +195,14 @@ fn read_records(mut file: impl Read, each: &mut impl FnMut(SeedEntry<'_>)) -> io
             format!("the iterator ended inside a record ({held} bytes left)"),
         ));
     }
-    Ok(())
+    Ok(records)
 }
 
-/// Hands the whole records at the start of `bytes` to `each`; how many bytes they took.
-fn decode(bytes: &[u8], each: &mut impl FnMut(SeedEntry<'_>)) -> io::Result<usize> {
+/// Hands the whole records at the start of `bytes` to `each`; how many bytes they took
+/// and how many records they were.
+fn decode(bytes: &[u8], each: &mut impl FnMut(SeedEntry<'_>)) -> io::Result<(usize, u64)> {
     let mut at = 0;
+    let mut count = 0;
     while bytes.len() - at >= RECORD {
         let record: SeedRecord = bytemuck_read(&bytes[at..at + RECORD]);
         let path_len = record.path_len as usize;
@@ -206,8 +221,9 @@ fn decode(bytes: &[u8], each: &mut impl FnMut(SeedEntry<'_>)) -> io::Result<usiz
         });
         each(SeedEntry { record, path });
         at += RECORD + path_len;
+        count += 1;
     }
-    Ok(at)
+    Ok((at, count))
 }
 
 /// A `SeedRecord` from its bytes (plain data: any bytes are a valid record).
