@@ -83,3 +83,61 @@ fn a_bundle_held_open_in_another_mount_namespace_before_the_daemon_started_is_se
         }
     }
 }
+
+/// A process that mapped `bundle` and closed its fd: only the mapping holds it.
+fn mapper_of(bundle: &Path) -> Guarded {
+    let script = format!(
+        "import mmap, sys\n\
+         f = open({:?}, 'rb')\n\
+         m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)\n\
+         f.close()\n\
+         print('loaded', flush=True)\n\
+         sys.stdin.read()",
+        bundle.to_str().unwrap()
+    );
+    let mut mapper = Guarded::spawn(
+        Command::new("/usr/bin/python3")
+            .args(["-I", "-c", &script])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped()),
+    );
+    let mut line = String::new();
+    BufReader::new(mapper.0.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "loaded", "the mapper did not map its bundle");
+    mapper
+}
+
+#[test]
+fn a_bundle_mapped_and_closed_before_the_daemon_started_is_seeded_either_way() {
+    for (seed, logged) in [
+        ("probe.seed=auto", "bpf task iterators"),
+        ("probe.seed=procfs", "procfs"),
+    ] {
+        let dir = TempDir::new("seed-mapped");
+        // Trust material by its suffix alone: no default prefix covers it.
+        let pem = dir.join("service-ca.pem");
+        let ca = Cert::ca("Mapped Before Start");
+        fs::write(&pem, bundle(&[&ca])).unwrap();
+        let mapper = mapper_of(&pem);
+        let Some(daemon) = Daemon::start(&["--set", seed]) else {
+            return;
+        };
+        let path = pem.to_str().unwrap();
+        let p = daemon.wait_for("seeded and fresh", mapper.pid(), |p| {
+            p["verdict"] == "fresh" && holds(p, path)
+        });
+        assert_eq!(p["origin"], "seeded", "{seed}: {p}");
+        // Rewritten in place: the inode it maps now has other content.
+        fs::write(&pem, bundle(&[&ca, &Cert::ca("Added After Start")])).unwrap();
+        daemon.wait_for("stale", mapper.pid(), |p| p["verdict"] == "stale");
+        let scanned = daemon
+            .log()
+            .lines()
+            .find(|l| l.contains("start-up scan of the processes already running"))
+            .map(str::to_owned)
+            .unwrap_or_default();
+        assert!(scanned.contains(logged), "{seed}: {scanned}");
+    }
+}
