@@ -218,6 +218,12 @@ pub fn run(args: &Args, trustdrift: &Path) -> Result<()> {
                 samples[i].ready[v].push(s.ready.as_secs_f64() * 1000.0);
                 // A missing timing keeps its place, so that rounds stay aligned.
                 samples[i].scan[v].push(s.scan_ms.map_or(f64::NAN, |ms| ms as f64));
+                eprintln!(
+                    "xtask:   {}: ready in {} ms, scan {} ms",
+                    variant.name(),
+                    s.ready.as_millis(),
+                    s.scan_ms.map_or("?".into(), |ms| ms.to_string())
+                );
             }
         }
     }
