@@ -285,7 +285,8 @@ fn render(args: &Args, rows: &[Row]) -> String {
          with each start-up scan, A/B alternating: `probe.seed = \"procfs\"` (every \
          process's maps and fds read from /proc) and `auto` (the probe's task iterators, \
          then /proc only for the processes they name). Medians; \"scan\" is the daemon's own \
-         timing of the start-up scan (its log); growth is taken within each round, against \
+         timing of the start-up scan (its log; the iterators' walks start as the start-up \
+         does and run beside it, so for them it is what was left to wait for); growth is taken within each round, against \
          that round's first count, then the median over rounds. {}.\n\n",
         args.rounds,
         harness::machine()

@@ -6,6 +6,7 @@
 use std::{
     fs::File,
     io::{self, Read},
+    thread::JoinHandle,
     time::{Duration, Instant},
 };
 
@@ -26,10 +27,22 @@ use crate::process::seed::TLS_LIBRARIES;
 /// The probe's map of TLS library name prefixes (not pinned: only the iterators read it).
 const TLS_LIBRARIES_MAP: &str = "TLS_LIBRARIES";
 
-/// The iterators' seq files, each readable once.
+/// The iterators' seq files, each readable once, and once started their walks.
 pub struct SeedIterators {
-    files: File,
-    maps: File,
+    files: Walk,
+    maps: Walk,
+}
+
+/// One iterator: its seq file, or the thread reading it whole.
+enum Walk {
+    Open(File),
+    Reading(JoinHandle<io::Result<Walked>>),
+}
+
+/// Everything one iterator sent, and how long its walk took.
+struct Walked {
+    bytes: Vec<u8>,
+    took: Duration,
 }
 
 /// One record with its path, if it has one (as the kernel printed it, without its NUL).
@@ -122,8 +135,8 @@ pub fn open(
         .set(0, libraries(TLS_LIBRARIES)?, 0)
         .context("writing the TLS library table")?;
     Ok(SeedIterators {
-        files: open_one(ebpf, btf, "seed_files", "task_file")?,
-        maps: open_one(ebpf, btf, "seed_maps", "task_vma")?,
+        files: Walk::Open(open_one(ebpf, btf, "seed_files", "task_file")?),
+        maps: Walk::Open(open_one(ebpf, btf, "seed_maps", "task_vma")?),
     })
 }
 
@@ -147,43 +160,63 @@ fn open_one(ebpf: &mut Ebpf, btf: &Btf, program: &str, target: &str) -> Result<F
 }
 
 impl SeedIterators {
-    /// Runs both iterators now, at once, and hands every record to `each`: the fds'
-    /// streamed as they come, then the mappings' (held meanwhile: about one 40-byte
-    /// record per process).
+    /// Starts both walks, each on a thread of its own: they run while the rest of the
+    /// start-up does (restoring the ledger, loading the stores), on whatever CPU is free.
+    /// Call it after the capabilities are dropped: the threads inherit the caller's.
+    pub fn start(&mut self) {
+        for (walk, program) in [
+            (&mut self.files, "seed_files"),
+            (&mut self.maps, "seed_maps"),
+        ] {
+            let Walk::Open(file) = walk else {
+                continue;
+            };
+            let Ok(file) = file.try_clone() else {
+                continue;
+            };
+            let started = std::thread::Builder::new()
+                .name(format!("td-{program}"))
+                .spawn(move || walk_whole(file));
+            // No thread: the walk runs when it is read.
+            if let Ok(handle) = started {
+                *walk = Walk::Reading(handle);
+            }
+        }
+    }
+
+    /// Hands every record of both iterators to `each`, the fds' first (a file both
+    /// open and mapped is known by its fd). A walk not started runs now.
     pub fn read(self, mut each: impl FnMut(SeedEntry<'_>)) -> io::Result<()> {
-        let Self { files, mut maps } = self;
-        // The two walks are independent and each runs on the CPU that reads it: the
-        // mappings' (the longer one) runs on another thread meanwhile, its few bytes
-        // per process kept until the fds' records are handed out (those come first: a
-        // file both open and mapped is known by its fd).
-        let mapped = std::thread::scope(|scope| {
-            let mapped = scope.spawn(move || {
-                let started = Instant::now();
-                let mut bytes = Vec::new();
-                maps.read_to_end(&mut bytes)
-                    .map(|_| (bytes, started.elapsed()))
-            });
-            let started = Instant::now();
-            let records = read_records(files, &mut each)?;
-            logged("seed_files", records, started.elapsed());
-            mapped
-                .join()
-                .map_err(|_| io::Error::other("the thread reading seed_maps panicked"))?
-        })?;
-        let (bytes, took) = mapped;
-        let records = read_records(bytes.as_slice(), &mut each)?;
-        logged("seed_maps", records, took);
+        for (walk, program) in [(self.files, "seed_files"), (self.maps, "seed_maps")] {
+            let walked = match walk {
+                Walk::Open(file) => walk_whole(file)?,
+                Walk::Reading(handle) => handle.join().map_err(|_| {
+                    io::Error::other(format!("the thread reading {program} panicked"))
+                })??,
+            };
+            let records = read_records(walked.bytes.as_slice(), &mut each)?;
+            tracing::debug!(
+                program,
+                records,
+                ms = walked.took.as_millis() as u64,
+                "read a start-up iterator"
+            );
+        }
         Ok(())
     }
 }
 
-fn logged(program: &str, records: u64, took: Duration) {
-    tracing::debug!(
-        program,
-        records,
-        ms = took.as_millis() as u64,
-        "read a start-up iterator"
-    );
+/// Runs an iterator's walk (its program runs inside these reads): what it sent is kept
+/// whole, a few bytes per process (one 40-byte record, and some for the few processes
+/// holding what the filter may want).
+fn walk_whole(mut file: File) -> io::Result<Walked> {
+    let started = Instant::now();
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes)?;
+    Ok(Walked {
+        bytes,
+        took: started.elapsed(),
+    })
 }
 
 const RECORD: usize = size_of::<SeedRecord>();

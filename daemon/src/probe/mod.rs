@@ -514,10 +514,13 @@ impl Probe {
         self.node_key
     }
 
-    /// The start-up iterators, once: `None` when the kernel does not allow them, in lean
-    /// mode, or when the configuration asks for /proc.
+    /// The start-up iterators, once, their walks started (take them after dropping the
+    /// capabilities: the walking threads inherit the caller's): `None` when the kernel
+    /// does not allow them, in lean mode, or when the configuration asks for /proc.
     pub fn take_seed_iterators(&mut self) -> Option<SeedIterators> {
-        self.seed_iterators.take()
+        let mut iterators = self.seed_iterators.take()?;
+        iterators.start();
+        Some(iterators)
     }
 
     /// Replaces the kernel filter (config reload) without detaching anything.
