@@ -10,6 +10,7 @@ use clap::Subcommand;
 mod footprint;
 mod latency;
 mod overhead;
+mod startup;
 mod storm;
 mod throughput;
 
@@ -32,6 +33,9 @@ pub enum Which {
     Latency(latency::Args),
     /// The daemon's RSS and CPU at idle and with 1,000 and 10,000 live readers.
     Footprint(footprint::Args),
+    /// Time to /readyz with 0 to 10,000 extra idle processes on the node: the start-up
+    /// scan through /proc against the probe's task iterators.
+    Startup(startup::Args),
 }
 
 pub fn run(which: Which, trustdrift: &Path) -> Result<()> {
@@ -41,6 +45,7 @@ pub fn run(which: Which, trustdrift: &Path) -> Result<()> {
         Which::Storm(args) => storm::run(&args, trustdrift),
         Which::Latency(args) => latency::run(&args, trustdrift),
         Which::Footprint(args) => footprint::run(&args, trustdrift),
+        Which::Startup(args) => startup::run(&args, trustdrift),
     }
 }
 

@@ -10,6 +10,7 @@
 #![no_std]
 
 pub mod filter;
+pub mod iter;
 pub mod kernel;
 pub mod layout;
 pub mod loss;
@@ -20,6 +21,10 @@ pub mod tables;
 pub use filter::{
     FilterTable, PrefixKey, QUICK_WORDS, SuffixRule, ascii_lower_word, low_bytes_mask,
     prefix_value, quick_slot,
+};
+pub use iter::{
+    LibraryPrefix, MAX_TLS_LIBRARIES, SEED_PATH_CAP, SeedOffsets, SeedRecord, TlsLibraries,
+    seed_flags, seed_kind,
 };
 pub use kernel::KernelOffsets;
 pub use loss::{LOSS_REASONS, Loss};
@@ -83,6 +88,9 @@ mod pod {
     unsafe impl aya::Pod for AccessEvent {}
     unsafe impl aya::Pod for ProcEvent {}
     unsafe impl aya::Pod for RereadEvent {}
+    unsafe impl aya::Pod for SeedRecord {}
+    unsafe impl aya::Pod for SeedOffsets {}
+    unsafe impl aya::Pod for TlsLibraries {}
 }
 
 #[cfg(test)]

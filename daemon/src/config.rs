@@ -112,6 +112,9 @@ pub struct Api {
 pub struct Probe {
     /// `full` (opens and reads) or `lean` (opens only).
     pub mode: String,
+    /// How the start-up scan learns what running processes hold: `auto` (BPF task
+    /// iterators where the kernel allows them, else /proc) or `procfs`.
+    pub seed: String,
     pub max_accesses: u32,
     pub max_fds: u32,
     pub max_processes: u32,
@@ -229,6 +232,7 @@ impl Default for Probe {
     fn default() -> Self {
         Self {
             mode: "full".into(),
+            seed: "auto".into(),
             max_accesses: 32768,
             max_fds: 16384,
             max_processes: 16384,
@@ -523,6 +527,13 @@ impl Config {
         if !["full", "lean"].contains(&self.probe.mode.as_str()) {
             return Err(bad("probe.mode", &self.probe.mode, "expected full or lean"));
         }
+        if !["auto", "procfs"].contains(&self.probe.seed.as_str()) {
+            return Err(bad(
+                "probe.seed",
+                &self.probe.seed,
+                "expected auto or procfs",
+            ));
+        }
         if !["human", "json"].contains(&self.log.format.as_str()) {
             return Err(bad(
                 "log.format",
@@ -698,6 +709,7 @@ const RESTART_KEYS: &[(&str, Value)] = &[
         c.api.max_bytes_in_flight.to_string()
     }),
     ("probe.mode", |c| c.probe.mode.clone()),
+    ("probe.seed", |c| c.probe.seed.clone()),
     ("probe.max_accesses", |c| c.probe.max_accesses.to_string()),
     ("probe.max_fds", |c| c.probe.max_fds.to_string()),
     ("probe.max_processes", |c| c.probe.max_processes.to_string()),

@@ -12,7 +12,7 @@ use trustdrift::{
     cli::trace,
     config::{self, Config, Override},
     engine,
-    probe::{self, Capacities, Mode, ProbeOptions, Programs, Shares},
+    probe::{self, Capacities, Mode, ProbeOptions, Programs, Shares, iterators::SeedSource},
     serve::{api, stream::InFlight},
 };
 
@@ -306,6 +306,8 @@ fn probe_options(config: &Config, programs: Programs) -> ProbeOptions {
         shares: Shares::default(),
         pin_dir: None,
         bpf_stats: false,
+        // Nothing here scans running processes.
+        seed: SeedSource::Procfs,
     }
 }
 

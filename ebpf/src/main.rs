@@ -23,6 +23,7 @@ mod arch;
 mod atomic;
 mod emit;
 mod fds;
+mod iter;
 mod kernel;
 mod kpath;
 mod maps;

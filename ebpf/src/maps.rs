@@ -12,7 +12,8 @@ pub use trustdrift_common::maps::counter;
 use trustdrift_common::{
     AccessEvent, AccessKey, AccessStats, FD_FILTER_SLOTS, FdKey, FilterTable, KPATH_CAP,
     KernelOffsets, LOSS_REASONS, NODE_KEY_BYTES, OwnerKey, OwnerQuotas, OwnerUsage, PATH_CAP,
-    PREFILTER_SLOTS, PREFIX_CAP, ProcState, maps::capacity,
+    PREFILTER_SLOTS, PREFIX_CAP, ProcState, SEED_PATH_CAP, SeedOffsets, TlsLibraries,
+    maps::capacity,
 };
 
 /// tgid of the daemon: its own reads of trust files are not observations.
@@ -178,3 +179,47 @@ pub struct WalkState {
     /// `kpath_flags`.
     pub flags: u32,
 }
+
+/// Kernel layout the start-up iterators need beyond `OFFSETS`.
+#[unsafe(no_mangle)]
+pub static SEED_OFFSETS: Global<SeedOffsets> = Global::new(SeedOffsets::NONE);
+
+/// File name prefixes of the TLS libraries the start-up iterators look for in mappings.
+/// Key: 0. Value: the table (a map, not a global: too big to copy onto the stack).
+/// Bound: 1. Not pinned: the daemon writes it before the start-up reads.
+#[map]
+pub static TLS_LIBRARIES: Array<TlsLibraries> = Array::with_max_entries(1, 0);
+
+/// Per-CPU scratch of the start-up iterators (`iter`): the path `bpf_d_path` writes, and
+/// the last file handled. Key: 0. Bound: 1. Not pinned: only the start-up reads use it.
+#[map]
+pub static SEED_SCRATCH: PerCpuArray<SeedScratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// A path as `bpf_d_path` writes it, laid out so that the 8 bytes ending at any path
+/// length are inside the value (zeros before a short path), and so that `&prefixlen`
+/// is a valid `PREFIXES` key.
+#[repr(C)]
+pub struct SeedScratch {
+    /// Always zero.
+    pub zeros: u32,
+    /// LPM key header, set just before the prefix lookup (zero otherwise).
+    pub prefixlen: u32,
+    pub path: [u8; SEED_PATH_CAP],
+    pub slack: u64,
+    /// The last (read session, task, file) the maps iterator handled.
+    pub last_session: u64,
+    pub last_task: u64,
+    pub last_file: u64,
+    /// Whether the root of task `elsewhere_task` (in read `elsewhere_session`) is elsewhere.
+    pub elsewhere_session: u64,
+    pub elsewhere_task: u64,
+    pub elsewhere: u64,
+}
+
+/// What the maps iterator found a mapped file to be (`iter::file_class`), so that the
+/// other processes mapping it (every process maps the same few libraries) skip the look.
+/// Key: the file's (vfsmount, dentry) addresses, which make its path; valid while the
+/// read runs (a mapped file holds them). Value: the class. Bound: 8192, LRU (a
+/// forgotten file is looked at again). Not pinned.
+#[map]
+pub static SEED_FILE_CLASS: LruHashMap<[u64; 2], u32> = LruHashMap::with_max_entries(8192, 0);

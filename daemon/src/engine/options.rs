@@ -5,7 +5,7 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 use crate::{
     config::Config,
     ledger::LedgerLimits,
-    probe::{Capacities, Mode, ProbeOptions, Programs, Shares},
+    probe::{Capacities, Mode, ProbeOptions, Programs, Shares, iterators::SeedSource},
     process::deadline,
     serve::snapshot::MetricsOptions,
     stores::catalog,
@@ -62,6 +62,11 @@ impl EngineOptions {
                 },
                 pin_dir: non_empty(&c.state.pin_dir),
                 bpf_stats: c.metrics.bpf_stats,
+                seed: if c.probe.seed == "procfs" {
+                    SeedSource::Procfs
+                } else {
+                    SeedSource::Auto
+                },
             },
             catalog: catalog::Limits {
                 max_file_bytes: c.catalog.max_file_bytes,

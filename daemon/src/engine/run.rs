@@ -3,7 +3,7 @@
 
 use std::{
     sync::Arc,
-    time::{Duration, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{Context, Result};
@@ -20,10 +20,13 @@ use crate::{
         journal::{self, Entry, Journal, Kind, SharedJournal},
     },
     ledger::{Origin, ProcKey, ProcessInfo, TrustRead, persist, state_dir::StateDir},
-    probe::{Probe, pinning::PinStatus, privileges},
-    process::{procfs, seed},
+    probe::{Probe, iterators::SeedIterators, pinning::PinStatus, privileges},
+    process::{holdings::Holdings, procfs, seed},
     serve::snapshot::{Heartbeat, Snapshot},
-    stores::{catalog::FileKey, digest::NodeKey},
+    stores::{
+        catalog::{Expect, FileKey},
+        digest::NodeKey,
+    },
 };
 
 /// Runs the daemon until SIGINT or SIGTERM; SIGHUP reloads the configuration through
@@ -104,6 +107,7 @@ where
     let mut intake = Intake::start(probe.take_events()?, options.queue_bytes, journal.clone())?;
     let publisher = Publisher::new(tx, options.metrics.clone());
     let key = NodeKey::from_bytes(probe.node_key());
+    let seed_iterators = probe.take_seed_iterators();
     let saver = Saver::new(state, journal);
     let (mut engine, inotify) = Engine::new(Box::new(probe), options, saver, publisher, key)?;
     engine.heartbeat = heartbeat;
@@ -113,7 +117,7 @@ where
             .context("watching trust directories")?;
     let mut change_buffer = vec![0u8; 64 * 1024];
 
-    engine.start_up(leftover);
+    engine.start_up(leftover, seed_iterators);
 
     let mut config = config;
     let mut poll_stale = tokio::time::interval(engine.options.poll);
@@ -245,7 +249,11 @@ impl Engine {
     /// What happened before this start: the saved ledger, what the journal holds that
     /// the save does not, the host's stores, the processes already running. Then the
     /// first snapshot says the daemon is ready.
-    fn start_up(&mut self, (leftover, epoch): (Vec<Entry>, u64)) {
+    fn start_up(
+        &mut self,
+        (leftover, epoch): (Vec<Entry>, u64),
+        seed_iterators: Option<SeedIterators>,
+    ) {
         let mut saved_mark = None;
         if let Some(state) = self.saver.state() {
             let restored = state.restore(&mut self.ledger, &mut self.catalog);
@@ -264,7 +272,7 @@ impl Engine {
         }
         let reference = self.load_reference();
         self.publisher.set_host_reference(reference);
-        self.seed();
+        self.seed(seed_iterators);
         self.counters.map_fill = self.kernel.map_fill();
         self.publisher.set_ready();
         self.publish(true);
@@ -345,12 +353,39 @@ impl Engine {
             .mark_all(self.ledger.processes().map(|p| p.key));
     }
 
-    /// Processes that were running before the probe attached.
-    fn seed(&mut self) {
+    /// Processes that were running before the probe attached: from the probe's task
+    /// iterators when it has them, else from /proc.
+    fn seed(&mut self, iterators: Option<SeedIterators>) {
         let mut go = seed::GoBinaries::default();
-        let now = SystemTime::now();
         let paths = self.options.probe.paths.clone();
-        for found in seed::scan(&paths, &mut go, &mut self.io) {
+        let cmdline = self.options.cmdline;
+        let started = Instant::now();
+        let read = iterators.map(Holdings::read);
+        let (found, with, records) = match read {
+            Some(Ok(holdings)) => {
+                let records = holdings.records;
+                let found = holdings.found(&paths, &mut go, &mut self.io, cmdline);
+                (found, "bpf task iterators", records)
+            }
+            other => {
+                if let Some(Err(e)) = other {
+                    tracing::warn!(
+                        "reading the BPF task iterators failed ({e}): the start-up scan reads /proc"
+                    );
+                }
+                let found = seed::scan_procfs(&paths, &mut go, &mut self.io, cmdline);
+                (found, "procfs", 0)
+            }
+        };
+        tracing::info!(
+            with,
+            records,
+            found = found.len(),
+            ms = started.elapsed().as_millis() as u64,
+            "start-up scan of the processes already running"
+        );
+        let now = SystemTime::now();
+        for found in found {
             self.heartbeat.beat();
             let key = ProcKey {
                 pid: found.pid,
@@ -380,14 +415,48 @@ impl Engine {
             if self.ledger.upsert(key, origin, info).is_none() {
                 continue;
             }
-            for path in found.trust_files {
-                let file = FileKey { root, path };
-                // What it holds open: read only if the path still leads there.
-                let version = self
+            for held in found.trust_files {
+                let file = FileKey {
+                    root,
+                    path: held.path.clone(),
+                };
+                // What it holds: read only if the path still leads to the file it holds
+                // (or lives where the kernel says that one does).
+                let expect = held.identity.map(|(dev, ino)| Expect {
+                    dev,
+                    ino,
+                    kernel_path: Some(held.path.clone()),
+                });
+                let current = self
                     .catalog
-                    .observe(&file, None, &mut self.watcher, &mut self.io)
+                    .observe(&file, expect.as_ref(), &mut self.watcher, &mut self.io)
                     .ok();
-                let resolved = version.as_ref().and_then(|v| v.canonical.clone());
+                let resolved = current.as_ref().and_then(|v| v.canonical.clone());
+                // The version it holds, as for an observed open: the inode it holds, when
+                // the history (or its fd) says which version that is; one replaced before
+                // anyone looked is of unknown content, never the current one.
+                let version = match (held.identity, &current) {
+                    (Some((dev, ino)), Some(now_there))
+                        if now_there
+                            .identity
+                            .is_some_and(|i| i.dev == dev && i.ino != ino) =>
+                    {
+                        self.catalog
+                            .version_of_inode(&file, dev, ino, now)
+                            .or_else(|| {
+                                let fd = held.fd?;
+                                self.catalog.adopt_open_file(
+                                    &file,
+                                    key.pid,
+                                    fd,
+                                    (dev, ino),
+                                    &mut self.io,
+                                )
+                            })
+                            .or_else(|| Some(self.catalog.unseen_version(dev, ino, now)))
+                    }
+                    _ => current,
+                };
                 let read = TrustRead {
                     access_key: None,
                     path: file.path.clone(),

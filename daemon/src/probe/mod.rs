@@ -1,6 +1,7 @@
 //! Loading, configuring and attaching the kernel probe, and reading what it keeps in maps.
 //! Dropping a [`Probe`] detaches every program.
 
+pub mod iterators;
 pub mod layout;
 pub mod pinning;
 pub mod privileges;
@@ -26,7 +27,11 @@ use trustdrift_common::{
     OwnerQuotas, PREFIX_CAP, layout::LAYOUT, maps::capacity, maps::counter, maps::name, owner_kind,
 };
 
-use self::{pinning::PinStatus, trust_paths::TrustPaths};
+use self::{
+    iterators::{SeedIterators, SeedSource},
+    pinning::PinStatus,
+    trust_paths::TrustPaths,
+};
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/probe.o"));
 
@@ -120,6 +125,8 @@ pub struct ProbeOptions {
     pub pin_dir: Option<PathBuf>,
     /// Turn on the kernel's per-program run-time accounting while the probe lives.
     pub bpf_stats: bool,
+    /// How the start-up scan learns what running processes hold.
+    pub seed: SeedSource,
 }
 
 /// Fill of one bounded map, for the metrics.
@@ -160,6 +167,7 @@ pub struct Probe {
     attachments: Vec<Attachment>,
     plan: Option<pinning::Plan>,
     _stats: Option<OwnedFd>,
+    seed_iterators: Option<SeedIterators>,
     pub mode: Mode,
     pub pinning: PinStatus,
 }
@@ -320,6 +328,7 @@ impl Probe {
         let exit_format = tracefs::format(tracefs, "sched", "sched_process_exit")?;
         tracefs::format(tracefs, "sched", "sched_process_exec")?;
         let offsets = layout::discover(layout.as_ref(), Some(&exit_format));
+        let seed_offsets = iterators::offsets(layout.as_ref());
         if offsets.task_start_boottime == KernelOffsets::UNKNOWN {
             tracing::warn!(
                 "kernel BTF has no task_struct.start_boottime: process start times come from \
@@ -364,6 +373,7 @@ impl Probe {
             .override_global("OFFSETS", &offsets, true)
             .override_global("FDS_CAPACITY", &fds_capacity, true)
             .override_global("QUOTAS", &quotas, true)
+            .override_global("SEED_OFFSETS", &seed_offsets, true)
             .map_max_entries(name::ACCESSES, caps.accesses)
             .map_max_entries(name::FDS, caps.fds)
             .map_max_entries(name::PROCS, caps.procs)
@@ -434,6 +444,21 @@ impl Probe {
                 );
             }
         }
+        // Lean mode is for kernels where tracing programs may not work: it seeds from /proc.
+        let seed_iterators = if options.mode == Mode::Full
+            && options.programs == Programs::Probe
+            && options.seed == SeedSource::Auto
+        {
+            iterators::open(&mut ebpf, &kernel_btf, &offsets, &seed_offsets)
+                .inspect_err(|e| {
+                    tracing::warn!(
+                        "BPF task iterators are unavailable ({e:#}): the start-up scan reads /proc"
+                    );
+                })
+                .ok()
+        } else {
+            None
+        };
         let stats = if options.bpf_stats {
             match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
                 Ok(fd) => Some(fd),
@@ -482,6 +507,7 @@ impl Probe {
             attachments,
             plan,
             _stats: stats,
+            seed_iterators,
             mode: options.mode,
             pinning,
         })
@@ -492,6 +518,15 @@ impl Probe {
     /// and is never written anywhere else.
     pub fn node_key(&self) -> [u8; NODE_KEY_BYTES] {
         self.node_key
+    }
+
+    /// The start-up iterators, once, their walks started (take them after dropping the
+    /// capabilities: the walking threads inherit the caller's): `None` when the kernel
+    /// does not allow them, in lean mode, or when the configuration asks for /proc.
+    pub fn take_seed_iterators(&mut self) -> Option<SeedIterators> {
+        let mut iterators = self.seed_iterators.take()?;
+        iterators.start();
+        Some(iterators)
     }
 
     /// Replaces the kernel filter (config reload) without detaching anything.

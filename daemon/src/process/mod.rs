@@ -5,6 +5,7 @@
 
 pub mod attribution;
 pub mod deadline;
+pub mod holdings;
 pub mod peers;
 pub mod procfs;
 pub mod resolution;

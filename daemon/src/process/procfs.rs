@@ -80,6 +80,14 @@ pub fn fds(pid: u32) -> Vec<i32> {
         .collect()
 }
 
+/// (dev, ino) of the file the process's `fd` is open on (`stat` through the link, which
+/// gives the open file itself, whatever its path now leads to).
+pub fn fd_identity(pid: u32, fd: i32) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::metadata(format!("/proc/{pid}/fd/{fd}")).ok()?;
+    Some((meta.dev(), meta.ino()))
+}
+
 /// `sysconf(_SC_CLK_TCK)`: the unit of the start time in /proc/<pid>/stat.
 pub fn clock_ticks_per_second() -> u64 {
     static TICKS: OnceLock<u64> = OnceLock::new();
@@ -228,7 +236,9 @@ pub fn base_dir(pid: u32, dirfd: i32) -> io::Result<PathBuf> {
     Ok(strip_root(&link, &root))
 }
 
-fn strip_root(link: &Path, root: &Path) -> PathBuf {
+/// `link` (a path as the daemon sees it) inside `root` (the process's root, as the daemon
+/// sees it).
+pub fn strip_root(link: &Path, root: &Path) -> PathBuf {
     if root == Path::new("/") {
         return link.to_path_buf();
     }

@@ -1,0 +1,143 @@
+//! What the start-up scan finds in processes that were running before the daemon: the
+//! same through the probe's task iterators as through /proc.
+
+use std::{
+    fs,
+    io::{BufRead, BufReader},
+    path::Path,
+    process::{Command, Stdio},
+};
+
+use trustdrift_e2e::{Cert, Daemon, Guarded, TempDir, Value, bundle};
+
+/// A process in a private mount namespace where `certs` is bind-mounted on
+/// /etc/ssl/certs, holding /etc/ssl/certs/ca-certificates.crt open; returns once it has it.
+fn holder_in_its_own_mount_namespace(certs: &Path) -> Guarded {
+    let script = "import sys\n\
+                  f = open('/etc/ssl/certs/ca-certificates.crt', 'rb')\n\
+                  print('loaded', flush=True)\n\
+                  sys.stdin.read()";
+    let setup = format!(
+        "mount --bind {} /etc/ssl/certs && exec /usr/bin/python3 -I -c \"$0\"",
+        certs.display()
+    );
+    let mut holder = Guarded::spawn(
+        Command::new("unshare")
+            .args([
+                "--mount",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                &setup,
+                script,
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped()),
+    );
+    let mut line = String::new();
+    BufReader::new(holder.0.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "loaded", "the holder did not open its bundle");
+    holder
+}
+
+fn holds(p: &Value, path: &str) -> bool {
+    p["files"]
+        .as_array()
+        .is_some_and(|files| files.iter().any(|f| f["path"] == path))
+}
+
+#[test]
+fn a_bundle_held_open_in_another_mount_namespace_before_the_daemon_started_is_seeded_either_way() {
+    for seed in ["probe.seed=auto", "probe.seed=procfs"] {
+        let dir = TempDir::new("seed-mntns");
+        let certs = dir.join("certs");
+        fs::create_dir_all(&certs).unwrap();
+        let ca = Cert::ca("Held Before Start");
+        fs::write(certs.join("ca-certificates.crt"), bundle(&[&ca])).unwrap();
+        let holder = holder_in_its_own_mount_namespace(&certs);
+        let Some(daemon) = Daemon::start(&["--set", seed]) else {
+            return;
+        };
+        let p = daemon.wait_for("seeded and fresh", holder.pid(), |p| {
+            p["verdict"] == "fresh" && holds(p, "/etc/ssl/certs/ca-certificates.crt")
+        });
+        assert_eq!(p["origin"], "seeded", "{seed}: {p}");
+        // Rewritten in place: the inode it holds now has other content.
+        fs::write(
+            certs.join("ca-certificates.crt"),
+            bundle(&[&ca, &Cert::ca("Added After Start")]),
+        )
+        .unwrap();
+        daemon.wait_for("stale", holder.pid(), |p| p["verdict"] == "stale");
+        let scanned = daemon
+            .log()
+            .lines()
+            .find(|l| l.contains("start-up scan of the processes already running"))
+            .map(str::to_owned)
+            .unwrap_or_default();
+        if seed == "probe.seed=procfs" {
+            assert!(scanned.contains("procfs"), "{scanned}");
+        }
+    }
+}
+
+/// A process that mapped `bundle` and closed its fd: only the mapping holds it.
+fn mapper_of(bundle: &Path) -> Guarded {
+    let script = format!(
+        "import mmap, sys\n\
+         f = open({:?}, 'rb')\n\
+         m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)\n\
+         f.close()\n\
+         print('loaded', flush=True)\n\
+         sys.stdin.read()",
+        bundle.to_str().unwrap()
+    );
+    let mut mapper = Guarded::spawn(
+        Command::new("/usr/bin/python3")
+            .args(["-I", "-c", &script])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped()),
+    );
+    let mut line = String::new();
+    BufReader::new(mapper.0.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "loaded", "the mapper did not map its bundle");
+    mapper
+}
+
+#[test]
+fn a_bundle_mapped_and_closed_before_the_daemon_started_is_seeded_either_way() {
+    for (seed, logged) in [
+        ("probe.seed=auto", "bpf task iterators"),
+        ("probe.seed=procfs", "procfs"),
+    ] {
+        let dir = TempDir::new("seed-mapped");
+        // Trust material by its suffix alone: no default prefix covers it.
+        let pem = dir.join("service-ca.pem");
+        let ca = Cert::ca("Mapped Before Start");
+        fs::write(&pem, bundle(&[&ca])).unwrap();
+        let mapper = mapper_of(&pem);
+        let Some(daemon) = Daemon::start(&["--set", seed]) else {
+            return;
+        };
+        let path = pem.to_str().unwrap();
+        let p = daemon.wait_for("seeded and fresh", mapper.pid(), |p| {
+            p["verdict"] == "fresh" && holds(p, path)
+        });
+        assert_eq!(p["origin"], "seeded", "{seed}: {p}");
+        // Rewritten in place: the inode it maps now has other content.
+        fs::write(&pem, bundle(&[&ca, &Cert::ca("Added After Start")])).unwrap();
+        daemon.wait_for("stale", mapper.pid(), |p| p["verdict"] == "stale");
+        let scanned = daemon
+            .log()
+            .lines()
+            .find(|l| l.contains("start-up scan of the processes already running"))
+            .map(str::to_owned)
+            .unwrap_or_default();
+        assert!(scanned.contains(logged), "{seed}: {scanned}");
+    }
+}
