@@ -161,7 +161,7 @@ impl Holdings {
 /// The trust files among what `h` holds, as paths inside the process's root.
 fn trust_files(tgid: u32, h: &mut Holding, paths: &TrustPaths) -> Vec<Held> {
     let root = if h.root_elsewhere && !h.files.is_empty() {
-        std::fs::read_link(format!("/proc/{tgid}/root")).ok()
+        procfs::root_path(tgid)
     } else {
         None
     };

@@ -69,6 +69,12 @@ pub fn exe_path(pid: u32) -> Option<String> {
         .map(|p| p.to_string_lossy().into_owned())
 }
 
+/// Where its root is, as the kernel names it from the daemon's side (text only; nothing
+/// is opened).
+pub fn root_path(pid: u32) -> Option<PathBuf> {
+    fs::read_link(format!("/proc/{pid}/root")).ok()
+}
+
 /// The process's open fds.
 pub fn fds(pid: u32) -> Vec<i32> {
     let Ok(entries) = fs::read_dir(format!("/proc/{pid}/fd")) else {

@@ -14,19 +14,13 @@ use std::{
 };
 
 use trustdrift_e2e::{
-    Cert, Daemon, DaemonSetup, Guarded, TempDir, Value, python_reader, replace_atomically,
+    Cert, Daemon, DaemonSetup, Guarded, TempDir, Value, python_reader, random_hex,
+    replace_atomically, sha256_hex,
 };
 
 use super::{counter, healthy};
 
 const SA_NAMESPACE: &str = "var/run/secrets/kubernetes.io/serviceaccount/namespace";
-
-fn random_hex(bytes: usize) -> String {
-    let mut b = vec![0u8; bytes];
-    // SAFETY: getrandom writes at most b.len() bytes into b.
-    unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
 
 /// A cgroup (v2) of its own, as a container has; its processes are killed and it is
 /// removed on drop.
@@ -199,22 +193,6 @@ impl Drop for HungFuse {
             .arg(&self.mountpoint)
             .status();
     }
-}
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    let mut child = Command::new("openssl")
-        .args(["dgst", "-sha256", "-r"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("openssl");
-    child.stdin.take().unwrap().write_all(bytes).unwrap();
-    let out = child.wait_with_output().unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_owned()
 }
 
 #[test]
