@@ -45,7 +45,7 @@ pub mod name {
 /// Default sizes of the bounded maps (`max_entries`); the daemon may resize them at load.
 pub mod capacity {
     /// (process image, path) pairs the probe aggregates.
-    pub const ACCESSES: u32 = 32768;
+    pub const ACCESSES: u32 = 65536;
     /// Open trust fds (an LRU).
     pub const FDS: u32 = 16384;
     /// Processes that touched trust files.

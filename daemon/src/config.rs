@@ -233,7 +233,7 @@ impl Default for Probe {
         Self {
             mode: "full".into(),
             seed: "auto".into(),
-            max_accesses: 32768,
+            max_accesses: 65536,
             max_fds: 16384,
             max_processes: 16384,
             ring_buffer_bytes: 1 << 20,

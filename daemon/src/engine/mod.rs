@@ -780,6 +780,7 @@ impl Engine {
     }
 
     fn publish(&mut self, force: bool) {
+        self.saver.written();
         if !self.publisher.due(force) {
             return;
         }

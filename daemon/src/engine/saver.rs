@@ -3,13 +3,16 @@
 //! Between saves the journal holds what was taken from the kernel, so a crash loses
 //! nothing; a save says how far it covers the journal, and the journal forgets that much.
 
-use std::time::{Duration, Instant, SystemTime};
+use std::{
+    thread::JoinHandle,
+    time::{Duration, Instant, SystemTime},
+};
 
 use trustdrift_common::{AccessKey, AccessStats};
 
 use crate::{
     events::journal::{self, Entry, Kind, Mark, SharedJournal, lock},
-    ledger::{Ledger, state_dir::StateDir},
+    ledger::{Ledger, persist, state_dir::StateDir},
     stores::catalog::Catalog,
 };
 
@@ -42,6 +45,14 @@ pub struct Saver {
     covered: Mark,
     /// The next save is not deferred for a storm (the journal fills).
     urgent: bool,
+    /// The save being written and synced on a thread of its own.
+    writing: Option<Writing>,
+}
+
+/// A save on its way to disk: the journal forgets what it covers once it is there.
+struct Writing {
+    done: JoinHandle<anyhow::Result<()>>,
+    covered: Option<Mark>,
 }
 
 impl Saver {
@@ -62,6 +73,37 @@ impl Saver {
                 ..Mark::default()
             },
             urgent: false,
+            writing: None,
+        }
+    }
+
+    /// Takes note of a save that reached the disk since the last call.
+    pub fn written(&mut self) {
+        self.reap(false);
+    }
+
+    /// Takes note of a save that reached the disk (`wait`: waits for it).
+    fn reap(&mut self, wait: bool) {
+        let Some(w) = self.writing.take_if(|w| wait || w.done.is_finished()) else {
+            return;
+        };
+        match w.done.join() {
+            Ok(Ok(())) => {
+                self.last_save = Some(SystemTime::now());
+                // What the save holds leaves the journal; what it does not (records
+                // taken from the ring buffer, not yet handled) stays.
+                if let (Some(j), Some(mark)) = (&self.journal, w.covered) {
+                    lock(j).discard(&mark);
+                }
+            }
+            Ok(Err(e)) => {
+                self.dirty = true;
+                tracing::warn!("saving the ledger: {e:#}");
+            }
+            Err(_) => {
+                self.dirty = true;
+                tracing::warn!("saving the ledger: the writer thread panicked");
+            }
         }
     }
 
@@ -137,9 +179,11 @@ impl Saver {
     /// Persists the ledger when it changed since the last save; `records` is how many
     /// records the engine has handled in all, to tell a storm.
     pub fn save(&mut self, force: bool, records: u64, ledger: &Ledger, catalog: &Catalog) {
-        let Some(state) = &self.state else {
+        // One save at a time; a forced one (at exit) waits for the one being written.
+        self.reap(force);
+        if self.state.is_none() || self.writing.is_some() {
             return;
-        };
+        }
         if !self.dirty && !force {
             return;
         }
@@ -171,19 +215,28 @@ impl Saver {
             }
         }
         self.deferred_since = None;
+        // Encoding reads the ledger, so it happens here; writing and syncing (seconds on
+        // a busy disk, a storm's ledger being tens of MB) on a thread of its own.
         let started = Instant::now();
         let covered = self.journal.as_ref().map(|_| self.covered);
-        match state.save(ledger, catalog, covered) {
-            Ok(_) => {
+        let Some(state) = &self.state else {
+            return;
+        };
+        let written = persist::encode(ledger, catalog, covered).and_then(|bytes| {
+            let writer = state.writer()?;
+            Ok(std::thread::Builder::new()
+                .name("save".into())
+                .spawn(move || persist::write(&writer, &bytes))?)
+        });
+        match written {
+            Ok(done) => {
                 self.dirty = false;
-                self.last_save = Some(SystemTime::now());
                 self.last_end = Instant::now();
                 self.last_cost = started.elapsed();
                 self.last_len = ledger.len();
-                // What the save holds leaves the journal; what it does not (records
-                // taken from the ring buffer, not yet handled) stays.
-                if let (Some(j), Some(mark)) = (&self.journal, covered) {
-                    lock(j).discard(&mark);
+                self.writing = Some(Writing { done, covered });
+                if force {
+                    self.reap(true);
                 }
             }
             Err(e) => tracing::warn!("saving the ledger: {e:#}"),

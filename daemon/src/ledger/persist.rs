@@ -9,6 +9,7 @@
 //! reboot (a new boot id) nothing is restored.
 
 use std::{
+    cell::RefCell,
     collections::{BTreeMap, HashMap},
     fs,
     path::PathBuf,
@@ -23,7 +24,10 @@ use trustdrift_common::AccessKey;
 use crate::{
     budget::Budget,
     events::journal::Mark,
-    ledger::{Ledger, Origin, ProcKey, ProcessEntry, ProcessInfo, TrustRead, state_dir::StateDir},
+    ledger::{
+        Ledger, Origin, ProcKey, ProcessEntry, ProcessInfo, TrustRead,
+        state_dir::{StateDir, Writer},
+    },
     process::procfs,
     stores::catalog::{
         Catalog, Content, FileIdentity, FileKey, RootKey, Shape, Version, contents::weight,
@@ -227,6 +231,82 @@ impl ContentTable {
     }
 }
 
+/// The document as a save writes it: each process is made as it is written, so a storm's
+/// ledger is never copied whole (it doubled the daemon's memory for the length of a save),
+/// and the contents the processes name come after them (a restore reads the fields in any
+/// order).
+#[derive(Serialize)]
+struct DocumentOut<'a> {
+    format: u32,
+    saved_at_ns: u64,
+    boot_id: String,
+    key_id: String,
+    files: Vec<SavedFile>,
+    processes: ProcessesOut<'a>,
+    contents: ContentsOut<'a>,
+    journal: Option<Mark>,
+}
+
+struct ProcessesOut<'a> {
+    ledger: &'a Ledger,
+    table: &'a RefCell<ContentTable>,
+}
+
+impl Serialize for ProcessesOut<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let mut seq = s.serialize_seq(None)?;
+        for p in self.ledger.processes() {
+            seq.serialize_element(&saved_process(p, &mut self.table.borrow_mut()))?;
+        }
+        seq.end()
+    }
+}
+
+struct ContentsOut<'a>(&'a RefCell<ContentTable>);
+
+impl Serialize for ContentsOut<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.borrow().saved.serialize(s)
+    }
+}
+
+fn saved_process(p: &ProcessEntry, table: &mut ContentTable) -> SavedProcess {
+    SavedProcess {
+        key: p.key,
+        origin: p.origin,
+        info: p.info.clone(),
+        exec_seq: p.exec_seq,
+        exited_at_ns: p.exited_at.map(ns),
+        reads: p
+            .reads
+            .iter()
+            .map(|r| SavedRead {
+                access: r.access_key.map(|a| SavedAccess {
+                    tgid: a.tgid,
+                    exec_seq: a.exec_seq,
+                    start_ns: a.start_ns,
+                    path_hash: a.path_hash,
+                }),
+                path: r.path.clone(),
+                file: r.file.as_ref().map(|f| (f.root, f.path.clone())),
+                resolved: r.resolved.clone(),
+                resolve_error: r.resolve_error.clone(),
+                first_open_ns: ns(r.first_open),
+                last_open_ns: ns(r.last_open),
+                last_read_ns: r.last_read.map(ns),
+                bytes: r.bytes,
+                opens: r.opens,
+                reads: r.reads,
+                version: r.version.as_deref().map(|v| table.version(v)),
+                version_read_at_ns: ns(r.version_read_at),
+                listed: r.listed,
+                unverifiable: r.unverifiable.clone(),
+            })
+            .collect(),
+    }
+}
+
 /// Rebuilds content from the table, sharing it by name.
 struct Contents<'a> {
     saved: &'a BTreeMap<String, SavedContent>,
@@ -296,66 +376,47 @@ impl Contents<'_> {
 impl StateDir {
     /// Writes the whole state atomically; `journal`: how far it covers the crash journal.
     pub fn save(&self, ledger: &Ledger, catalog: &Catalog, journal: Option<Mark>) -> Result<usize> {
-        let mut table = ContentTable::default();
-        let files = catalog
-            .export()
-            .map(|(key, versions)| SavedFile {
-                root: key.root,
-                path: key.path.clone(),
-                versions: versions.iter().map(|v| table.version(v)).collect(),
-            })
-            .collect();
-        let processes = ledger
-            .processes()
-            .map(|p| SavedProcess {
-                key: p.key,
-                origin: p.origin,
-                info: p.info.clone(),
-                exec_seq: p.exec_seq,
-                exited_at_ns: p.exited_at.map(ns),
-                reads: p
-                    .reads
-                    .iter()
-                    .map(|r| SavedRead {
-                        access: r.access_key.map(|a| SavedAccess {
-                            tgid: a.tgid,
-                            exec_seq: a.exec_seq,
-                            start_ns: a.start_ns,
-                            path_hash: a.path_hash,
-                        }),
-                        path: r.path.clone(),
-                        file: r.file.as_ref().map(|f| (f.root, f.path.clone())),
-                        resolved: r.resolved.clone(),
-                        resolve_error: r.resolve_error.clone(),
-                        first_open_ns: ns(r.first_open),
-                        last_open_ns: ns(r.last_open),
-                        last_read_ns: r.last_read.map(ns),
-                        bytes: r.bytes,
-                        opens: r.opens,
-                        reads: r.reads,
-                        version: r.version.as_deref().map(|v| table.version(v)),
-                        version_read_at_ns: ns(r.version_read_at),
-                        listed: r.listed,
-                        unverifiable: r.unverifiable.clone(),
-                    })
-                    .collect(),
-            })
-            .collect();
-        let doc = Document {
-            format: FORMAT,
-            saved_at_ns: ns(SystemTime::now()),
-            boot_id: boot_id(),
-            key_id: catalog.node_key().id(),
-            contents: table.saved,
-            files,
-            processes,
-            journal,
-        };
-        let bytes = serde_json::to_vec(&doc).context("encoding the state")?;
+        let bytes = encode(ledger, catalog, journal)?;
         self.write_atomically(FILE, &bytes)?;
         Ok(bytes.len())
     }
+}
 
+/// Writes what [`encode`] made as the state, atomically (on a thread of its own: the
+/// sync can take seconds on a busy disk, and nothing drains the probe meanwhile).
+pub fn write(writer: &Writer, bytes: &[u8]) -> Result<()> {
+    writer.write_atomically(FILE, bytes)
+}
+
+/// The whole state as it is to be written; `journal`: how far it covers the crash journal.
+pub fn encode(ledger: &Ledger, catalog: &Catalog, journal: Option<Mark>) -> Result<Vec<u8>> {
+    let mut table = ContentTable::default();
+    let files = catalog
+        .export()
+        .map(|(key, versions)| SavedFile {
+            root: key.root,
+            path: key.path.clone(),
+            versions: versions.iter().map(|v| table.version(v)).collect(),
+        })
+        .collect();
+    let table = RefCell::new(table);
+    let doc = DocumentOut {
+        format: FORMAT,
+        saved_at_ns: ns(SystemTime::now()),
+        boot_id: boot_id(),
+        key_id: catalog.node_key().id(),
+        files,
+        processes: ProcessesOut {
+            ledger,
+            table: &table,
+        },
+        contents: ContentsOut(&table),
+        journal,
+    };
+    serde_json::to_vec(&doc).context("encoding the state")
+}
+
+impl StateDir {
     /// Moves an unreadable state file out of the way (kept for inspection).
     fn set_aside(&self, why: &str) {
         let aside = format!(

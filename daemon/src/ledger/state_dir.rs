@@ -96,27 +96,16 @@ impl StateDir {
     /// Replaces `name` with `bytes` atomically: a new private file written and synced,
     /// renamed over the old one, the directory synced.
     pub fn write_atomically(&self, name: &str, bytes: &[u8]) -> Result<()> {
-        let tmp = format!("{name}.tmp");
-        // Whatever sits at the temporary name (a crashed save, a planted symlink) goes:
-        // unlinking a symlink removes the link, never its target.
-        match rustix::fs::unlinkat(&self.dir, tmp.as_str(), AtFlags::empty()) {
-            Ok(()) | Err(rustix::io::Errno::NOENT) => {}
-            Err(e) => bail!("removing {}/{tmp}: {e}", self.path.display()),
-        }
-        let fd = open_at(
-            &self.dir,
-            &tmp,
-            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL,
-        )
-        .with_context(|| format!("creating {}/{tmp}", self.path.display()))?;
-        let mut f = File::from(fd);
-        f.write_all(bytes)
-            .and_then(|()| f.sync_all())
-            .with_context(|| format!("writing {}/{tmp}", self.path.display()))?;
-        self.rename(&tmp, name)
-            .with_context(|| format!("renaming {}/{tmp}", self.path.display()))?;
-        let _ = rustix::fs::fsync(&self.dir);
-        Ok(())
+        write_atomically(&self.dir, &self.path, name, bytes)
+    }
+
+    /// A handle on the directory a thread of its own can write through (the lock stays
+    /// here).
+    pub fn writer(&self) -> io::Result<Writer> {
+        Ok(Writer {
+            path: self.path.clone(),
+            dir: self.dir.try_clone()?,
+        })
     }
 
     /// Renames `from` to `to`, both in the directory.
@@ -128,6 +117,39 @@ impl StateDir {
     pub fn open_file(&self, name: &str) -> io::Result<File> {
         open_at(&self.dir, name, OFlags::RDWR | OFlags::CREATE).map(File::from)
     }
+}
+
+/// The state directory, for a writer thread.
+pub struct Writer {
+    path: PathBuf,
+    dir: OwnedFd,
+}
+
+impl Writer {
+    /// See [`StateDir::write_atomically`].
+    pub fn write_atomically(&self, name: &str, bytes: &[u8]) -> Result<()> {
+        write_atomically(&self.dir, &self.path, name, bytes)
+    }
+}
+
+fn write_atomically(dir: &OwnedFd, path: &Path, name: &str, bytes: &[u8]) -> Result<()> {
+    let tmp = format!("{name}.tmp");
+    // Whatever sits at the temporary name (a crashed save, a planted symlink) goes:
+    // unlinking a symlink removes the link, never its target.
+    match rustix::fs::unlinkat(dir, tmp.as_str(), AtFlags::empty()) {
+        Ok(()) | Err(rustix::io::Errno::NOENT) => {}
+        Err(e) => bail!("removing {}/{tmp}: {e}", path.display()),
+    }
+    let fd = open_at(dir, &tmp, OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL)
+        .with_context(|| format!("creating {}/{tmp}", path.display()))?;
+    let mut f = File::from(fd);
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("writing {}/{tmp}", path.display()))?;
+    rustix::fs::renameat(dir, tmp.as_str(), dir, name)
+        .with_context(|| format!("renaming {}/{tmp}", path.display()))?;
+    let _ = rustix::fs::fsync(dir);
+    Ok(())
 }
 
 /// Opens `name` in `dir`: never through a symlink, private when created, and made private
