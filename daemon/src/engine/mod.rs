@@ -701,15 +701,7 @@ impl Engine {
         let now = SystemTime::now();
         let expired = self.ledger.expire(now);
         let any_expired = !expired.is_empty();
-        for gone in expired {
-            for access in &gone.accesses {
-                self.kernel.forget_access(access);
-            }
-            self.publisher.forget(&gone.key);
-            for file in self.index.forget_reader(&gone.key, &gone.files) {
-                self.publisher.store_changed(&file);
-            }
-        }
+        self.drop_gone(expired);
         // An exit whose record was lost leaves its settled accesses behind.
         let ledger = &self.ledger;
         self.contexts
@@ -732,6 +724,29 @@ impl Engine {
         self.publisher.mark_all(due);
         self.counters.map_fill = self.kernel.map_fill();
         self.counters.trim_due |= any_expired;
+    }
+
+    /// Processes the ledger evicted to make room leave the views, the read index and the
+    /// kernel at once: in a storm that fills the ledger, thousands a second would
+    /// otherwise wait for the next housekeeping, doubling what the daemon holds.
+    fn drop_evicted(&mut self) {
+        let evicted = self.ledger.take_evicted();
+        if !evicted.is_empty() {
+            self.drop_gone(evicted);
+        }
+    }
+
+    /// What the daemon holds of processes that left the ledger.
+    fn drop_gone(&mut self, gone: Vec<crate::ledger::Expired>) {
+        for gone in gone {
+            for access in &gone.accesses {
+                self.kernel.forget_access(access);
+            }
+            self.publisher.forget(&gone.key);
+            for file in self.index.forget_reader(&gone.key, &gone.files) {
+                self.publisher.store_changed(&file);
+            }
+        }
     }
 
     fn save(&mut self, force: bool) {

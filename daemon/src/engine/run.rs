@@ -175,6 +175,7 @@ where
                         }
                     }
                 }
+                engine.drop_evicted();
                 intake.handled(&batch);
                 if let Some(seq) = batch.last_seq() {
                     engine.saver.handled_ring(seq);

@@ -36,6 +36,8 @@ pub struct Saver {
     last_end: Instant,
     last_cost: Duration,
     last_len: usize,
+    /// How many bytes the last save encoded.
+    last_bytes: usize,
     /// When the record rate was last measured, and the records handled by then.
     record_mark: (Instant, u64),
     /// Since when a save has been waiting for a storm to pass.
@@ -65,6 +67,7 @@ impl Saver {
             last_end: Instant::now(),
             last_cost: Duration::ZERO,
             last_len: 0,
+            last_bytes: 0,
             record_mark: (Instant::now(), 0),
             deferred_since: None,
             journal,
@@ -222,7 +225,10 @@ impl Saver {
         let Some(state) = &self.state else {
             return;
         };
-        let written = persist::encode(ledger, catalog, covered).and_then(|bytes| {
+        let hint = self.last_bytes;
+        let mut encoded = 0;
+        let written = persist::encode(ledger, catalog, covered, hint).and_then(|bytes| {
+            encoded = bytes.len();
             let writer = state.writer()?;
             Ok(std::thread::Builder::new()
                 .name("save".into())
@@ -234,6 +240,7 @@ impl Saver {
                 self.last_end = Instant::now();
                 self.last_cost = started.elapsed();
                 self.last_len = ledger.len();
+                self.last_bytes = encoded;
                 self.writing = Some(Writing { done, covered });
                 if force {
                     self.reap(true);

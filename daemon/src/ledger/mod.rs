@@ -387,6 +387,11 @@ impl Ledger {
         }
     }
 
+    /// The processes evicted to make room since the last call (or `expire`).
+    pub fn take_evicted(&mut self) -> Vec<Expired> {
+        std::mem::take(&mut self.evicted)
+    }
+
     /// Drops processes that exited more than the grace period ago (the oldest exits
     /// only: the cost follows what leaves, not what is listed); returns what the kernel
     /// and the read index hold of them (and of processes evicted since), to be dropped

@@ -376,7 +376,7 @@ impl Contents<'_> {
 impl StateDir {
     /// Writes the whole state atomically; `journal`: how far it covers the crash journal.
     pub fn save(&self, ledger: &Ledger, catalog: &Catalog, journal: Option<Mark>) -> Result<usize> {
-        let bytes = encode(ledger, catalog, journal)?;
+        let bytes = encode(ledger, catalog, journal, 0)?;
         self.write_atomically(FILE, &bytes)?;
         Ok(bytes.len())
     }
@@ -388,8 +388,15 @@ pub fn write(writer: &Writer, bytes: &[u8]) -> Result<()> {
     writer.write_atomically(FILE, bytes)
 }
 
-/// The whole state as it is to be written; `journal`: how far it covers the crash journal.
-pub fn encode(ledger: &Ledger, catalog: &Catalog, journal: Option<Mark>) -> Result<Vec<u8>> {
+/// The whole state as it is to be written; `journal`: how far it covers the crash journal;
+/// `size_hint`: how long the last one was (a buffer grown by doubling would hold up to
+/// twice a storm's tens of MB for the length of a save).
+pub fn encode(
+    ledger: &Ledger,
+    catalog: &Catalog,
+    journal: Option<Mark>,
+    size_hint: usize,
+) -> Result<Vec<u8>> {
     let mut table = ContentTable::default();
     let files = catalog
         .export()
@@ -413,7 +420,9 @@ pub fn encode(ledger: &Ledger, catalog: &Catalog, journal: Option<Mark>) -> Resu
         contents: ContentsOut(&table),
         journal,
     };
-    serde_json::to_vec(&doc).context("encoding the state")
+    let mut out = Vec::with_capacity(size_hint + size_hint / 8);
+    serde_json::to_writer(&mut out, &doc).context("encoding the state")?;
+    Ok(out)
 }
 
 impl StateDir {

@@ -751,9 +751,12 @@ mod tests {
             owner_kind::CGROUP_UID as usize,
             owner_kind::UID as usize,
         );
-        assert_eq!(q.accesses[cg], 8192);
-        assert_eq!(q.accesses[cg_uid], 4096);
-        assert_eq!(q.accesses[uid], 16384);
+        // A cgroup a quarter of the table, a uid in it half that, a uid across cgroups
+        // twice that.
+        let table = i64::from(Capacities::default().accesses);
+        assert_eq!(q.accesses[cg], table / 4);
+        assert_eq!(q.accesses[cg_uid], table / 8);
+        assert_eq!(q.accesses[uid], table / 2);
         assert_eq!(q.procs[cg], 4096);
         assert_eq!(q.paths_per_process, 256);
         // A tiny table (a test's) is not shared out below a useful size.
