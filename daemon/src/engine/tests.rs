@@ -312,6 +312,22 @@ fn fixture(name: &str) -> String {
     .unwrap()
 }
 
+impl Bench {
+    /// `bundle`, which `key` read, gets new content; the engine learns it and publishes.
+    fn replace_under(&mut self, key: &ProcKey, bundle: &Path, content: &str) {
+        std::thread::sleep(Duration::from_millis(20));
+        fs::write(bundle, content).unwrap();
+        let file = self.engine.ledger.get(key).unwrap().reads[0]
+            .file
+            .clone()
+            .unwrap();
+        let e = &mut self.engine;
+        assert!(e.catalog.refresh(&file, &mut e.watcher, &mut e.io));
+        e.mark_readers(&file);
+        e.publish(true);
+    }
+}
+
 #[test]
 fn a_stale_process_is_watched_and_its_reread_notice_makes_it_fresh_without_a_poll() {
     let mut b = Bench::new("reread-notice", "");
@@ -326,19 +342,7 @@ fn a_stale_process_is_watched_and_its_reread_notice_makes_it_fresh_without_a_pol
     );
 
     // The bundle changes under the process: it is stale, and its access is watched.
-    std::thread::sleep(Duration::from_millis(20));
-    fs::write(&bundle, fixture("v1-root.pem")).unwrap();
-    let file = b.engine.ledger.get(&key).unwrap().reads[0]
-        .file
-        .clone()
-        .unwrap();
-    assert!(
-        b.engine
-            .catalog
-            .refresh(&file, &mut b.engine.watcher, &mut b.engine.io)
-    );
-    b.engine.mark_readers(&file);
-    b.engine.publish(true);
+    b.replace_under(&key, &bundle, &fixture("v1-root.pem"));
     assert_eq!(b.engine.publisher.verdict_of(&key), Some(Verdict::Stale));
     assert_eq!(b.tables.lock().unwrap().watched, vec![access]);
 
@@ -367,19 +371,7 @@ fn an_exiting_stale_process_leaves_no_watch_behind() {
     let task = b.process();
     let key = Bench::key_of(&task);
     b.open(&task, &bundle, stats(1, 1, 5));
-    std::thread::sleep(Duration::from_millis(20));
-    fs::write(&bundle, fixture("v1-root.pem")).unwrap();
-    let file = b.engine.ledger.get(&key).unwrap().reads[0]
-        .file
-        .clone()
-        .unwrap();
-    assert!(
-        b.engine
-            .catalog
-            .refresh(&file, &mut b.engine.watcher, &mut b.engine.io)
-    );
-    b.engine.mark_readers(&file);
-    b.engine.publish(true);
+    b.replace_under(&key, &bundle, &fixture("v1-root.pem"));
     assert_eq!(b.tables.lock().unwrap().watched.len(), 1);
     b.engine.on_event(Event::Exit(task.clone()));
     assert!(b.tables.lock().unwrap().watched.is_empty());
