@@ -59,8 +59,8 @@ pub fn file_of(fd: i32) -> Option<u64> {
 }
 
 /// (inode number, kernel device) of the file behind `fd` in the current process. Only for
-/// a first access (one per process and path), so its reads cost nothing measurable.
-/// (0, 0) when unknown.
+/// opens of matched paths (a first access, and each re-open, which says which version a
+/// re-read got), never on the unrelated path. (0, 0) when unknown.
 #[inline(always)]
 pub fn opened_inode(fd: i32) -> (u64, u32) {
     let o = OFFSETS.load();
