@@ -15,11 +15,20 @@ use std::{
 pub struct Guarded(pub Child);
 
 impl Guarded {
+    /// Spawns `cmd`. An executable the test has just written can be "busy" for a moment:
+    /// another test thread that forked while its write fd was open holds a copy until
+    /// that child execs (ETXTBSY), so that is retried briefly.
     pub fn spawn(cmd: &mut Command) -> Self {
-        Self(
-            cmd.spawn()
-                .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}")),
-        )
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match cmd.spawn() {
+                Ok(child) => return Self(child),
+                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && Instant::now() < deadline => {
+                    thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => panic!("spawning {cmd:?}: {e}"),
+            }
+        }
     }
 
     pub fn pid(&self) -> u32 {

@@ -392,6 +392,10 @@ impl Engine {
                 pid: found.pid,
                 start_ticks: found.start_ticks,
             };
+            // Another trustdrift instance (a second daemon, the CLI) is never a reader.
+            if self.peers.is_peer(&key) {
+                continue;
+            }
             let Some((root, handle)) = self.catalog.root_of(key.pid, key.start_ticks) else {
                 continue;
             };
