@@ -1,46 +1,30 @@
 //! What the start-up scan finds in processes that were running before the daemon: the
 //! same through the probe's task iterators as through /proc.
 
-use std::{
-    fs,
-    io::{BufRead, BufReader},
-    path::Path,
-    process::{Command, Stdio},
-};
+use std::{fs, path::Path, process::Command};
 
-use trustdrift_e2e::{Cert, Daemon, Guarded, TempDir, Value, bundle};
+use trustdrift_e2e::{Cert, Daemon, Guarded, TempDir, Value, bundle, spawn_after_read};
 
 /// A process in a private mount namespace where `certs` is bind-mounted on
 /// /etc/ssl/certs, holding /etc/ssl/certs/ca-certificates.crt open; returns once it has it.
 fn holder_in_its_own_mount_namespace(certs: &Path) -> Guarded {
     let script = "import sys\n\
                   f = open('/etc/ssl/certs/ca-certificates.crt', 'rb')\n\
-                  print('loaded', flush=True)\n\
+                  print('read', flush=True)\n\
                   sys.stdin.read()";
     let setup = format!(
         "mount --bind {} /etc/ssl/certs && exec /usr/bin/python3 -I -c \"$0\"",
         certs.display()
     );
-    let mut holder = Guarded::spawn(
-        Command::new("unshare")
-            .args([
-                "--mount",
-                "--propagation",
-                "private",
-                "sh",
-                "-c",
-                &setup,
-                script,
-            ])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped()),
-    );
-    let mut line = String::new();
-    BufReader::new(holder.0.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert_eq!(line.trim(), "loaded", "the holder did not open its bundle");
-    holder
+    spawn_after_read(Command::new("unshare").args([
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        &setup,
+        script,
+    ]))
 }
 
 fn holds(p: &Value, path: &str) -> bool {
@@ -91,22 +75,11 @@ fn mapper_of(bundle: &Path) -> Guarded {
          f = open({:?}, 'rb')\n\
          m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)\n\
          f.close()\n\
-         print('loaded', flush=True)\n\
+         print('read', flush=True)\n\
          sys.stdin.read()",
         bundle.to_str().unwrap()
     );
-    let mut mapper = Guarded::spawn(
-        Command::new("/usr/bin/python3")
-            .args(["-I", "-c", &script])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped()),
-    );
-    let mut line = String::new();
-    BufReader::new(mapper.0.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert_eq!(line.trim(), "loaded", "the mapper did not map its bundle");
-    mapper
+    spawn_after_read(Command::new("/usr/bin/python3").args(["-I", "-c", &script]))
 }
 
 #[test]
