@@ -10,7 +10,15 @@ use crate::{
 };
 
 impl Engine {
-    pub(super) fn mark_readers(&mut self, file: &FileKey) {
+    /// Whatever look found a new version (the watcher's, a rescan's, or a process's open
+    /// that raced the watcher), the file's readers are judged again.
+    pub(super) fn judge_changed_files(&mut self) {
+        for file in self.catalog.take_changed() {
+            self.mark_readers(&file);
+        }
+    }
+
+    fn mark_readers(&mut self, file: &FileKey) {
         self.publisher.store_changed(file);
         self.saver.mark_dirty();
         self.publisher.mark_all(self.index.readers_of(file));
@@ -65,9 +73,7 @@ impl Engine {
 
     pub(super) fn refresh_due(&mut self) {
         for file in self.catalog.take_due(SystemTime::now()) {
-            if self.catalog.refresh(&file, &mut self.watcher, &mut self.io) {
-                self.mark_readers(&file);
-            }
+            self.catalog.refresh(&file, &mut self.watcher, &mut self.io);
         }
     }
 
@@ -79,9 +85,7 @@ impl Engine {
             .cloned()
             .collect();
         for file in files {
-            if self.catalog.refresh(&file, &mut self.watcher, &mut self.io) {
-                self.mark_readers(&file);
-            }
+            self.catalog.refresh(&file, &mut self.watcher, &mut self.io);
         }
     }
 }

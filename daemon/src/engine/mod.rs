@@ -440,6 +440,7 @@ impl Engine {
                             key.pid,
                             access.fd,
                             (dev, ino),
+                            opened,
                             &mut self.io,
                         )
                     })
@@ -672,9 +673,7 @@ impl Engine {
         };
         if let (true, Some(file)) = (moved.reread, moved.file) {
             // Make sure a change that raced the watcher is in the history first.
-            if self.catalog.refresh(&file, &mut self.watcher, &mut self.io) {
-                self.mark_readers(&file);
-            }
+            self.catalog.refresh(&file, &mut self.watcher, &mut self.io);
             // The inode the latest open got says which version it was; the time is the
             // fallback (an old probe, overlayfs' device numbers, or an inode the history
             // no longer names).
@@ -796,6 +795,7 @@ impl Engine {
 
     fn publish(&mut self, force: bool) {
         self.saver.written();
+        self.judge_changed_files();
         if !self.publisher.due(force) {
             return;
         }

@@ -455,6 +455,7 @@ impl Engine {
                                     key.pid,
                                     fd,
                                     (dev, ino),
+                                    now,
                                     &mut self.io,
                                 )
                             })

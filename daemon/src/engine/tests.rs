@@ -323,9 +323,35 @@ impl Bench {
             .unwrap();
         let e = &mut self.engine;
         assert!(e.catalog.refresh(&file, &mut e.watcher, &mut e.io));
-        e.mark_readers(&file);
         e.publish(true);
     }
+}
+
+/// The rotation-storm story: one process read the bundle and was judged fresh; the
+/// bundle is rotated, and another process's open finds the new file before the watcher
+/// says anything. The first reader is judged again against it, whichever look found it.
+#[test]
+fn a_rotation_found_by_another_process_open_makes_earlier_readers_stale() {
+    let mut b = Bench::new("rotation-found-by-open", "");
+    let bundle = b.file("bundle.pem", &fixture("ca.pem"));
+    let first = b.process();
+    b.open(&first, &bundle, stats(1, 1, 5));
+    b.engine.publish(true);
+    let first = Bench::key_of(&first);
+    assert_eq!(b.engine.publisher.verdict_of(&first), Some(Verdict::Fresh));
+
+    // Rotated by rename (a new inode), and the watcher's events are never taken in here.
+    std::thread::sleep(Duration::from_millis(20));
+    let next = b.file(".bundle.pem.new", &fixture("v1-root.pem"));
+    fs::rename(&next, &bundle).unwrap();
+    let second = b.process();
+    b.open(&second, &bundle, stats(1, 1, 5));
+    b.engine.publish(false);
+    assert_eq!(
+        b.engine.publisher.verdict_of(&Bench::key_of(&second)),
+        Some(Verdict::Fresh)
+    );
+    assert_eq!(b.engine.publisher.verdict_of(&first), Some(Verdict::Stale));
 }
 
 #[test]

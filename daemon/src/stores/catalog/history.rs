@@ -151,14 +151,26 @@ impl TrustFile {
             .map(|i| Arc::clone(&versions[i]))
     }
 
-    /// Puts a version the daemon learned of late (read through a process's fd) at its
-    /// place in time.
-    pub fn insert_in_time(&mut self, version: Arc<Version>) {
+    /// Puts a version the daemon learned of late (read through the fd of a process that
+    /// opened it at `opened`) at its place in time: after every version the daemon saw
+    /// before that open, before the first it saw after, and never last, since the caller
+    /// found another file at the path now. Its own ctime cannot place it: unlinking it
+    /// when its successor was renamed into place moved that ctime past the successor's,
+    /// which once made a replaced version the latest and its readers look fresh.
+    pub fn insert_late(&mut self, mut version: Version, opened: SystemTime) -> Arc<Version> {
+        let last = self.versions.len().saturating_sub(1);
         let at = self
             .versions
             .iter()
-            .position(|v| v.seen_at > version.seen_at)
-            .unwrap_or(self.versions.len());
-        self.versions.insert(at, version);
+            .position(|v| v.observed_at > opened)
+            .unwrap_or(last)
+            .min(last);
+        version.seen_at = version.seen_at.min(opened);
+        if let Some(before) = at.checked_sub(1).and_then(|i| self.versions.get(i)) {
+            version.seen_at = version.seen_at.max(before.seen_at);
+        }
+        let version = Arc::new(version);
+        self.versions.insert(at, Arc::clone(&version));
+        version
     }
 }

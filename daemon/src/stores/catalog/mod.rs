@@ -20,7 +20,7 @@ pub mod schedule;
 pub(crate) mod tests;
 
 use std::{
-    collections::{BTreeMap, HashMap, VecDeque},
+    collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime},
@@ -140,6 +140,10 @@ pub struct Catalog {
     files: HashMap<FileKey, TrustFile>,
     roots: Roots,
     schedule: Schedule,
+    /// Files whose history grew since the engine last took them. Whoever made the look
+    /// (a process's open can find a rotation before the watcher reports it), their
+    /// readers must be judged again: judged before, they were judged against the old one.
+    changed: BTreeSet<FileKey>,
     shared: Arc<Shared>,
     next_version: u64,
     pub counters: CatalogCounters,
@@ -153,6 +157,7 @@ impl Catalog {
             files: HashMap::new(),
             roots: Roots::default(),
             schedule: Schedule::default(),
+            changed: BTreeSet::new(),
             shared: Arc::new(Shared {
                 cache: Mutex::new(ContentCache::new(limits.max_cached_contents)),
                 key,
@@ -309,14 +314,15 @@ impl Catalog {
     }
 
     /// A process opened a version the daemon never saw (replaced before it could look):
-    /// read it through the process's own fd (the very file it opened) and record it in
-    /// the history at its place in time.
+    /// read it through the process's own fd (the very file it opened, at `opened`) and
+    /// record it in the history at its place in time, before what the path names now.
     pub fn adopt_open_file(
         &mut self,
         file: &FileKey,
         pid: u32,
         fd: i32,
         (dev, ino): (u64, u64),
+        opened: SystemTime,
         io: &mut Deadline,
     ) -> Option<Arc<Version>> {
         if !self.files.contains_key(file) || fd < 0 {
@@ -335,7 +341,7 @@ impl Catalog {
             .flatten()?;
         self.count(&tally);
         let now = SystemTime::now();
-        let version = Arc::new(Version {
+        let version = Version {
             id: self.next_version,
             seen_at: from_ns(identity.ctime_ns).min(now),
             observed_at: now,
@@ -343,11 +349,10 @@ impl Catalog {
             identity: Some(identity),
             content: Some(content),
             unseen: false,
-        });
+        };
         self.next_version += 1;
-        self.files
-            .get_mut(file)?
-            .insert_in_time(Arc::clone(&version));
+        let version = self.files.get_mut(file)?.insert_late(version, opened);
+        self.changed.insert(file.clone());
         Some(version)
     }
 
@@ -412,6 +417,7 @@ impl Catalog {
         let before = self.files.len();
         self.files.retain(|k, _| keep(k));
         self.schedule.retain(&keep);
+        self.changed.retain(&keep);
         self.roots.retain_reachable();
         before - self.files.len()
     }
@@ -449,6 +455,11 @@ impl Catalog {
         for key in self.files.keys() {
             self.schedule.mark(key, due);
         }
+    }
+
+    /// The files whose history grew since the last call, by any look.
+    pub fn take_changed(&mut self) -> BTreeSet<FileKey> {
+        std::mem::take(&mut self.changed)
     }
 
     /// When the next scheduled look is due.
@@ -615,6 +626,7 @@ impl Catalog {
             Recorded::Same => {}
             Recorded::New { dropped } => {
                 self.next_version += 1;
+                self.changed.insert(file.clone());
                 if dropped {
                     self.counters.versions_dropped += 1;
                 }

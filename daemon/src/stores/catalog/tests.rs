@@ -184,6 +184,62 @@ fn inode(p: &Path) -> (u64, u64) {
     )
 }
 
+/// The rotation-storm race: a reader opened v2 before the daemon looked, v3 was renamed
+/// over it, and only then does the daemon read v2 through the reader's fd. Unlinking v2
+/// moved its ctime past v3's; the history must still end with v3, or v2's readers would
+/// be judged against v2 and look fresh.
+#[test]
+fn a_version_adopted_through_a_readers_fd_never_becomes_the_latest() {
+    use std::os::{fd::AsRawFd, unix::fs::PermissionsExt};
+    let d = Dir::new("adopt");
+    let f = d.0.join("bundle.pem");
+    let replace = |content: &str| {
+        let tmp = d.0.join(".tmp");
+        fs::write(&tmp, content).unwrap();
+        fs::rename(&tmp, &f).unwrap();
+    };
+    replace("v1");
+    let mut c = catalog(Limits::default());
+    let key = host_file(&mut c, &f);
+    let v1 = c.observe(&key, None, &mut NoWatch, &mut io()).unwrap();
+    replace("v2");
+    let held = fs::File::open(&f).unwrap();
+    let opened = SystemTime::now();
+    let v2_inode = inode(&f);
+    std::thread::sleep(Duration::from_millis(20));
+    replace("v3");
+    assert!(c.refresh(&key, &mut NoWatch, &mut io()));
+    let v3 = c.latest(&key).unwrap();
+    // Anything that moves the replaced inode's ctime later (its unlink, a chmod).
+    std::thread::sleep(Duration::from_millis(20));
+    held.set_permissions(fs::Permissions::from_mode(0o640))
+        .unwrap();
+
+    let adopted = c
+        .adopt_open_file(
+            &key,
+            std::process::id(),
+            held.as_raw_fd(),
+            v2_inode,
+            opened,
+            &mut io(),
+        )
+        .expect("read through the held fd");
+    assert_eq!(
+        c.latest(&key).unwrap().id,
+        v3.id,
+        "v3 is still what is on disk"
+    );
+    let ids: Vec<u64> = c.history(&key).iter().map(|v| v.id).collect();
+    assert_eq!(ids, vec![v1.id, adopted.id, v3.id]);
+    assert!(adopted.seen_at <= opened && adopted.seen_at >= v1.seen_at);
+    assert_eq!(
+        c.version_of_inode(&key, v2_inode.0, v2_inode.1, opened)
+            .map(|v| v.id),
+        Some(adopted.id)
+    );
+}
+
 #[test]
 fn a_path_that_leads_elsewhere_than_the_open_is_never_read_nor_tracked() {
     let d = Dir::new("elsewhere");
