@@ -24,8 +24,10 @@
 //! - [`engine`] is the loop that drives all of the above and publishes a snapshot;
 //! - [`serve`] renders the snapshot: the HTTP API, the metrics and their views;
 //! - [`cli`] talks to a running daemon, or traces accesses live;
-//! - [`budget`] bounds bytes held across threads (parsed content, reads in flight).
+//! - [`budget`] bounds bytes held across threads (parsed content, reads in flight);
+//! - [`allocator`] keeps the heap a daemon's size after storms.
 
+pub mod allocator;
 pub mod budget;
 pub mod cli;
 pub mod config;

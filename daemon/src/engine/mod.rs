@@ -70,9 +70,12 @@ struct Counters {
     unjournalled: u64,
     /// Ring records the intake took while the crash journal was full.
     unjournalled_records: u64,
-    /// Processes left the ledger: once the snapshot that still showed them is replaced,
-    /// the memory they held goes back to the kernel.
+    /// Processes left the ledger, or a burst of records ended: once the snapshot that
+    /// still showed them is replaced, the memory they held goes back to the kernel.
     trim_due: bool,
+    /// Records handled as of the last housekeeping, and whether none came before it.
+    records_at_housekeeping: u64,
+    quiet: bool,
 }
 
 pub struct Engine {
@@ -722,7 +725,12 @@ impl Engine {
             .collect();
         self.publisher.mark_all(due);
         self.counters.map_fill = self.kernel.map_fill();
-        self.counters.trim_due |= any_expired;
+        // Processes left, or the records stopped coming: what they held is free now.
+        let records = self.records();
+        let quiet =
+            records == std::mem::replace(&mut self.counters.records_at_housekeeping, records);
+        let fell_quiet = quiet && !std::mem::replace(&mut self.counters.quiet, quiet);
+        self.counters.trim_due |= any_expired || fell_quiet;
     }
 
     /// Processes the ledger evicted to make room leave the views, the read index and the
@@ -812,7 +820,7 @@ impl Engine {
             self.watch_rereads(&key, stale);
         }
         if std::mem::take(&mut self.counters.trim_due) {
-            runtime::release_freed_memory();
+            crate::allocator::release_freed_memory();
         }
     }
 }

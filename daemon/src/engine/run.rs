@@ -42,7 +42,7 @@ where
     F: FnOnce(watch::Receiver<Arc<Snapshot>>, Heartbeat) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = Result<()>>,
 {
-    runtime::tune_allocator();
+    crate::allocator::tune();
     runtime::raise_fd_limit();
     let mut interrupt = tokio::signal::unix::signal(SignalKind::interrupt())?;
     let mut terminate = tokio::signal::unix::signal(SignalKind::terminate())?;
@@ -278,7 +278,7 @@ impl Engine {
         self.publisher.set_ready();
         self.publish(true);
         self.save(true);
-        runtime::release_freed_memory();
+        crate::allocator::release_freed_memory();
         tracing::info!(
             processes = self.ledger.len(),
             "start-up scan done; serving verdicts"

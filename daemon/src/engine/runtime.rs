@@ -1,31 +1,3 @@
-//! How the daemon uses the machine it runs on: its allocator, its scheduling priority and
-//! its open-file limit.
-
-/// Hands memory the allocator holds but no longer uses back to the kernel. glibc keeps
-/// freed heap for reuse; after the start-up scan (a peak of /proc reads and store parses)
-/// or a storm's processes expiring, that is tens of MiB of RSS nobody uses.
-pub fn release_freed_memory() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: malloc_trim only returns free memory; it has no preconditions.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
-/// A daemon's allocator settings, not a batch program's. Large buffers (a save's, a big
-/// response's) are mapped and unmapped rather than carved from the heap: glibc otherwise
-/// raises its mmap threshold each time one is freed, after which each stays in the heap.
-/// And two arenas, not eight per CPU: every short-lived runtime thread would otherwise
-/// leave an arena of its own behind. The soak saw RSS step up by megabytes both ways.
-pub fn tune_allocator() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: mallopt only changes the allocator's parameters.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
-        libc::mallopt(libc::M_ARENA_MAX, 2);
-    }
-}
-
 /// Raises the calling thread's scheduling priority by `boost` (threads it starts inherit
 /// it). A storm of short-lived processes is many runnable tasks against the daemon's two
 /// threads: at an equal share the daemon fell behind a full-speed storm on two CPUs, at

@@ -26,6 +26,7 @@ use aya::maps::{MapData, RingBuf};
 use tokio::sync::mpsc;
 
 use super::journal::{Kind, SharedJournal, lock};
+use crate::allocator::IdleCache;
 
 /// Records as they came out of the ring buffer: each one a `u32` length (native endian)
 /// and its bytes, padded to 8 so every record starts aligned.
@@ -233,13 +234,16 @@ fn drain(
     queued: &AtomicU64,
     max_queued: u64,
 ) {
+    let mut cache = IdleCache::default();
     while !tx.is_closed() {
         let Ok(found) = drain_once(&mut source, &tx, queued, max_queued) else {
             return;
         };
         if found || queued.load(Ordering::Relaxed) >= max_queued {
+            cache.worked(1);
             thread::sleep(BATCH_PAUSE);
         } else {
+            cache.idle();
             source.wait(IDLE_POLL_MS);
         }
     }

@@ -26,6 +26,11 @@ use std::{
 
 use thiserror::Error;
 
+use crate::allocator::IdleCache;
+
+/// A worker without a job for this long is idle (see [`IdleCache`]).
+const IDLE_AFTER: Duration = Duration::from_secs(2);
+
 /// Why a job did not give its result.
 #[derive(Clone, Copy, Debug, Error, PartialEq, Eq)]
 pub enum Refused {
@@ -227,8 +232,18 @@ impl Deadline {
                 // Parsing a certificate is the deepest thing a job does.
                 .stack_size(1 << 20)
                 .spawn(move || {
-                    while let Ok(job) = rx.recv() {
+                    let mut cache = IdleCache::default();
+                    loop {
+                        let job = match rx.recv_timeout(IDLE_AFTER) {
+                            Ok(job) => job,
+                            Err(mpsc::RecvTimeoutError::Timeout) => {
+                                cache.idle();
+                                continue;
+                            }
+                            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                        };
                         job();
+                        cache.worked(1);
                         if flag.load(Ordering::SeqCst) {
                             break;
                         }
