@@ -1,20 +1,69 @@
 //! How the daemon uses glibc's allocator: tuned for a daemon, and handing back to the kernel
-//! what a storm or a start-up left free. Every long-lived thread reports its work to an
-//! [`IdleCache`], so that its own cache of freed chunks goes back too when it falls idle.
+//! what a storm or a start-up left free, including what each long-lived thread's own cache
+//! of freed chunks holds (see [`falling_idle`]).
+
+use std::{cell::Cell, time::Duration};
 
 /// Hands memory the allocator holds but no longer uses back to the kernel. glibc keeps
 /// freed heap for reuse; after the start-up scan (a peak of /proc reads and store parses)
 /// or a storm's processes expiring, that is tens of MiB of RSS nobody uses.
 pub fn release_freed_memory() {
     #[cfg(target_env = "gnu")]
-    {
-        flush_thread_cache();
-        // SAFETY: malloc_trim only returns free memory; it has no preconditions.
-        unsafe {
-            libc::malloc_trim(0);
-        }
+    flush_thread_cache();
+    trim();
+}
+
+/// Only the trim: what became free since the last one (a quiet daemon's own churn lands
+/// anywhere in a heap a storm grew, and faults its pages back in).
+pub fn trim() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only returns free memory; it has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
+
+/// Whether the heap holds much more free memory than a quiet daemon needs: a storm grew
+/// it, and the chunks still in use keep it from shrinking, so what this thread caches is
+/// scattered through it.
+pub fn heap_left_large() -> bool {
+    /// Free bytes in the arenas above which the heap is a storm's, not a quiet daemon's.
+    const LARGE: usize = 16 << 20;
+    #[cfg(target_env = "gnu")]
+    {
+        // SAFETY: mallinfo2 only reads the allocator's statistics.
+        let info = unsafe { libc::mallinfo2() };
+        info.fordblks > LARGE
+    }
+    #[cfg(not(target_env = "gnu"))]
+    false
+}
+
+thread_local! {
+    /// Work this thread did since its cache last went back.
+    static WORK: Cell<u64> = const { Cell::new(0) };
+}
+
+/// This thread did `n` units of work (records, jobs, connections).
+pub fn worked(n: u64) {
+    WORK.with(|w| w.set(w.get().saturating_add(n)));
+}
+
+/// This thread is about to wait for more work: after at least `worth` units since the
+/// last time, its cache of freed chunks goes back to the arena, as the engine's does
+/// before a trim. A worker's or the intake's cache pins pages as the engine's does; the
+/// cost, a short-lived thread, is paid once per burst, never per job.
+pub fn falling_idle(worth: u64) {
+    let work = WORK.with(Cell::get);
+    if work >= worth.max(1) {
+        WORK.with(|w| w.set(0));
+        #[cfg(target_env = "gnu")]
+        flush_thread_cache();
+    }
+}
+
+/// How long the API thread waits between looks at whether it fell idle.
+pub const API_IDLE_CHECK: Duration = Duration::from_secs(30);
 
 /// glibc's per-thread cache (tcache) keeps up to 7 freed chunks of each small size for
 /// the thread that freed them, and `malloc_trim` never looks there. After a storm those
@@ -22,7 +71,7 @@ pub fn release_freed_memory() {
 /// each pins its page: about 2 MiB of RSS that never went back (`bench storm` measured
 /// it; with the cache off, RSS returned to idle). Taking them out of this thread's cache
 /// and freeing them on a thread that then exits hands them back to the arena, where the
-/// trim that follows sees them.
+/// next trim sees them.
 #[cfg(target_env = "gnu")]
 fn flush_thread_cache() {
     /// glibc's default `tcache_count`, and its largest cached request (64 bins, 16 apart).
@@ -53,33 +102,5 @@ pub fn tune() {
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
         libc::mallopt(libc::M_ARENA_MAX, 2);
-    }
-}
-
-/// A long-lived thread's share of [`release_freed_memory`]: after enough work, once the
-/// thread falls idle, its cache of freed chunks goes back to the arena (a worker's or the
-/// intake's cache pins pages as the engine's does). The cost, a short-lived thread, is
-/// paid once per burst, never per job.
-#[derive(Default)]
-pub struct IdleCache {
-    work: u64,
-}
-
-impl IdleCache {
-    /// Work after which falling idle is worth a flush: a few hundred frees fill a cache.
-    const WORTH: u64 = 512;
-
-    /// The thread did `n` units of work (jobs, records).
-    pub fn worked(&mut self, n: u64) {
-        self.work += n;
-    }
-
-    /// The thread is about to wait for more work.
-    pub fn idle(&mut self) {
-        if self.work >= Self::WORTH {
-            self.work = 0;
-            #[cfg(target_env = "gnu")]
-            flush_thread_cache();
-        }
     }
 }

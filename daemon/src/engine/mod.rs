@@ -697,6 +697,10 @@ impl Engine {
         self.publisher.mark(key);
     }
 
+    /// Quiet housekeepings between two flushes of the engine's allocator cache while a
+    /// storm's heap is left (30 s).
+    const QUIET_FLUSH_EVERY: u64 = 6;
+
     /// Time passes: certificates expire, exited processes leave after their grace. The
     /// cost follows what leaves and what is not fresh, not what is tracked.
     fn housekeeping(&mut self) {
@@ -731,6 +735,15 @@ impl Engine {
             records == std::mem::replace(&mut self.counters.records_at_housekeeping, records);
         let fell_quiet = quiet && !std::mem::replace(&mut self.counters.quiet, quiet);
         self.counters.trim_due |= any_expired || fell_quiet;
+        if quiet && !self.counters.trim_due {
+            // A heap a storm grew stays large; what this thread's churn caches since the
+            // last flush is scattered through it.
+            crate::allocator::worked(1);
+            if crate::allocator::heap_left_large() {
+                crate::allocator::falling_idle(Self::QUIET_FLUSH_EVERY);
+            }
+            crate::allocator::trim();
+        }
     }
 
     /// Processes the ledger evicted to make room leave the views, the read index and the

@@ -26,7 +26,7 @@ use aya::maps::{MapData, RingBuf};
 use tokio::sync::mpsc;
 
 use super::journal::{Kind, SharedJournal, lock};
-use crate::allocator::IdleCache;
+use crate::allocator;
 
 /// Records as they came out of the ring buffer: each one a `u32` length (native endian)
 /// and its bytes, padded to 8 so every record starts aligned.
@@ -94,6 +94,9 @@ const BATCH_BYTES: usize = 256 * 1024;
 /// instead of being woken by each record: a storm then costs a wake-up per millisecond,
 /// not per record, and a record waits at most this long more.
 const BATCH_PAUSE: Duration = Duration::from_millis(1);
+
+/// Passes with records after which falling idle hands the thread's allocator cache back.
+const IDLE_WORTH: u64 = 512;
 
 /// How often an idle thread checks that the engine still listens.
 const IDLE_POLL_MS: i32 = 200;
@@ -234,16 +237,15 @@ fn drain(
     queued: &AtomicU64,
     max_queued: u64,
 ) {
-    let mut cache = IdleCache::default();
     while !tx.is_closed() {
         let Ok(found) = drain_once(&mut source, &tx, queued, max_queued) else {
             return;
         };
         if found || queued.load(Ordering::Relaxed) >= max_queued {
-            cache.worked(1);
+            allocator::worked(1);
             thread::sleep(BATCH_PAUSE);
         } else {
-            cache.idle();
+            allocator::falling_idle(IDLE_WORTH);
             source.wait(IDLE_POLL_MS);
         }
     }

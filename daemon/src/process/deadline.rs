@@ -26,10 +26,12 @@ use std::{
 
 use thiserror::Error;
 
-use crate::allocator::IdleCache;
+use crate::allocator;
 
-/// A worker without a job for this long is idle (see [`IdleCache`]).
+/// A worker without a job for this long is idle, and after this many jobs its allocator
+/// cache goes back (see [`allocator::falling_idle`]).
 const IDLE_AFTER: Duration = Duration::from_secs(2);
+const IDLE_WORTH: u64 = 512;
 
 /// Why a job did not give its result.
 #[derive(Clone, Copy, Debug, Error, PartialEq, Eq)]
@@ -232,18 +234,17 @@ impl Deadline {
                 // Parsing a certificate is the deepest thing a job does.
                 .stack_size(1 << 20)
                 .spawn(move || {
-                    let mut cache = IdleCache::default();
                     loop {
                         let job = match rx.recv_timeout(IDLE_AFTER) {
                             Ok(job) => job,
                             Err(mpsc::RecvTimeoutError::Timeout) => {
-                                cache.idle();
+                                allocator::falling_idle(IDLE_WORTH);
                                 continue;
                             }
                             Err(mpsc::RecvTimeoutError::Disconnected) => break,
                         };
                         job();
-                        cache.worked(1);
+                        allocator::worked(1);
                         if flag.load(Ordering::SeqCst) {
                             break;
                         }

@@ -550,6 +550,16 @@ pub async fn serve(
             }
         }
     }
+    // This thread's allocator cache goes back once it falls idle after answering.
+    if !tasks.is_empty() {
+        tasks.spawn(async {
+            let mut check = tokio::time::interval(crate::allocator::API_IDLE_CHECK);
+            loop {
+                check.tick().await;
+                crate::allocator::falling_idle(1);
+            }
+        });
+    }
     while let Some(done) = tasks.join_next().await {
         done.context("API task")?;
     }
@@ -570,6 +580,7 @@ async fn accept_loop<L: Listener>(
     loop {
         // Accept errors (out of file descriptors, typically) are retried after a pause.
         let (stream, _) = listener.accept().await;
+        crate::allocator::worked(1);
         let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
             Refusals::count(&refusals.too_many_connections);
             drop(stream);
