@@ -735,6 +735,9 @@ impl Engine {
             records == std::mem::replace(&mut self.counters.records_at_housekeeping, records);
         let fell_quiet = quiet && !std::mem::replace(&mut self.counters.quiet, quiet);
         self.counters.trim_due |= any_expired || fell_quiet;
+        if quiet {
+            self.saver.release_journal_pages();
+        }
         if quiet && !self.counters.trim_due {
             // A heap a storm grew stays large; what this thread's churn caches since the
             // last flush is scattered through it.

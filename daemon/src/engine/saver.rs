@@ -150,6 +150,14 @@ impl Saver {
         self.journal.as_ref().map_or(0, |j| lock(j).used())
     }
 
+    /// The journal's pages past its records go back (see `Journal::release_pages`):
+    /// called when records stopped coming, never in the middle of a storm.
+    pub fn release_journal_pages(&self) {
+        if let Some(j) = &self.journal {
+            lock(j).release_pages();
+        }
+    }
+
     /// Whether the journal is full enough that the next save must not wait for a storm
     /// to pass.
     pub fn journal_pressing(&self) -> bool {

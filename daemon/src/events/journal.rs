@@ -42,7 +42,7 @@ const RECORD_HEAD: usize = 16;
 pub const FILE: &str = "journal";
 /// Offsets are 32-bit.
 const MAX_FILE: u64 = u32::MAX as u64 & !4095;
-/// Emptied journals give their pages back above this many bytes.
+/// Pages past the records are given back when they come to more than this many bytes.
 const PUNCH_ABOVE: usize = 1 << 20;
 
 /// What a journal record holds.
@@ -111,6 +111,8 @@ pub struct Journal {
     map: MmapMut,
     /// Keeps the file open for as long as it is mapped.
     file: File,
+    /// The furthest the records reached since pages were last given back.
+    high_water: usize,
 }
 
 impl Journal {
@@ -147,7 +149,13 @@ impl Journal {
             set_span(&map, HEADER, HEADER);
             map[..8].copy_from_slice(MAGIC);
         }
-        let journal = Self { map, file };
+        // Whatever an earlier run left past the records goes at the first release.
+        let high_water = map.len();
+        let journal = Self {
+            map,
+            file,
+            high_water,
+        };
         // A record made whole just before a crash, the sequence number not yet moved.
         let last = journal.entries().last().map_or(0, |e| e.seq);
         if journal.next_seq() <= last {
@@ -202,6 +210,7 @@ impl Journal {
         let (start, _) = span(&self.map);
         set_span(&self.map, start, at + size);
         cell(&self.map, SEQ_AT).store(seq + 1, Ordering::Release);
+        self.high_water = self.high_water.max(at + size);
         Some(seq)
     }
 
@@ -236,12 +245,7 @@ impl Journal {
         });
         match first_kept {
             Some(at) => set_span(&self.map, at, end),
-            None => {
-                set_span(&self.map, HEADER, HEADER);
-                if end > PUNCH_ABOVE {
-                    self.punch(end);
-                }
-            }
+            None => set_span(&self.map, HEADER, HEADER),
         }
     }
 
@@ -282,10 +286,18 @@ impl Journal {
         set_span(&self.map, HEADER, HEADER + len);
     }
 
-    /// Gives the pages of an emptied journal back to the file system.
-    fn punch(&self, end: usize) {
-        let from = HEADER.next_multiple_of(4096);
-        let len = end.next_multiple_of(4096).saturating_sub(from);
+    /// Gives the pages past the records back to the file system (and out of the daemon's
+    /// RSS). Not done when a save empties the journal: punching a hole takes a file
+    /// system transaction, which may wait for a commit (a save's fsync), and the intake,
+    /// waiting for this lock meanwhile, would let the ring buffer fill in a storm. The
+    /// engine calls it once records stop coming.
+    pub fn release_pages(&mut self) {
+        let (_, end) = span(&self.map);
+        let from = end.max(HEADER).next_multiple_of(4096);
+        let to = self.high_water.min(self.map.len()).next_multiple_of(4096);
+        if to <= from + PUNCH_ABOVE {
+            return;
+        }
         // SAFETY: a plain syscall on our own fd. A file system without hole punching
         // only keeps the pages (EOPNOTSUPP), which is harmless.
         unsafe {
@@ -293,9 +305,10 @@ impl Journal {
                 self.file.as_raw_fd(),
                 libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
                 from as libc::off_t,
-                len as libc::off_t,
+                (to - from) as libc::off_t,
             );
         }
+        self.high_water = end;
     }
 }
 
@@ -483,6 +496,32 @@ mod tests {
             j.map[end..end + 32].fill(0xff);
         }
         assert_eq!(j.entries().len(), 3);
+    }
+
+    #[test]
+    fn pages_past_the_records_go_back_only_when_asked_not_when_a_save_empties_it() {
+        use std::os::unix::fs::MetadataExt;
+        let d = dir("release");
+        let mut j = Journal::open(d.file(), 8 << 20, BOOT).unwrap();
+        let blocks = |j: &Journal| j.file.metadata().unwrap().blocks();
+        let mut n = 0;
+        while n < 30_000 {
+            j.append(Kind::Ring, &[7u8; 200]).unwrap();
+            n += 1;
+        }
+        let full = blocks(&j);
+        assert!(full * 512 > 6 << 20, "records take pages: {full}");
+        // A save covers everything: the span empties, the pages stay (no hole punched
+        // while the intake may be waiting on the lock).
+        j.discard(&mark(&j, n, 0));
+        assert!(j.entries().is_empty());
+        assert_eq!(blocks(&j), full);
+        // New records land at the front; the rest goes back when the engine asks.
+        j.append(Kind::Ring, &[8u8; 200]).unwrap();
+        j.release_pages();
+        assert!(blocks(&j) * 512 < 1 << 20, "{} blocks left", blocks(&j));
+        assert_eq!(j.entries().len(), 1, "the records kept are untouched");
+        assert_eq!(j.entries()[0].bytes, vec![8u8; 200]);
     }
 
     #[test]
