@@ -1,7 +1,7 @@
 //! Changes on disk: what the watches report, what the debounce makes due, what the
 //! periodic rescan finds, and who must be judged again when a file changed.
 
-use std::time::SystemTime;
+use std::{collections::BTreeSet, time::SystemTime};
 
 use super::Engine;
 use crate::{
@@ -11,31 +11,42 @@ use crate::{
 
 impl Engine {
     /// Whatever look found a new version (the watcher's, a rescan's, or a process's open
-    /// that raced the watcher), the file's readers are judged again.
+    /// that raced the watcher), the file's readers are judged again. A default store
+    /// that changed also moves the host's reference (made once, however many changed) and
+    /// the TLS-capable processes of its root (one walk of the ledger).
     pub(super) fn judge_changed_files(&mut self) {
-        for file in self.catalog.take_changed() {
-            self.mark_readers(&file);
+        let changed = self.catalog.take_changed();
+        if changed.is_empty() {
+            return;
         }
-    }
-
-    fn mark_readers(&mut self, file: &FileKey) {
-        self.publisher.store_changed(file);
         self.saver.mark_dirty();
-        self.publisher.mark_all(self.index.readers_of(file));
-        let is_default_store = self.index.is_default_store(file);
-        if is_default_store && Some(file.root) == self.catalog.host_root() {
+        let mut default_roots = BTreeSet::new();
+        for file in &changed {
+            self.publisher.store_changed(file);
+            self.publisher.mark_all(self.index.readers_of(file));
+            if self.index.is_default_store(file) {
+                default_roots.insert(file.root);
+            }
+        }
+        if default_roots.is_empty() {
+            return;
+        }
+        if let Some(host) = self.catalog.host_root()
+            && default_roots.contains(&host)
+        {
             let reference = self.load_reference();
             self.publisher.set_host_reference(reference);
         }
-        if is_default_store {
-            let capable: Vec<ProcKey> = self
-                .ledger
-                .processes()
-                .filter(|p| p.origin == Origin::TlsCapable && p.info.root == Some(file.root))
-                .map(|p| p.key)
-                .collect();
-            self.publisher.mark_all(capable);
-        }
+        let capable: Vec<ProcKey> = self
+            .ledger
+            .processes()
+            .filter(|p| {
+                p.origin == Origin::TlsCapable
+                    && p.info.root.is_some_and(|r| default_roots.contains(&r))
+            })
+            .map(|p| p.key)
+            .collect();
+        self.publisher.mark_all(capable);
     }
 
     pub(super) fn on_change(&mut self, change: Change) {
