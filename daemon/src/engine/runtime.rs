@@ -1,3 +1,6 @@
+//! How the daemon uses the machine it runs on: its scheduling priority and its open-file
+//! limit (its allocator is [`crate::allocator`]).
+
 /// Raises the calling thread's scheduling priority by `boost` (threads it starts inherit
 /// it). A storm of short-lived processes is many runnable tasks against the daemon's two
 /// threads: at an equal share the daemon fell behind a full-speed storm on two CPUs, at
