@@ -2,7 +2,7 @@
 //! what a storm or a start-up left free, including what each long-lived thread's own cache
 //! of freed chunks holds (see [`falling_idle`]).
 
-use std::{cell::Cell, time::Duration};
+use std::cell::Cell;
 
 /// Hands memory the allocator holds but no longer uses back to the kernel. glibc keeps
 /// freed heap for reuse; after the start-up scan (a peak of /proc reads and store parses)
@@ -61,9 +61,6 @@ pub fn falling_idle(worth: u64) {
         flush_thread_cache();
     }
 }
-
-/// How long the API thread waits between looks at whether it fell idle.
-pub const API_IDLE_CHECK: Duration = Duration::from_secs(30);
 
 /// glibc's per-thread cache (tcache) keeps up to 7 freed chunks of each small size for
 /// the thread that freed them, and `malloc_trim` never looks there. After a storm those

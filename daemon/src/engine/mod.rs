@@ -73,9 +73,10 @@ struct Counters {
     /// Processes left the ledger, or a burst of records ended: once the snapshot that
     /// still showed them is replaced, the memory they held goes back to the kernel.
     trim_due: bool,
-    /// Records handled as of the last housekeeping, and whether none came before it.
+    /// Records handled as of the last housekeeping, and how many housekeepings in a row
+    /// saw none come.
     records_at_housekeeping: u64,
-    quiet: bool,
+    quiet_housekeepings: u64,
 }
 
 pub struct Engine {
@@ -733,19 +734,26 @@ impl Engine {
         let records = self.records();
         let quiet =
             records == std::mem::replace(&mut self.counters.records_at_housekeeping, records);
-        let fell_quiet = quiet && !std::mem::replace(&mut self.counters.quiet, quiet);
-        self.counters.trim_due |= any_expired || fell_quiet;
+        self.counters.quiet_housekeepings = if quiet {
+            self.counters.quiet_housekeepings + 1
+        } else {
+            0
+        };
+        let fell_quiet = self.counters.quiet_housekeepings == 1;
+        // A heap a storm grew stays large, and what the engine's own churn caches since
+        // the last flush is scattered through it: flushed again now and then.
+        let flush_again = quiet
+            && self
+                .counters
+                .quiet_housekeepings
+                .is_multiple_of(Self::QUIET_FLUSH_EVERY)
+            && crate::allocator::heap_left_large();
+        self.counters.trim_due |= any_expired || fell_quiet || flush_again;
         if quiet {
             self.saver.release_journal_pages();
-        }
-        if quiet && !self.counters.trim_due {
-            // A heap a storm grew stays large; what this thread's churn caches since the
-            // last flush is scattered through it.
-            crate::allocator::worked(1);
-            if crate::allocator::heap_left_large() {
-                crate::allocator::falling_idle(Self::QUIET_FLUSH_EVERY);
+            if !self.counters.trim_due {
+                crate::allocator::trim();
             }
-            crate::allocator::trim();
         }
     }
 

@@ -525,6 +525,10 @@ pub struct ConnectionLimits {
     pub lifetime: Duration,
 }
 
+/// How often the API thread looks whether it answered anything since, and so whether its
+/// allocator cache is worth handing back (see [`crate::allocator::falling_idle`]).
+const IDLE_CHECK: Duration = Duration::from_secs(30);
+
 pub async fn serve(
     bound: Vec<Bound>,
     router: Router,
@@ -553,7 +557,7 @@ pub async fn serve(
     // This thread's allocator cache goes back once it falls idle after answering.
     if !tasks.is_empty() {
         tasks.spawn(async {
-            let mut check = tokio::time::interval(crate::allocator::API_IDLE_CHECK);
+            let mut check = tokio::time::interval(IDLE_CHECK);
             loop {
                 check.tick().await;
                 crate::allocator::falling_idle(1);
