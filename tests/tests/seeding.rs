@@ -56,16 +56,21 @@ fn a_bundle_held_open_in_another_mount_namespace_before_the_daemon_started_is_se
         )
         .unwrap();
         daemon.wait_for("stale", holder.pid(), |p| p["verdict"] == "stale");
-        let scanned = daemon
-            .log()
-            .lines()
-            .find(|l| l.contains("start-up scan of the processes already running"))
-            .map(str::to_owned)
-            .unwrap_or_default();
+        let scanned = start_up_scan_line(&daemon);
         if seed == "probe.seed=procfs" {
             assert!(scanned.contains("procfs"), "{scanned}");
         }
     }
+}
+
+/// The daemon's log line that says how the start-up scan found the running processes.
+fn start_up_scan_line(daemon: &Daemon) -> String {
+    daemon
+        .log()
+        .lines()
+        .find(|l| l.contains("start-up scan of the processes already running"))
+        .map(str::to_owned)
+        .unwrap_or_default()
 }
 
 /// A process that mapped `bundle` and closed its fd: only the mapping holds it.
@@ -105,12 +110,7 @@ fn a_bundle_mapped_and_closed_before_the_daemon_started_is_seeded_either_way() {
         // Rewritten in place: the inode it maps now has other content.
         fs::write(&pem, bundle(&[&ca, &Cert::ca("Added After Start")])).unwrap();
         daemon.wait_for("stale", mapper.pid(), |p| p["verdict"] == "stale");
-        let scanned = daemon
-            .log()
-            .lines()
-            .find(|l| l.contains("start-up scan of the processes already running"))
-            .map(str::to_owned)
-            .unwrap_or_default();
+        let scanned = start_up_scan_line(&daemon);
         assert!(scanned.contains(logged), "{seed}: {scanned}");
     }
 }
