@@ -231,6 +231,9 @@ struct AttachArgs {
     /// Attach empty programs on the same hooks instead of the probe.
     #[arg(long)]
     floor: bool,
+    /// Attach programs that only copy the path of each read-only open, on the same hooks.
+    #[arg(long, conflicts_with = "floor")]
+    copy_floor: bool,
     /// On exit, print each program's kernel run time and count as JSON lines.
     #[arg(long)]
     stats: bool,
@@ -373,6 +376,8 @@ async fn attach(args: AttachArgs, config: &Config) -> Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let programs = if args.floor {
         Programs::Floor
+    } else if args.copy_floor {
+        Programs::CopyFloor
     } else {
         Programs::Probe
     };

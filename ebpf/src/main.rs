@@ -159,6 +159,42 @@ pub fn floor_sys_exit(_ctx: BtfTracePointContext) -> i32 {
     0
 }
 
+/// The floor plus the path copy of every read-only open (`open::copy_only`), on the same
+/// hooks: the part of the probe's own work no path filter can skip.
+#[tracepoint]
+pub fn copy_floor_open_enter(ctx: TracePointContext) -> u32 {
+    let record = ctx.as_ptr().cast::<u64>();
+    // SAFETY: as in `open_enter`.
+    let (nr, args) = unsafe {
+        (
+            *record.add(1) as i32 as i64,
+            [*record.add(2), *record.add(3), *record.add(4)],
+        )
+    };
+    open::copy_only(nr, args);
+    0
+}
+
+#[btf_tracepoint(function = "sys_exit")]
+pub fn copy_floor_sys_exit(ctx: BtfTracePointContext) -> i32 {
+    let regs: *const pt_regs = ctx.arg(0);
+    let ret: i64 = ctx.arg(1);
+    // SAFETY: loads from the tracepoint's own pt_regs, as in `try_sys_exit`.
+    let id = unsafe { arch::syscall_nr(regs) };
+    if matches!(id, nr::OPENAT | nr::OPEN | nr::OPENAT2) && ret >= 0 {
+        // SAFETY: as above.
+        let args = unsafe {
+            [
+                arch::first_arg_at_exit(regs),
+                arch::arg(regs, 1),
+                arch::arg(regs, 2),
+            ]
+        };
+        open::copy_only(id, args);
+    }
+    0
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

@@ -102,6 +102,16 @@ pub fn entered(id: i64, args: [u64; 3]) {
     record(pid_tgid, &open, -1);
 }
 
+/// The copy floor (benchmarks only): what any path filter must pay on a read-only open,
+/// copying the path out of user memory, and nothing after it. The overhead bench
+/// subtracts it from the probe to tell that copy from the rest of the probe's own work.
+#[inline(always)]
+pub fn copy_only(id: i64, args: [u64; 3]) {
+    if let Some(open) = describe(id, args) {
+        let _ = path::copy_from_user(open.path_ptr as *const u8);
+    }
+}
+
 enum Classified {
     Unrelated,
     Match,

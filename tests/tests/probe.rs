@@ -389,6 +389,78 @@ fn ctrl_c_detaches_and_exits_zero() {
     assert!(summary["losses"].is_object());
 }
 
+/// `cargo xtask bench overhead` weighs the probe against stand-ins on its own hooks:
+/// empty programs (what the hooks cost by themselves) and programs that only copy the
+/// path of each read-only open (the part of its work no path filter can skip). They must
+/// load and attach wherever the probe does, in both modes, or the bench has nothing to
+/// compare with.
+#[test]
+fn the_overhead_benchmarks_stand_ins_attach_on_the_probes_own_hooks() {
+    if !trustdrift_e2e::is_root() {
+        return trustdrift_e2e::probe_unavailable("not running as root").unwrap_or(());
+    }
+    let dir = TempDir::new("stand-ins");
+    let unrelated = dir.join("unrelated.txt");
+    fs::write(&unrelated, "nothing to see").unwrap();
+    for (stand_in, mode, program) in [
+        ("--floor", "full", "floor_sys_exit"),
+        ("--copy-floor", "full", "copy_floor_sys_exit"),
+        ("--floor", "lean", "floor_open_enter"),
+        ("--copy-floor", "lean", "copy_floor_open_enter"),
+    ] {
+        let mut attach = Command::new(trustdrift_e2e::trustdrift_bin());
+        attach
+            .args([
+                "--log", "warn", "attach", stand_in, "--mode", mode, "--stats",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = Guarded::spawn(&mut attach);
+        let stdout = child.0.stdout.take().expect("piped stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let first = rx.recv_timeout(Duration::from_secs(30));
+        if first.as_deref() != Ok("attached") {
+            let _ = child.0.kill();
+            let mut stderr = String::new();
+            if let Some(mut e) = child.0.stderr.take() {
+                let _ = std::io::Read::read_to_string(&mut e, &mut stderr);
+            }
+            return trustdrift_e2e::probe_unavailable(&format!(
+                "`attach {stand_in} --mode {mode}` did not attach: {stderr}"
+            ))
+            .unwrap_or(());
+        }
+        for _ in 0..10 {
+            fs::read(&unrelated).unwrap();
+        }
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.pid() as i32, libc::SIGINT) };
+        let status = child.wait(Duration::from_secs(10));
+        assert!(status.success(), "{stand_in} {mode}: {status:?}");
+        let stats: Vec<Value> = rx
+            .iter()
+            .filter_map(|l| serde_json::from_str(&l).ok())
+            .collect();
+        assert!(
+            stats.iter().any(|s| s["program"] == program),
+            "{stand_in} {mode} should have run {program}: {stats:?}"
+        );
+        assert!(
+            !stats
+                .iter()
+                .any(|s| s["program"] == "sys_exit" || s["program"] == "open_enter"),
+            "a stand-in runs instead of the probe, never beside it: {stats:?}"
+        );
+    }
+}
+
 #[test]
 fn without_privileges_trace_says_what_it_needs() {
     // SAFETY: geteuid has no preconditions.

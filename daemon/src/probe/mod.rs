@@ -44,11 +44,15 @@ pub enum Mode {
     Lean,
 }
 
-/// What to attach: the probe, or (for benchmarks) empty programs on the same hooks.
+/// What to attach: the probe, or (for benchmarks) stand-ins on the same hooks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Programs {
     Probe,
+    /// Empty programs: the cost of the hooks themselves.
     Floor,
+    /// The floor plus the path copy of every read-only open, which no path filter can
+    /// skip: what of the probe's own work is that copy.
+    CopyFloor,
 }
 
 /// Table sizes (`max_entries`) of the probe's maps.
@@ -398,6 +402,7 @@ impl Probe {
                 let exit = match options.programs {
                     Programs::Probe => "sys_exit",
                     Programs::Floor => "floor_sys_exit",
+                    Programs::CopyFloor => "copy_floor_sys_exit",
                 };
                 attach_btf(&mut ebpf, &kernel_btf, exit, "sys_exit")?
             }
@@ -405,6 +410,7 @@ impl Probe {
                 let program = match options.programs {
                     Programs::Probe => "open_enter",
                     Programs::Floor => "floor_open_enter",
+                    Programs::CopyFloor => "copy_floor_open_enter",
                 };
                 attach_classic(
                     &mut ebpf,

@@ -8,7 +8,14 @@ use super::*;
 #[derive(Clone, Debug)]
 pub(super) enum Variant {
     Baseline,
-    Trustdrift { floor: bool, lean: bool },
+    Trustdrift {
+        floor: bool,
+        lean: bool,
+    },
+    /// The floor plus the path copy of every read-only open (kernel accounting only).
+    CopyFloor {
+        lean: bool,
+    },
     Bpftrace,
     Auditd,
 }
@@ -33,6 +40,8 @@ impl Variant {
                 floor: false,
                 lean: true,
             } => "trustdrift lean (opens only)",
+            Variant::CopyFloor { lean: false } => "copy floor: tp_btf sys_exit copying paths",
+            Variant::CopyFloor { lean: true } => "copy floor: open-entry tracepoints copying paths",
             Variant::Bpftrace => "bpftrace opens-only script, same prefixes",
             Variant::Auditd => "auditd read watches, same prefixes",
         }
@@ -202,11 +211,17 @@ pub(super) fn attach(
             std::thread::sleep(Duration::from_millis(200));
             return Ok(Some(Attached::Audit(session)));
         }
-        Variant::Trustdrift { floor, lean } => {
+        Variant::Trustdrift { lean, .. } | Variant::CopyFloor { lean } => {
             let mut c = Command::new(setup.trustdrift);
             c.args(["--log", "warn", "attach"]);
-            if *floor {
-                c.arg("--floor");
+            match variant {
+                Variant::CopyFloor { .. } => {
+                    c.arg("--copy-floor");
+                }
+                Variant::Trustdrift { floor: true, .. } => {
+                    c.arg("--floor");
+                }
+                _ => {}
             }
             if *lean {
                 c.args(["--mode", "lean"]);

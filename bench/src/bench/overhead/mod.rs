@@ -369,21 +369,30 @@ pub fn run(args: &Args, trustdrift: &Path) -> Result<()> {
     let (tree_abs, tree_added) = treed.medians(n);
 
     // Kernel accounting in a separate pass: bpf_stats itself costs time per invocation,
-    // so the empty floor programs are accounted too and subtracted.
+    // so the empty floor programs are accounted too and subtracted. The copy floor (the
+    // same hook copying each read-only open's path, nothing more) splits the probe's own
+    // work into that copy and the rest. Interleaved rounds, medians: one loop on this
+    // kind of VM swings by 10 ns per invocation.
     set_bpf_stats(true)?;
     let mut accounting = Vec::new();
     for lean in [false, true] {
-        let mut per_variant = Vec::new();
-        for floor in [true, false] {
-            let attached = attach(&Variant::Trustdrift { floor, lean }, &setup, true)?;
-            let measured = work.looped();
-            let printed = detach(attached);
-            measured?;
-            per_variant.push(program_stats(&printed?));
+        let mut rounds = Vec::new();
+        for _ in 0..args.rounds {
+            let mut round = Vec::new();
+            for stand_in in [
+                Variant::Trustdrift { floor: true, lean },
+                Variant::CopyFloor { lean },
+                Variant::Trustdrift { floor: false, lean },
+            ] {
+                let attached = attach(&stand_in, &setup, true)?;
+                let measured = work.looped();
+                let printed = detach(attached);
+                measured?;
+                round.push(program_stats(&printed?));
+            }
+            rounds.push(round);
         }
-        let probe = per_variant.pop().unwrap_or_default();
-        let floor = per_variant.pop().unwrap_or_default();
-        accounting.push(Accounting { lean, floor, probe });
+        accounting.push(Accounting::from_rounds(lean, rounds));
     }
     set_bpf_stats(false)?;
 
@@ -408,13 +417,30 @@ pub fn run(args: &Args, trustdrift: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Kernel accounting of one mode: the empty floor programs and the probe.
+/// Kernel accounting of one mode, medians over rounds of ns per hook invocation: the
+/// empty floor programs, the copy floor, the probe (and its programs, from one round).
 struct Accounting {
     lean: bool,
-    floor: Vec<(String, u64, u64)>,
-    probe: Vec<(String, u64, u64)>,
+    rounds: usize,
+    floor: f64,
+    copy_floor: f64,
+    probe: f64,
+    probe_programs: Vec<(String, u64, u64)>,
 }
 
+/// ns per invocation of the syscall hooks among `programs` (the `sched_` ones follow
+/// exec and exit, not the workload's syscalls).
+fn per_invocation(programs: &[(String, u64, u64)]) -> f64 {
+    let (time, count) = programs
+        .iter()
+        .filter(|(name, _, _)| !name.starts_with("sched_"))
+        .fold((0u64, 0u64), |(t, c), (_, pt, pc)| (t + pt, c + pc));
+    if count == 0 {
+        0.0
+    } else {
+        time as f64 / count as f64
+    }
+}
 struct Report<'a> {
     variants: &'a [Variant],
     loop_abs: Vec<f64>,
@@ -568,31 +594,51 @@ impl Report<'_> {
 }
 
 impl Accounting {
-    fn line(&self) -> String {
-        let mean = |programs: &[(String, u64, u64)]| {
-            let (time, count) = programs
+    /// `rounds` holds, per round, the floor's, the copy floor's and the probe's stats.
+    fn from_rounds(lean: bool, rounds: Vec<Vec<Vec<(String, u64, u64)>>>) -> Accounting {
+        let column = |i: usize| {
+            let mut v: Vec<f64> = rounds
                 .iter()
-                .filter(|(name, _, _)| !name.starts_with("sched_"))
-                .fold((0u64, 0u64), |(t, c), (_, pt, pc)| (t + pt, c + pc));
-            if count == 0 {
-                0.0
-            } else {
-                time as f64 / count as f64
-            }
+                .filter_map(|r| r.get(i))
+                .map(|p| per_invocation(p))
+                .collect();
+            median(&mut v)
         };
-        let (probe, floor) = (mean(&self.probe), mean(&self.floor));
+        Accounting {
+            lean,
+            rounds: rounds.len(),
+            floor: column(0),
+            copy_floor: column(1),
+            probe: column(2),
+            probe_programs: rounds
+                .last()
+                .and_then(|r| r.get(2))
+                .cloned()
+                .unwrap_or_default(),
+        }
+    }
+
+    fn line(&self) -> String {
+        let (probe, floor, copy) = (self.probe, self.floor, self.copy_floor);
         let detail: Vec<String> = self
-            .probe
+            .probe_programs
             .iter()
             .filter(|(_, _, c)| *c > 0)
             .map(|(name, t, c)| format!("{name} {:.1} ns x {c}", *t as f64 / *c as f64))
             .collect();
         format!(
-            "- kernel accounting, {} mode (kernel.bpf_stats_enabled): {probe:.1} ns per \
-             hook invocation, of which the empty floor programs account {floor:.1} ns (the \
-             accounting's own clock reads): the probe's own work is {:.1} ns ({})",
+            "- kernel accounting, {} mode (kernel.bpf_stats_enabled, medians of {} rounds): \
+             {probe:.1} ns per hook invocation, of which the empty floor programs account \
+             {floor:.1} ns (the accounting's own clock reads): the probe's own work is {:.1} \
+             ns. The copy floor (the same hooks copying the path of every read-only open \
+             from user memory, nothing else) accounts {copy:.1} ns: that copy, which any \
+             path filter pays, is {:.1} ns of the own work, the rest of the probe {:.1} ns \
+             (last round: {})",
             if self.lean { "lean" } else { "full" },
+            self.rounds,
             probe - floor,
+            copy - floor,
+            probe - copy,
             detail.join(", ")
         )
     }
