@@ -187,6 +187,11 @@ pub struct State {
     /// Room of the crash journal, in bytes: records taken from the ring buffer (and
     /// aggregates taken from the kernel) since the last save, so a SIGKILL loses none.
     pub journal_bytes: u64,
+    /// Where the crash journal lives; empty: in `dir`. The intake writes every record
+    /// there before the ring buffer gets its room back, through a shared mapping whose
+    /// page faults on a disk can wait for the file system's own journal: a tmpfs (`/run`,
+    /// cleared at boot like the journal's records) keeps a disk's stall off the intake.
+    pub journal_dir: String,
     /// Detach the probe on exit instead of leaving it pinned for the next start.
     pub unpin_on_exit: bool,
 }
@@ -286,6 +291,7 @@ impl Default for State {
             pin_dir: "/sys/fs/bpf/trustdrift".into(),
             save_interval: "2s".into(),
             journal_bytes: 64 << 20,
+            journal_dir: String::new(),
             unpin_on_exit: false,
         }
     }
@@ -727,6 +733,7 @@ const RESTART_KEYS: &[(&str, Value)] = &[
     ("state.dir", |c| c.state.dir.clone()),
     ("state.pin_dir", |c| c.state.pin_dir.clone()),
     ("state.journal_bytes", |c| c.state.journal_bytes.to_string()),
+    ("state.journal_dir", |c| c.state.journal_dir.clone()),
 ];
 
 fn duration(value: &str) -> Result<Duration, String> {

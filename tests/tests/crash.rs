@@ -45,12 +45,33 @@ fn read_as_listed(p: &Value, path: &str, size: u64, sha: &str) -> bool {
 
 #[test]
 fn a_daemon_killed_at_any_moment_after_reads_loses_none_of_them() {
+    killed_at_random_moments(KILLS, false);
+}
+
+/// As the DaemonSet runs it: the journal in a directory of its own (the node's /run).
+#[test]
+fn a_daemon_whose_journal_lives_apart_from_its_state_loses_nothing_when_killed() {
+    killed_at_random_moments(KILLS / 4, true);
+}
+
+/// `kills` rounds of reads, each followed by a SIGKILL at a random moment and a restart;
+/// with `journal_apart`, the crash journal lives in a directory of its own.
+fn killed_at_random_moments(kills: usize, journal_apart: bool) {
     let dir = TempDir::new("crash");
     let state = dir.join("state");
+    let journal_dir = dir.join("run");
     let pins = PinDir::new("crash");
     let setup = || DaemonSetup {
         state_dir: Some(&state),
         pin_dir: Some(pins.path()),
+        env: if journal_apart {
+            vec![(
+                "TRUSTDRIFT_STATE_JOURNAL_DIR",
+                journal_dir.to_string_lossy().into_owned(),
+            )]
+        } else {
+            Vec::new()
+        },
         ..DaemonSetup::default()
     };
     let path = dir.join("bundle.pem");
@@ -73,7 +94,7 @@ fn a_daemon_killed_at_any_moment_after_reads_loses_none_of_them() {
     // exit, and the aggregate taken from the kernel at it, must survive too).
     let mut staying: Vec<Guarded> = Vec::new();
     let mut gone: Vec<u32> = Vec::new();
-    for round in 0..KILLS {
+    for round in 0..kills {
         staying.push(python_reader(&path));
         let mut once = Guarded::spawn(
             Command::new("/usr/bin/python3")
@@ -120,5 +141,21 @@ fn a_daemon_killed_at_any_moment_after_reads_loses_none_of_them() {
     assert!(
         metrics.contains("trustdrift_state_journal_overflows_total 0"),
         "the journal never overflowed"
+    );
+    // The journal is where it was told to be, and only there.
+    let (used, unused) = if journal_apart {
+        (&journal_dir, &state)
+    } else {
+        (&state, &journal_dir)
+    };
+    assert!(
+        used.join("journal").is_file(),
+        "no journal in {}",
+        used.display()
+    );
+    assert!(
+        !unused.join("journal").exists(),
+        "a journal in {} too",
+        unused.display()
     );
 }

@@ -713,8 +713,9 @@ fn assert_sees_the_node(r: &Rendered) {
     let pod = pod(r);
     let daemon = daemon(r);
     assert_eq!(pod["hostPID"], true, "{}: hostPID", r.name);
-    // State and pins outlive the pod.
+    // State, journal and pins outlive the pod.
     assert_host_path(pod, daemon, "/var/lib/trustdrift", false);
+    assert_host_path(pod, daemon, "/run/trustdrift", false);
     assert_host_path(pod, daemon, "/sys/fs/bpf", false);
     // The sched tracepoints, where the daemon looks for tracefs.
     for tracefs in daemon_strings("probe/tracefs.rs", "MOUNT_POINT") {
@@ -1235,6 +1236,13 @@ fn the_daemon_accepts_the_configmap_and_keeps_its_state_and_pins_on_the_node() {
         assert!(!state.is_empty(), "{name}: persistence is off");
         assert!(!pins.is_empty(), "{name}: pinning is off");
         assert_host_path(pod(r), daemon(r), state, false);
+        // The crash journal on the node's tmpfs, where no disk stall holds the intake.
+        let journal = str_of(&config["state"]["journal_dir"], "state.journal_dir");
+        assert!(
+            journal.starts_with("/run/"),
+            "{name}: the journal at {journal:?}, not on the node's /run tmpfs"
+        );
+        assert_host_path(pod(r), daemon(r), journal, false);
         assert!(
             pins.starts_with("/sys/fs/bpf/"),
             "{name}: pins at {pins}, not in the node's bpffs"

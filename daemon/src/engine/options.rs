@@ -32,6 +32,8 @@ pub struct EngineOptions {
     pub state_dir: Option<PathBuf>,
     pub save_interval: Duration,
     pub journal_bytes: u64,
+    /// `None`: the journal lives in the state directory.
+    pub journal_dir: Option<PathBuf>,
     pub unpin_on_exit: bool,
     /// Record processes' command lines (`api.cmdline`).
     pub cmdline: bool,
@@ -93,6 +95,7 @@ impl EngineOptions {
             state_dir: non_empty(&c.state.dir),
             save_interval: Config::duration_of(&c.state.save_interval),
             journal_bytes: c.state.journal_bytes,
+            journal_dir: non_empty(&c.state.journal_dir),
             unpin_on_exit: c.state.unpin_on_exit,
             cmdline: c.api.cmdline,
             metrics: MetricsOptions {

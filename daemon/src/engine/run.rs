@@ -92,10 +92,15 @@ where
         })
         .context("starting the API thread")?;
     // The crash journal, and what the last run left in it, read before the intake adds
-    // to it: replayed once the last save is restored.
+    // to it: replayed once the last save is restored. Its own directory (a tmpfs) is
+    // locked as the state directory is, for as long as the daemon runs.
+    let journal_home = match (&state, &options.journal_dir) {
+        (Some(state), Some(path)) if !state.is(path) => Some(StateDir::open(path)?),
+        _ => None,
+    };
     let journal = state
         .as_ref()
-        .map(|dir| open_journal(dir, options.journal_bytes))
+        .map(|dir| open_journal(journal_home.as_ref().unwrap_or(dir), options.journal_bytes))
         .transpose()?;
     let leftover = journal
         .as_ref()
@@ -236,7 +241,7 @@ async fn until(at: Option<SystemTime>) {
     }
 }
 
-/// The state directory's crash journal.
+/// The crash journal in `dir` (the state directory, or `state.journal_dir`).
 fn open_journal(dir: &StateDir, capacity: u64) -> Result<SharedJournal> {
     let file = dir
         .open_file(journal::FILE)

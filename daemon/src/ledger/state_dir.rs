@@ -81,6 +81,14 @@ impl StateDir {
         &self.path
     }
 
+    /// Whether `path` names this very directory (its lock cannot be taken twice).
+    pub fn is(&self, path: &Path) -> bool {
+        match (rustix::fs::fstat(&self.dir), rustix::fs::stat(path)) {
+            (Ok(this), Ok(that)) => (this.st_dev, this.st_ino) == (that.st_dev, that.st_ino),
+            _ => false,
+        }
+    }
+
     /// The content of `name`, at most `cap` bytes; `None` when it does not exist.
     pub fn read(&self, name: &str, cap: u64) -> io::Result<Option<Vec<u8>>> {
         let fd = match open_at(&self.dir, name, OFlags::RDONLY) {
@@ -254,5 +262,22 @@ mod tests {
         let _first = StateDir::open(&t.0.join("s")).unwrap();
         let err = StateDir::open(&t.0.join("s")).err().unwrap().to_string();
         assert!(err.contains("another trustdrift"), "{err}");
+    }
+
+    /// A journal directory configured as the state directory under another spelling
+    /// shares its lock rather than being refused as another daemon's.
+    #[test]
+    fn the_state_dir_recognises_itself_under_another_name() {
+        let t = Tmp::new("itself");
+        let state = t.0.join("s");
+        let dir = StateDir::open(&state).unwrap();
+        assert!(dir.is(&state));
+        assert!(dir.is(&state.join(".")));
+        let alias = t.0.join("alias");
+        symlink(&state, &alias).unwrap();
+        assert!(dir.is(&alias));
+        std::fs::create_dir(t.0.join("other")).unwrap();
+        assert!(!dir.is(&t.0.join("other")));
+        assert!(!dir.is(&t.0.join("missing")));
     }
 }
