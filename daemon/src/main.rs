@@ -5,6 +5,7 @@ use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
+use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::{EnvFilter, layer::SubscriberExt, reload, util::SubscriberInitExt};
 
 use trustdrift::{
@@ -373,7 +374,10 @@ async fn run(
 }
 
 async fn attach(args: AttachArgs, config: &Config) -> Result<()> {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    // Both handlers exist before "attached" is printed: whoever reads it may signal at
+    // once, and a SIGINT before the handler would kill the process without its stats.
+    let mut term = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
     let programs = if args.floor {
         Programs::Floor
     } else if args.copy_floor {
@@ -384,7 +388,7 @@ async fn attach(args: AttachArgs, config: &Config) -> Result<()> {
     let probe = probe::Probe::attach(probe_options(config, programs))?;
     println!("attached");
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
+        _ = interrupt.recv() => {}
         _ = term.recv() => {}
     }
     if args.stats {
