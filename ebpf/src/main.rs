@@ -45,19 +45,42 @@ use crate::arch::nr;
 /// Only opens run a program at all; success and bytes read are left to the daemon.
 #[tracepoint]
 pub fn open_enter(ctx: TracePointContext) -> u32 {
+    let (nr, args) = entered_open(&ctx);
+    open::entered(nr, args);
+    0
+}
+
+/// The syscall number and first three arguments of a `sys_enter_open*` record.
+#[inline(always)]
+fn entered_open(ctx: &TracePointContext) -> (i64, [u64; 3]) {
     // struct syscall_trace_enter: the syscall number at 8, its arguments from 16 on.
     // Direct loads: the verifier allows them inside the record, and each
     // `TracePointContext::read_at` would be a helper call.
     let record = ctx.as_ptr().cast::<u64>();
     // SAFETY: offsets inside the record of a syscall tracepoint, stable since 2.6.
-    let (nr, args) = unsafe {
+    unsafe {
         (
             *record.add(1) as i32 as i64,
             [*record.add(2), *record.add(3), *record.add(4)],
         )
-    };
-    open::entered(nr, args);
-    0
+    }
+}
+
+/// The first three arguments of an open, at its exit.
+///
+/// # Safety
+/// `regs` is the `sys_exit` tracepoint's own pt_regs.
+#[inline(always)]
+unsafe fn open_args_at_exit(regs: *const pt_regs) -> [u64; 3] {
+    // SAFETY: the arguments are intact at exit (only the return value register changed,
+    // and `first_arg_at_exit` knows where the first one is).
+    unsafe {
+        [
+            arch::first_arg_at_exit(regs),
+            arch::arg(regs, 1),
+            arch::arg(regs, 2),
+        ]
+    }
 }
 
 /// `sys_exit` (full mode): an open and its fd, a read's byte count, a close.
@@ -76,15 +99,8 @@ unsafe fn try_sys_exit(regs: *const pt_regs, ret: i64) {
     let id = unsafe { arch::syscall_nr(regs) };
     match id {
         nr::OPENAT | nr::OPEN | nr::OPENAT2 => {
-            // SAFETY: as above; the arguments are intact at exit (only the return value
-            // register changed, and `first_arg_at_exit` knows where the first one is).
-            let args = unsafe {
-                [
-                    arch::first_arg_at_exit(regs),
-                    arch::arg(regs, 1),
-                    arch::arg(regs, 2),
-                ]
-            };
+            // SAFETY: as above.
+            let args = unsafe { open_args_at_exit(regs) };
             open::returned(id, args, ret);
         }
         nr::CLOSE => {
@@ -163,14 +179,7 @@ pub fn floor_sys_exit(_ctx: BtfTracePointContext) -> i32 {
 /// hooks: the part of the probe's own work no path filter can skip.
 #[tracepoint]
 pub fn copy_floor_open_enter(ctx: TracePointContext) -> u32 {
-    let record = ctx.as_ptr().cast::<u64>();
-    // SAFETY: as in `open_enter`.
-    let (nr, args) = unsafe {
-        (
-            *record.add(1) as i32 as i64,
-            [*record.add(2), *record.add(3), *record.add(4)],
-        )
-    };
+    let (nr, args) = entered_open(&ctx);
     open::copy_only(nr, args);
     0
 }
@@ -183,14 +192,7 @@ pub fn copy_floor_sys_exit(ctx: BtfTracePointContext) -> i32 {
     let id = unsafe { arch::syscall_nr(regs) };
     if matches!(id, nr::OPENAT | nr::OPEN | nr::OPENAT2) && ret >= 0 {
         // SAFETY: as above.
-        let args = unsafe {
-            [
-                arch::first_arg_at_exit(regs),
-                arch::arg(regs, 1),
-                arch::arg(regs, 2),
-            ]
-        };
-        open::copy_only(id, args);
+        open::copy_only(id, unsafe { open_args_at_exit(regs) });
     }
     0
 }
