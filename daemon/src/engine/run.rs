@@ -55,6 +55,15 @@ where
         .as_deref()
         .map(StateDir::open)
         .transpose()?;
+    // The journal's own directory (a tmpfs), locked as the state directory is for as long
+    // as the daemon runs; a bad one stops the start before the probe is loaded.
+    let journal_home = match (&state, &options.journal_dir) {
+        (Some(state), Some(path)) if !state.is(path) => Some(
+            StateDir::open(path)
+                .with_context(|| format!("state.journal_dir = {}", path.display()))?,
+        ),
+        _ => None,
+    };
 
     let mut probe = Probe::attach(options.probe.clone())?;
     tracing::info!(mode = ?probe.mode, pinning = ?probe.pinning, "probe attached");
@@ -92,12 +101,7 @@ where
         })
         .context("starting the API thread")?;
     // The crash journal, and what the last run left in it, read before the intake adds
-    // to it: replayed once the last save is restored. Its own directory (a tmpfs) is
-    // locked as the state directory is, for as long as the daemon runs.
-    let journal_home = match (&state, &options.journal_dir) {
-        (Some(state), Some(path)) if !state.is(path) => Some(StateDir::open(path)?),
-        _ => None,
-    };
+    // to it: replayed once the last save is restored.
     let journal = state
         .as_ref()
         .map(|dir| open_journal(journal_home.as_ref().unwrap_or(dir), options.journal_bytes))
