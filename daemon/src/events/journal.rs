@@ -44,12 +44,6 @@ pub const FILE: &str = "journal";
 const MAX_FILE: u64 = u32::MAX as u64 & !4095;
 /// Pages past the records are given back when they come to more than this many bytes.
 const PUNCH_ABOVE: usize = 1 << 20;
-/// Once the records end this far into the file, they move back to the front as soon as
-/// they fit before their start. In a storm the engine is always behind the intake, so
-/// a save never empties the journal and its records slide forward; without this they
-/// would touch every page of the file before reaching its end, each page the daemon's
-/// memory (on a tmpfs) or page cache, until the storm is over.
-const COMPACT_PAST: usize = 8 << 20;
 
 /// What a journal record holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -199,7 +193,7 @@ impl Journal {
     pub fn append(&mut self, kind: Kind, bytes: &[u8]) -> Option<u64> {
         let size = (RECORD_HEAD + bytes.len()).next_multiple_of(8);
         let (_, mut at) = span(&self.map);
-        if at + size > self.map.len() || at > COMPACT_PAST {
+        if at + size > self.map.len() {
             self.compact();
             at = span(&self.map).1;
             if at + size > self.map.len() {
@@ -528,36 +522,6 @@ mod tests {
         assert!(blocks(&j) * 512 < 1 << 20, "{} blocks left", blocks(&j));
         assert_eq!(j.entries().len(), 1, "the records kept are untouched");
         assert_eq!(j.entries()[0].bytes, vec![8u8; 200]);
-    }
-
-    /// A storm: the engine always a few records behind, so no save empties the journal.
-    #[test]
-    fn records_sliding_forward_in_a_storm_keep_to_the_first_pages() {
-        let d = dir("slide");
-        let mut j = Journal::open(d.file(), 64 << 20, BOOT).unwrap();
-        let mut n = 0u64;
-        let mut reached = 0;
-        while n < 400_000 {
-            j.append(Kind::Ring, &n.to_ne_bytes().repeat(25)).unwrap();
-            n += 1;
-            // A save every 1,000 records covers all but the last 100.
-            if n.is_multiple_of(1000) {
-                j.discard(&mark(&j, n - 100, 0));
-                reached = reached.max(span(&j.map).1);
-            }
-        }
-        // 400,000 records of 216 bytes would have run 86 MB into the file.
-        assert!(
-            reached <= COMPACT_PAST + (1 << 20),
-            "records reached {reached} bytes into the file"
-        );
-        // Nothing kept was lost or reordered by the moves.
-        let kept: Vec<u64> = j
-            .entries()
-            .iter()
-            .map(|e| u64::from_ne_bytes(e.bytes[..8].try_into().unwrap()))
-            .collect();
-        assert_eq!(kept, (n - 100..n).collect::<Vec<_>>());
     }
 
     #[test]
