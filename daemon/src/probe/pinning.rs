@@ -195,8 +195,11 @@ mod tests {
 
     #[test]
     fn clean_up_removes_links_and_never_follows_them() {
-        let base = std::env::temp_dir().join(format!("trustdrift-pin-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&base);
+        let scratch = tempfile::Builder::new()
+            .prefix("trustdrift-pin-")
+            .tempdir()
+            .unwrap();
+        let base = scratch.path();
         let tree = base.join("layout-old");
         let outside = base.join("outside");
         fs::create_dir_all(tree.join("maps")).unwrap();
@@ -217,6 +220,5 @@ mod tests {
         symlink(&outside, &linked).unwrap();
         remove_tree(&linked).unwrap();
         assert!(outside.join("precious").exists());
-        let _ = fs::remove_dir_all(&base);
     }
 }

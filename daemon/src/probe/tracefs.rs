@@ -65,15 +65,18 @@ mod tests {
 
     #[test]
     fn a_missing_tracepoint_is_named_with_what_it_is_for() {
-        let root = std::env::temp_dir().join(format!("trustdrift-tracefs-{}", std::process::id()));
+        let scratch = tempfile::Builder::new()
+            .prefix("trustdrift-tracefs-")
+            .tempdir()
+            .unwrap();
+        let root = scratch.path();
         std::fs::create_dir_all(root.join("events/sched")).unwrap();
-        let err = format(&root, "sched", "sched_process_exit").unwrap_err();
+        let err = format(root, "sched", "sched_process_exit").unwrap_err();
         let text = format!("{err:#}");
         assert!(
             text.contains("tracepoint sched/sched_process_exit is missing"),
             "{text}"
         );
         assert!(text.contains("exec and exit"), "{text}");
-        let _ = std::fs::remove_dir_all(&root);
     }
 }

@@ -301,8 +301,11 @@ mod tests {
 
     #[test]
     fn kubernetes_names_come_from_the_runtime_bundle() {
-        let base = std::env::temp_dir().join(format!("trustdrift-names-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&base);
+        let scratch = tempfile::Builder::new()
+            .prefix("trustdrift-names-")
+            .tempdir()
+            .unwrap();
+        let base = scratch.path();
         let containerd = base.join("containerd");
         let crio = base.join("crio");
         fs::create_dir_all(containerd.join(ID)).unwrap();
@@ -340,7 +343,6 @@ mod tests {
         let mut host = from_cgroup_path("/system.slice/nginx.service");
         names.enrich(&mut host, &mut io, Root::own().ok().map(Arc::new));
         assert_eq!(host.namespace, None);
-        let _ = fs::remove_dir_all(&base);
     }
 
     #[test]

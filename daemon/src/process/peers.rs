@@ -301,8 +301,11 @@ mod tests {
         let Some(python) = python() else {
             return;
         };
-        let dir = std::env::temp_dir().join(format!("trustdrift-peers-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let scratch = tempfile::Builder::new()
+            .prefix("trustdrift-peers-")
+            .tempdir()
+            .unwrap();
+        let dir = scratch.path();
         // Named trustdrift in comm and argv: still python.
         let link = dir.join("trustdrift");
         let _ = std::fs::remove_file(&link);
@@ -317,15 +320,15 @@ mod tests {
         );
         let mut peers = Peers::new();
         assert!(!peers.is_peer(&key(p.0.id())));
-        drop(p);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
     fn the_same_executable_and_a_byte_identical_copy_are_peers_another_file_is_not() {
-        let dir =
-            std::env::temp_dir().join(format!("trustdrift-peers-copy-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let scratch = tempfile::Builder::new()
+            .prefix("trustdrift-peers-copy-")
+            .tempdir()
+            .unwrap();
+        let dir = scratch.path();
         // A small executable plays trustdrift's here.
         let own = dir.join("trustdrift");
         std::fs::copy("/bin/true", &own).unwrap();
@@ -368,7 +371,6 @@ mod tests {
         assert!(!peers.same_code(fd, s), "same size, other bytes");
         // Remembered, not hashed again.
         assert_eq!(peers.identical.len(), 2);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
