@@ -441,6 +441,7 @@ fn per_invocation(programs: &[(String, u64, u64)]) -> f64 {
         time as f64 / count as f64
     }
 }
+
 struct Report<'a> {
     variants: &'a [Variant],
     loop_abs: Vec<f64>,
