@@ -205,19 +205,23 @@ fn run_step(setup: &Setup, step: &Step) -> Result<Run> {
     })
 }
 
-/// The loss reasons that stand for a record the daemon never got. The others count
-/// other things (a process evicted from the ledger, a catalog version dropped): counted
-/// as records, a storm's routine evictions made the wait below end before the queue
-/// was drained.
-const RECORD_LOSSES: &[&str] = &[
-    "ringbuf_full",
-    "access_table_full",
-    "proc_table_full",
-    "process_quota",
-    "owner_quota",
-    "path_unreadable",
-    "undecodable_record",
-];
+/// Whether a loss reason stands for a record the daemon never got: the probe's, where a
+/// record was not written, and the daemon's own `undecodable_record`. The others count
+/// other things (an fd evicted, a path cut, a process evicted from the ledger, a catalog
+/// version dropped): counted as records, a storm's routine evictions made the wait
+/// below end before the queue was drained.
+fn stands_for_a_record(reason: &str) -> bool {
+    use trustdrift_common::Loss;
+    const RECORD_NOT_WRITTEN: [Loss; 6] = [
+        Loss::RingbufFull,
+        Loss::AccessTableFull,
+        Loss::ProcTableFull,
+        Loss::ProcessQuota,
+        Loss::OwnerQuota,
+        Loss::PathUnreadable,
+    ];
+    reason == "undecodable_record" || RECORD_NOT_WRITTEN.iter().any(|l| l.name() == reason)
+}
 
 /// Waits until every record of a storm that just ended is delivered or counted lost, or
 /// nothing has moved for 5 s; the last scrape, and how long it took.
@@ -235,7 +239,7 @@ pub(super) fn catch_up(
         let delivered = records(&now) - records(before);
         let lost: u64 = lost_between(before, &now)
             .iter()
-            .filter(|(reason, _)| RECORD_LOSSES.contains(&reason.as_str()))
+            .filter(|(reason, _)| stands_for_a_record(reason))
             .map(|(_, n)| n)
             .sum();
         if delivered + lost >= expected {
