@@ -259,7 +259,7 @@ impl Engine {
     /// What happened before this start: the saved ledger, what the journal holds that
     /// the save does not, the host's stores, the processes already running. Then the
     /// first snapshot says the daemon is ready.
-    fn start_up(
+    pub(super) fn start_up(
         &mut self,
         (leftover, epoch): (Vec<Entry>, u64),
         seed_iterators: Option<SeedIterators>,
@@ -277,6 +277,11 @@ impl Engine {
         }
         self.after_restore();
         self.replay(Saver::to_replay(leftover, epoch, saved_mark));
+        // A save lags the kernel's aggregates by up to a poll and a save's spacing: the
+        // reads a process made since the last save are in the pinned access table, not in
+        // the state. Brought up to date before the first snapshot says the daemon is
+        // ready, or a restart lists reads it knows of as never made.
+        self.poll(false);
         if let Some(host) = self.catalog.host_root() {
             self.track_default_stores(host);
         }

@@ -19,7 +19,7 @@ use crate::{
     config::Config,
     events::{Access, Event, Task},
     judge::verdict::Verdict,
-    ledger::ProcKey,
+    ledger::{ProcKey, state_dir::StateDir},
     probe::{MapFill, ProgramStats, pinning::PinStatus, trust_paths::TrustPaths},
     process::procfs,
     serve::snapshot::Snapshot,
@@ -91,16 +91,8 @@ impl Bench {
             std::env::temp_dir().join(format!("trustdrift-engine-{name}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
-        let config = Config::from_toml(config, "test").unwrap();
-        let mut options = EngineOptions::from_config(&config);
-        options.state_dir = None;
         let tables = Arc::new(Mutex::new(Tables::default()));
-        let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
-        let publisher = Publisher::new(tx, options.metrics.clone());
-        let kernel = Box::new(FakeKernel(Arc::clone(&tables), PinStatus::Disabled));
-        let key = crate::stores::digest::NodeKey::random().unwrap();
-        let (engine, _inotify) =
-            Engine::new(kernel, options, Saver::new(None, None), publisher, key).unwrap();
+        let (engine, rx) = engine_over(&tables, config, None);
         Self {
             engine,
             tables,
@@ -108,6 +100,30 @@ impl Bench {
             _rx: rx,
             children: Vec::new(),
         }
+    }
+
+    /// As [`Bench::new`], the daemon saving its ledger in the bench's `state`.
+    fn with_state(name: &str) -> Self {
+        let mut b = Self::new(name, "");
+        let (engine, rx) = engine_over(&b.tables, "", Some(&b.dir.join("state")));
+        b.engine = engine;
+        b._rx = rx;
+        b
+    }
+
+    /// A daemon started again over the same kernel tables from what the bench's daemon
+    /// saved last (a copy of its state: the first still holds its directory's lock, as
+    /// a killed one would not), with the snapshot it publishes.
+    fn restarted(&self) -> (Engine, watch::Receiver<Arc<Snapshot>>) {
+        let copy = self.dir.join("state-after-kill");
+        fs::create_dir_all(&copy).unwrap();
+        for entry in fs::read_dir(self.dir.join("state")).unwrap() {
+            let entry = entry.unwrap();
+            fs::copy(entry.path(), copy.join(entry.file_name())).unwrap();
+        }
+        let (mut engine, rx) = engine_over(&self.tables, "", Some(&copy));
+        engine.start_up((Vec::new(), 0), None);
+        (engine, rx)
     }
 
     fn file(&self, name: &str, content: &str) -> PathBuf {
@@ -181,6 +197,25 @@ impl Drop for Bench {
         }
         let _ = fs::remove_dir_all(&self.dir);
     }
+}
+
+/// An engine over the fake kernel `tables`; `state`: where it saves its ledger.
+fn engine_over(
+    tables: &Arc<Mutex<Tables>>,
+    config: &str,
+    state: Option<&Path>,
+) -> (Engine, watch::Receiver<Arc<Snapshot>>) {
+    let config = Config::from_toml(config, "test").unwrap();
+    let mut options = EngineOptions::from_config(&config);
+    options.state_dir = None;
+    let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
+    let publisher = Publisher::new(tx, options.metrics.clone());
+    let kernel = Box::new(FakeKernel(Arc::clone(tables), PinStatus::Disabled));
+    let key = crate::stores::digest::NodeKey::random().unwrap();
+    let state = state.map(|s| StateDir::open(s).unwrap());
+    let (engine, _inotify) =
+        Engine::new(kernel, options, Saver::new(state, None), publisher, key).unwrap();
+    (engine, rx)
 }
 
 fn stats(opens: u64, reads: u64, bytes: u64) -> AccessStats {
@@ -401,4 +436,32 @@ fn an_exiting_stale_process_leaves_no_watch_behind() {
     assert_eq!(b.tables.lock().unwrap().watched.len(), 1);
     b.engine.on_event(Event::Exit(task.clone()));
     assert!(b.tables.lock().unwrap().watched.is_empty());
+}
+
+#[test]
+fn a_restarted_daemon_lists_reads_made_after_its_last_save_before_it_is_ready() {
+    let mut b = Bench::with_state("restart-reads");
+    let bundle = b.file("bundle.pem", "content");
+    let task = b.process();
+    // The open is handled before the process reads (the probe's record is that quick),
+    // and saved so: no read yet.
+    let access = b.open(&task, &bundle, stats(1, 0, 0));
+    b.engine.save(true);
+    // The read lands in the kernel's aggregate; the daemon is killed before its next
+    // poll and save.
+    b.tables
+        .lock()
+        .unwrap()
+        .accesses
+        .insert(access, stats(1, 1, 7));
+    let (engine, rx) = b.restarted();
+    let key = Bench::key_of(&task);
+    let read = &engine.ledger.get(&key).expect("restored").reads[0];
+    assert_eq!((read.opens, read.reads, read.bytes), (1, 1, 7));
+    let snapshot = rx.borrow();
+    let listed = snapshot.processes.get(&key).expect("in the first snapshot");
+    assert_eq!(
+        listed.files[0].bytes_read, 7,
+        "the snapshot that says ready lists the read"
+    );
 }
