@@ -7,8 +7,12 @@
 //! The kernel filter here is the probe's own: its prefix trie, and for suffixes only the
 //! quick-reject bitmap of its `FILTER` table (no suffix rules): a superset of what the
 //! filter accepts, which the daemon then narrows with the exact rules. What a mapped file
-//! turned out to be is remembered, so the libraries every process maps are judged once. Paths come from `bpf_d_path`, relative to
-//! the daemon's root; for a process whose root is elsewhere in the same tree (a chroot)
+//! turned out to be is remembered, so the libraries every process maps are judged once.
+//!
+//! Paths are relative to the daemon's root (or to the top of the file's mount tree when
+//! that root is out of reach): `bpf_d_path` for an fd's file, which the verifier trusts;
+//! a walk of the dentries (`kpath`) for a mapping's, which some kernels do not let
+//! `bpf_d_path` take. For a process whose root is elsewhere in the same tree (a chroot)
 //! such a path is not what the process names, so its files go unfiltered and the daemon
 //! strips the root.
 //!
@@ -18,16 +22,20 @@
 use core::{ffi::c_void, mem::size_of, ptr::read_unaligned};
 
 use aya_ebpf::{
-    helpers::generated::{bpf_d_path, bpf_seq_write},
+    helpers::{
+        bpf_probe_read_kernel_buf,
+        generated::{bpf_d_path, bpf_seq_write},
+    },
     maps::lpm_trie::Key,
 };
 use trustdrift_common::{
-    FilterTable, KernelOffsets, PREFIX_CAP, QUICK_WORDS, SEED_PATH_CAP, SeedOffsets, SeedRecord,
-    ascii_lower_word, low_bytes_mask, quick_slot, seed_flags, seed_kind,
+    FilterTable, KPATH_CAP, KernelOffsets, PREFIX_CAP, QUICK_WORDS, SEED_PATH_CAP, SeedOffsets,
+    SeedRecord, ascii_lower_word, kpath_flags, low_bytes_mask, quick_slot, seed_flags, seed_kind,
 };
 
 use crate::{
     kernel::{current_task, field},
+    kpath,
     maps::{
         FILTER, OFFSETS, PREFIXES, SEED_FILE_CLASS, SEED_OFFSETS, SEED_SCRATCH, SeedScratch,
         TLS_LIBRARIES,
@@ -79,8 +87,29 @@ pub fn seed_files(ctx: *mut TaskFileContext) -> i32 {
 #[unsafe(link_section = "iter/task_vma")]
 pub fn seed_maps(ctx: *mut TaskVmaContext) -> i32 {
     // SAFETY: the kernel passes a `bpf_iter__task_vma`.
-    let _ = unsafe { try_seed_maps(ctx) };
+    if let Some(wanted) = unsafe { try_seed_maps(ctx) } {
+        send_mapped(&wanted);
+    }
     0
+}
+
+/// A mapped file whose path the filter must see: walked in a call of its own, so that
+/// the walk's frames and the judging's never add up past the verifier's 512 bytes.
+struct PathWanted {
+    seq: *mut c_void,
+    record: SeedRecord,
+    file: u64,
+    /// Its `SEED_FILE_CLASS` key.
+    key: Option<[u64; 2]>,
+}
+
+#[inline(never)]
+fn send_mapped(wanted: &PathWanted) {
+    let o = OFFSETS.load();
+    let sent = send_walked_path(&o, wanted.seq, wanted.record, wanted.file);
+    if sent.is_none() && wanted.record.flags & seed_flags::ROOT_ELSEWHERE == 0 {
+        remember(wanted.key, file_class::NOTHING);
+    }
 }
 
 unsafe fn try_seed_files(ctx: *mut TaskFileContext) -> Option<()> {
@@ -101,7 +130,10 @@ unsafe fn try_seed_files(ctx: *mut TaskFileContext) -> Option<()> {
     unsafe { send_path(&o, (*meta).seq, record, file) }
 }
 
-unsafe fn try_seed_maps(ctx: *mut TaskVmaContext) -> Option<()> {
+/// Sends what a mapping says of its process at once; `Some` for a mapped file whose
+/// path is wanted.
+#[inline(never)]
+unsafe fn try_seed_maps(ctx: *mut TaskVmaContext) -> Option<PathWanted> {
     // SAFETY: the context's own fields.
     let (meta, task, vma) = unsafe { ((*ctx).meta, (*ctx).task, (*ctx).vma) };
     if meta.is_null() || task.is_null() || vma.is_null() {
@@ -112,8 +144,9 @@ unsafe fn try_seed_maps(ctx: *mut TaskVmaContext) -> Option<()> {
     if s.vma_file == KernelOffsets::UNKNOWN {
         return None;
     }
-    // A direct load from the trusted vma: the verifier types it as a `struct file *`,
-    // which `bpf_d_path` accepts. Null for anonymous mappings.
+    // A direct load from the trusted vma. Null for anonymous mappings. Kernels differ on
+    // whether the verifier trusts the result (6.18.44 does not), so its path is never
+    // asked of `bpf_d_path`, which wants a trusted pointer: it is walked (`kpath`).
     // SAFETY: `vm_file` at the offset BTF gave, checked by the verifier.
     let file = unsafe { *(vma.add(s.vma_file as usize) as *const *const u8) };
     if file.is_null() {
@@ -149,7 +182,7 @@ unsafe fn try_seed_maps(ctx: *mut TaskVmaContext) -> Option<()> {
     (record.ino, record.dev) = (ino, dev);
     if is_exe {
         write(seq, &record);
-        return Some(());
+        return None;
     }
     let library = match known {
         Some(class) if class >= file_class::TLS_LIBRARY => Some(class - file_class::TLS_LIBRARY),
@@ -161,15 +194,15 @@ unsafe fn try_seed_maps(ctx: *mut TaskVmaContext) -> Option<()> {
         record.kind = seed_kind::TLS_LIBRARY;
         record.detail = index;
         write(seq, &record);
-        return Some(());
+        return None;
     }
     record.kind = seed_kind::MAPPED;
-    // SAFETY: `file` is a BTF-typed file pointer.
-    let sent = unsafe { send_path(&o, seq, record, file) };
-    if sent.is_none() && record.flags & seed_flags::ROOT_ELSEWHERE == 0 {
-        remember(key, file_class::NOTHING);
-    }
-    sent
+    Some(PathWanted {
+        seq,
+        record,
+        file: file as u64,
+        key,
+    })
 }
 
 /// The `SEED_FILE_CLASS` key of a file: what its path is made of.
@@ -316,11 +349,11 @@ fn tls_library(o: &KernelOffsets, file: u64) -> Option<u32> {
 /// Sends `record` with the path of `file`, unless the filter rules it out.
 ///
 /// # Safety
-/// `file` must be a BTF-typed `struct file *` (the verifier checks it).
+/// `file` must be a trusted BTF-typed `struct file *` (the verifier checks it).
 unsafe fn send_path(
     o: &KernelOffsets,
     seq: *mut c_void,
-    mut record: SeedRecord,
+    record: SeedRecord,
     file: *const u8,
 ) -> Option<()> {
     if o.file_path == KernelOffsets::UNKNOWN {
@@ -336,15 +369,66 @@ unsafe fn send_path(
             SEED_PATH_CAP as u32,
         )
     };
-    if n <= 0 {
-        // Only ENAMETOOLONG is worth saying: the daemon then knows a file was missed.
-        record.flags |= seed_flags::PATH_TOO_LONG;
-        write(seq, &record);
-        return Some(());
-    }
     // With its NUL; the mask keeps the verifier's bounds (a full buffer is too long).
-    let size = (n as u32) & (SEED_PATH_CAP as u32 - 1);
+    let size = if n <= 0 {
+        0
+    } else {
+        (n as u32) & (SEED_PATH_CAP as u32 - 1)
+    };
+    send_scratch_path(seq, record, s, size)
+}
+
+/// Sends `record` with the path of `file` as its dentries up to the daemon's root name
+/// it (what `bpf_d_path` builds, without a deleted file's " (deleted)"), unless the
+/// filter rules it out. For any `struct file *`, trusted or not.
+fn send_walked_path(
+    o: &KernelOffsets,
+    seq: *mut c_void,
+    record: SeedRecord,
+    file: u64,
+) -> Option<()> {
+    if o.file_path == KernelOffsets::UNKNOWN {
+        return None;
+    }
+    let s = SEED_SCRATCH.get_ptr_mut(0)?;
+    let mut size = 0;
+    if let Some((walked, start)) = kpath::walk_seed(file) {
+        // SAFETY: this CPU's map value.
+        let walked = unsafe { &*walked };
+        let flags = walked.state.flags;
+        // Out of the daemon's reach is what `bpf_d_path` gives too: the path from the
+        // top of the file's own mount tree (a container's files, seen from the host).
+        let whole = flags & (kpath_flags::REACHED_ROOT | kpath_flags::UNREACHABLE) != 0
+            && flags & (kpath_flags::TRUNCATED | kpath_flags::FAILED) == 0;
+        let start = (start as usize) & (KPATH_CAP - 1);
+        let n = (KPATH_CAP - start) & (KPATH_CAP - 1);
+        if whole && n > 0 {
+            // SAFETY: this CPU's value, ours until the program returns.
+            let path = unsafe { &mut (*s).path };
+            // SAFETY: reads `n` < KPATH_CAP bytes of the walk's buffer, which has them.
+            let copied =
+                unsafe { bpf_probe_read_kernel_buf(walked.buf[start..].as_ptr(), &mut path[..n]) };
+            if copied.is_ok() {
+                path[n] = 0;
+                size = n as u32 + 1;
+            }
+        }
+    }
+    send_scratch_path(seq, record, s, size)
+}
+
+/// Sends `record` with the path in the scratch (`size` bytes with its NUL; 0: none could
+/// be had, said as too long so that the daemon reads this process from /proc), unless
+/// the filter rules it out.
+fn send_scratch_path(
+    seq: *mut c_void,
+    mut record: SeedRecord,
+    s: *mut SeedScratch,
+    size: u32,
+) -> Option<()> {
     if size == 0 {
+        // Only ENAMETOOLONG (or a walk cut short) is worth saying: the daemon then knows
+        // a file was missed.
         record.flags |= seed_flags::PATH_TOO_LONG;
         write(seq, &record);
         return Some(());

@@ -10,12 +10,15 @@
 
 use core::ffi::c_void;
 
-use aya_ebpf::helpers::generated::{bpf_loop, bpf_probe_read_kernel};
+use aya_ebpf::{
+    helpers::generated::{bpf_loop, bpf_probe_read_kernel},
+    maps::PerCpuArray,
+};
 use trustdrift_common::{KPATH_CAP, KernelOffsets, kpath_flags};
 
 use crate::{
     kernel::{current_task, field, file_of},
-    maps::{OFFSETS, WALK, WalkScratch, WalkState},
+    maps::{OFFSETS, SEED_WALK, WALK, WalkScratch, WalkState},
 };
 
 /// Longest directory entry name (`NAME_MAX`).
@@ -28,12 +31,31 @@ const MAX_STEPS: u32 = 128;
 /// at `KPATH_CAP`), or `None` when the walk could not even start.
 #[inline(always)]
 pub fn walk(fd: i32) -> Option<(*mut WalkScratch, u32)> {
-    let o = OFFSETS.load();
-    if !o.can_walk_paths() {
+    if !OFFSETS.load().can_walk_paths() {
         return None;
     }
-    let scratch = WALK.get_ptr_mut(0)?;
-    let file = file_of(fd)?;
+    walk_file(&WALK, file_of(fd)?, step_cb)
+}
+
+/// As [`walk`], for a file a start-up iterator met (`struct file *`), in the iterators'
+/// own scratch: a probe program preempting the iterator on this CPU must not write into
+/// its walk. The root is the current process's, the daemon's, as `bpf_d_path` has it.
+#[inline(always)]
+pub fn walk_seed(file: u64) -> Option<(*mut WalkScratch, u32)> {
+    if !OFFSETS.load().can_walk_paths() {
+        return None;
+    }
+    walk_file(&SEED_WALK, file, seed_step_cb)
+}
+
+#[inline(always)]
+fn walk_file(
+    scratch: &'static PerCpuArray<WalkScratch>,
+    file: u64,
+    step_cb: extern "C" fn(u64, *mut c_void) -> i64,
+) -> Option<(*mut WalkScratch, u32)> {
+    let o = OFFSETS.load();
+    let scratch = scratch.get_ptr_mut(0)?;
     let vfsmnt: u64 = field(file, o.file_path + o.path_mnt)?;
     let dentry: u64 = field(file, o.file_path + o.path_dentry)?;
     let fs: u64 = field(current_task(), o.task_fs)?;
@@ -59,10 +81,21 @@ pub fn walk(fd: i32) -> Option<(*mut WalkScratch, u32)> {
     Some((scratch, state.pos))
 }
 
-/// One step of the walk; the state is in this CPU's `WALK` value.
+/// One step of a probe's walk; the state is in this CPU's `WALK` value.
 #[inline(never)]
 extern "C" fn step_cb(_index: u64, _ctx: *mut c_void) -> i64 {
-    let Some(scratch) = WALK.get_ptr_mut(0) else {
+    step_in(&WALK)
+}
+
+/// One step of an iterator's walk; the state is in this CPU's `SEED_WALK` value.
+#[inline(never)]
+extern "C" fn seed_step_cb(_index: u64, _ctx: *mut c_void) -> i64 {
+    step_in(&SEED_WALK)
+}
+
+#[inline(always)]
+fn step_in(scratch: &'static PerCpuArray<WalkScratch>) -> i64 {
+    let Some(scratch) = scratch.get_ptr_mut(0) else {
         return 1;
     };
     let o = OFFSETS.load();

@@ -154,6 +154,11 @@ pub const SCRATCH_WORDS: usize = PATH_WORD_OFFSET + PATH_CAP / 8 + 2;
 #[map]
 pub static WALK: PerCpuArray<WalkScratch> = PerCpuArray::with_max_entries(1, 0);
 
+/// The same for the start-up iterator `seed_maps`, apart: a probe program may run on
+/// this CPU while the iterator's program is preempted. Key: 0. Bound: 1.
+#[map]
+pub static SEED_WALK: PerCpuArray<WalkScratch> = PerCpuArray::with_max_entries(1, 0);
+
 /// Where the walk is, and the path it built so far (from the end of `buf`).
 #[repr(C)]
 pub struct WalkScratch {

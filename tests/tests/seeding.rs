@@ -8,10 +8,23 @@ use trustdrift_e2e::{Cert, Daemon, Guarded, TempDir, Value, bundle, spawn_after_
 /// A process in a private mount namespace where `certs` is bind-mounted on
 /// /etc/ssl/certs, holding /etc/ssl/certs/ca-certificates.crt open; returns once it has it.
 fn holder_in_its_own_mount_namespace(certs: &Path) -> Guarded {
-    let script = "import sys\n\
-                  f = open('/etc/ssl/certs/ca-certificates.crt', 'rb')\n\
-                  print('read', flush=True)\n\
-                  sys.stdin.read()";
+    in_its_own_mount_namespace(
+        certs,
+        "import sys\n\
+         f = open('/etc/ssl/certs/ca-certificates.crt', 'rb')\n\
+         print('read', flush=True)\n\
+         sys.stdin.read()",
+    )
+}
+
+/// As [`holder_in_its_own_mount_namespace`], with the bundle mapped and its fd closed.
+fn mapper_in_its_own_mount_namespace(certs: &Path) -> Guarded {
+    in_its_own_mount_namespace(certs, &mapping_script("/etc/ssl/certs/ca-certificates.crt"))
+}
+
+/// python3 running `script` in a private mount namespace where `certs` is bind-mounted on
+/// /etc/ssl/certs.
+fn in_its_own_mount_namespace(certs: &Path, script: &str) -> Guarded {
     let setup = format!(
         "mount --bind {} /etc/ssl/certs && exec /usr/bin/python3 -I -c \"$0\"",
         certs.display()
@@ -63,6 +76,44 @@ fn a_bundle_held_open_in_another_mount_namespace_before_the_daemon_started_is_se
     }
 }
 
+/// The mapping's file lives on a bind mount the daemon's root cannot reach: its path is
+/// the one the process names, from the top of its own mount tree.
+#[test]
+fn a_bundle_mapped_in_another_mount_namespace_before_the_daemon_started_is_seeded_either_way() {
+    for (seed, logged) in [
+        ("probe.seed=auto", "bpf task iterators"),
+        ("probe.seed=procfs", "procfs"),
+    ] {
+        let dir = TempDir::new("seed-mntns-mapped");
+        let certs = dir.join("certs");
+        fs::create_dir_all(&certs).unwrap();
+        let ca = Cert::ca("Mapped In Its Namespace");
+        fs::write(certs.join("ca-certificates.crt"), bundle(&[&ca])).unwrap();
+        let mapper = mapper_in_its_own_mount_namespace(&certs);
+        let Some(daemon) = Daemon::start(&["--set", seed]) else {
+            return;
+        };
+        let p = daemon.wait_for("seeded and fresh", mapper.pid(), |p| {
+            p["verdict"] == "fresh" && holds(p, "/etc/ssl/certs/ca-certificates.crt")
+        });
+        assert_eq!(p["origin"], "seeded", "{seed}: {p}");
+        fs::write(
+            certs.join("ca-certificates.crt"),
+            bundle(&[&ca, &Cert::ca("Added After Start")]),
+        )
+        .unwrap();
+        daemon.wait_for("stale", mapper.pid(), |p| p["verdict"] == "stale");
+        let scanned = start_up_scan_line(&daemon);
+        assert!(
+            scanned.contains(logged),
+            "{seed}: {scanned}\n{}",
+            daemon.log_warnings().join("\n")
+        );
+        // Named by the iterator itself, not left to /proc.
+        assert!(scanned.contains("from_proc=0"), "{seed}: {scanned}");
+    }
+}
+
 /// The daemon's log line that says how the start-up scan found the running processes.
 fn start_up_scan_line(daemon: &Daemon) -> String {
     daemon
@@ -75,16 +126,20 @@ fn start_up_scan_line(daemon: &Daemon) -> String {
 
 /// A process that mapped `bundle` and closed its fd: only the mapping holds it.
 fn mapper_of(bundle: &Path) -> Guarded {
-    let script = format!(
+    let script = mapping_script(bundle.to_str().unwrap());
+    spawn_after_read(Command::new("/usr/bin/python3").args(["-I", "-c", &script]))
+}
+
+/// python3 that maps `path`, closes its fd and says "read".
+fn mapping_script(path: &str) -> String {
+    format!(
         "import mmap, sys\n\
-         f = open({:?}, 'rb')\n\
+         f = open({path:?}, 'rb')\n\
          m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)\n\
          f.close()\n\
          print('read', flush=True)\n\
-         sys.stdin.read()",
-        bundle.to_str().unwrap()
-    );
-    spawn_after_read(Command::new("/usr/bin/python3").args(["-I", "-c", &script]))
+         sys.stdin.read()"
+    )
 }
 
 #[test]
@@ -111,6 +166,11 @@ fn a_bundle_mapped_and_closed_before_the_daemon_started_is_seeded_either_way() {
         fs::write(&pem, bundle(&[&ca, &Cert::ca("Added After Start")])).unwrap();
         daemon.wait_for("stale", mapper.pid(), |p| p["verdict"] == "stale");
         let scanned = start_up_scan_line(&daemon);
-        assert!(scanned.contains(logged), "{seed}: {scanned}");
+        assert!(
+            scanned.contains(logged),
+            "{seed}: {scanned}\n{}",
+            daemon.log_warnings().join("\n")
+        );
+        assert!(scanned.contains("from_proc=0"), "{seed}: {scanned}");
     }
 }

@@ -376,11 +376,12 @@ impl Engine {
         let cmdline = self.options.cmdline;
         let started = Instant::now();
         let read = iterators.map(Holdings::read);
-        let (found, with, records) = match read {
+        let (found, with, records, from_proc) = match read {
             Some(Ok(holdings)) => {
                 let records = holdings.records;
+                let from_proc = holdings.incomplete();
                 let found = holdings.found(&paths, &mut go, &mut self.io, cmdline);
-                (found, "bpf task iterators", records)
+                (found, "bpf task iterators", records, from_proc)
             }
             other => {
                 if let Some(Err(e)) = other {
@@ -389,12 +390,14 @@ impl Engine {
                     );
                 }
                 let found = seed::scan_procfs(&paths, &mut go, &mut self.io, cmdline);
-                (found, "procfs", 0)
+                (found, "procfs", 0, 0)
             }
         };
         tracing::info!(
             with,
             records,
+            // Processes the iterators could not name a file of, read from /proc instead.
+            from_proc,
             found = found.len(),
             ms = started.elapsed().as_millis() as u64,
             "start-up scan of the processes already running"

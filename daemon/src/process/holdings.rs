@@ -94,6 +94,12 @@ impl Holdings {
         }
     }
 
+    /// Processes a file of which the iterators could not name (its path too long, or
+    /// its walk cut short): [`Holdings::found`] reads them from /proc.
+    pub fn incomplete(&self) -> usize {
+        self.by_tgid.values().filter(|h| h.incomplete).count()
+    }
+
     pub fn processes(&self) -> usize {
         self.by_tgid.len()
     }
