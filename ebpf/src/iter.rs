@@ -145,8 +145,9 @@ unsafe fn try_seed_maps(ctx: *mut TaskVmaContext) -> Option<PathWanted> {
         return None;
     }
     // A direct load from the trusted vma. Null for anonymous mappings. Kernels differ on
-    // whether the verifier trusts the result (6.18.44 does not), so its path is never
-    // asked of `bpf_d_path`, which wants a trusted pointer: it is walked (`kpath`).
+    // whether the verifier trusts the result (of two 6.18.44 builds here, one does), so
+    // its path is never asked of `bpf_d_path`, which wants a trusted pointer: it is
+    // walked (`kpath`).
     // SAFETY: `vm_file` at the offset BTF gave, checked by the verifier.
     let file = unsafe { *(vma.add(s.vma_file as usize) as *const *const u8) };
     if file.is_null() {
