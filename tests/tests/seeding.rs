@@ -1,7 +1,11 @@
 //! What the start-up scan finds in processes that were running before the daemon: the
 //! same through the probe's task iterators as through /proc.
 
-use std::{fs, path::Path, process::Command};
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use trustdrift_e2e::{Cert, Daemon, Guarded, TempDir, Value, bundle, spawn_after_read};
 
@@ -48,68 +52,88 @@ fn holds(p: &Value, path: &str) -> bool {
 
 #[test]
 fn a_bundle_held_open_in_another_mount_namespace_before_the_daemon_started_is_seeded_either_way() {
-    for seed in ["probe.seed=auto", "probe.seed=procfs"] {
-        let dir = TempDir::new("seed-mntns");
-        let certs = dir.join("certs");
-        fs::create_dir_all(&certs).unwrap();
-        let ca = Cert::ca("Held Before Start");
-        fs::write(certs.join("ca-certificates.crt"), bundle(&[&ca])).unwrap();
-        let holder = holder_in_its_own_mount_namespace(&certs);
-        let Some(daemon) = Daemon::start(&["--set", seed]) else {
-            return;
-        };
-        let p = daemon.wait_for("seeded and fresh", holder.pid(), |p| {
-            p["verdict"] == "fresh" && holds(p, "/etc/ssl/certs/ca-certificates.crt")
-        });
-        assert_eq!(p["origin"], "seeded", "{seed}: {p}");
-        // Rewritten in place: the inode it holds now has other content.
-        fs::write(
-            certs.join("ca-certificates.crt"),
-            bundle(&[&ca, &Cert::ca("Added After Start")]),
-        )
-        .unwrap();
-        daemon.wait_for("stale", holder.pid(), |p| p["verdict"] == "stale");
-        let scanned = start_up_scan_line(&daemon);
-        if seed == "probe.seed=procfs" {
-            assert!(scanned.contains("procfs"), "{scanned}");
-        }
-    }
+    seeded_either_way("seed-mntns", |dir| {
+        bundle_in_a_mount_namespace(dir, holder_in_its_own_mount_namespace)
+    });
 }
 
 /// The mapping's file lives on a bind mount the daemon's root cannot reach: its path is
 /// the one the process names, from the top of its own mount tree.
 #[test]
 fn a_bundle_mapped_in_another_mount_namespace_before_the_daemon_started_is_seeded_either_way() {
+    seeded_either_way("seed-mntns-mapped", |dir| {
+        bundle_in_a_mount_namespace(dir, mapper_in_its_own_mount_namespace)
+    });
+}
+
+/// /etc/ssl/certs/ca-certificates.crt in a private mount namespace, from `dir`/certs,
+/// held by what `start` starts there.
+fn bundle_in_a_mount_namespace(dir: &Path, start: fn(&Path) -> Guarded) -> Holder {
+    let certs = dir.join("certs");
+    fs::create_dir_all(&certs).unwrap();
+    Holder {
+        bundle: certs.join("ca-certificates.crt"),
+        named: "/etc/ssl/certs/ca-certificates.crt".into(),
+        start: Box::new(move || start(&certs)),
+    }
+}
+
+/// Trust material by its suffix alone (no default prefix covers it), mapped, its fd closed.
+#[test]
+fn a_bundle_mapped_and_closed_before_the_daemon_started_is_seeded_either_way() {
+    seeded_either_way("seed-mapped", |dir| {
+        let pem = dir.join("service-ca.pem");
+        Holder {
+            named: pem.to_str().unwrap().to_owned(),
+            bundle: pem.clone(),
+            start: Box::new(move || mapper_of(&pem)),
+        }
+    });
+}
+
+/// A process that came before the daemon and holds a bundle.
+struct Holder {
+    /// The bundle, as this test reaches it.
+    bundle: PathBuf,
+    /// The bundle as the process names it in its root.
+    named: String,
+    /// Starts the process once the bundle is written; returns once it holds it.
+    start: Box<dyn Fn() -> Guarded>,
+}
+
+/// With each start-up scan, a process that took hold of a bundle before the daemon
+/// started is listed as seeded and fresh, and stale once the bundle is rewritten in place
+/// (the inode it holds has other content); the scan is the one asked for, and named every
+/// file itself rather than leaving a process to /proc.
+fn seeded_either_way(name: &str, holder: impl Fn(&Path) -> Holder) {
     for (seed, logged) in [
         ("probe.seed=auto", "bpf task iterators"),
         ("probe.seed=procfs", "procfs"),
     ] {
-        let dir = TempDir::new("seed-mntns-mapped");
-        let certs = dir.join("certs");
-        fs::create_dir_all(&certs).unwrap();
-        let ca = Cert::ca("Mapped In Its Namespace");
-        fs::write(certs.join("ca-certificates.crt"), bundle(&[&ca])).unwrap();
-        let mapper = mapper_in_its_own_mount_namespace(&certs);
+        let dir = TempDir::new(name);
+        let holder = holder(dir.path());
+        let ca = Cert::ca("Held Before Start");
+        fs::write(&holder.bundle, bundle(&[&ca])).unwrap();
+        let process = (holder.start)();
         let Some(daemon) = Daemon::start(&["--set", seed]) else {
             return;
         };
-        let p = daemon.wait_for("seeded and fresh", mapper.pid(), |p| {
-            p["verdict"] == "fresh" && holds(p, "/etc/ssl/certs/ca-certificates.crt")
+        let p = daemon.wait_for("seeded and fresh", process.pid(), |p| {
+            p["verdict"] == "fresh" && holds(p, &holder.named)
         });
         assert_eq!(p["origin"], "seeded", "{seed}: {p}");
         fs::write(
-            certs.join("ca-certificates.crt"),
+            &holder.bundle,
             bundle(&[&ca, &Cert::ca("Added After Start")]),
         )
         .unwrap();
-        daemon.wait_for("stale", mapper.pid(), |p| p["verdict"] == "stale");
+        daemon.wait_for("stale", process.pid(), |p| p["verdict"] == "stale");
         let scanned = start_up_scan_line(&daemon);
         assert!(
             scanned.contains(logged),
             "{seed}: {scanned}\n{}",
             daemon.log_warnings().join("\n")
         );
-        // Named by the iterator itself, not left to /proc.
         assert!(scanned.contains("from_proc=0"), "{seed}: {scanned}");
     }
 }
@@ -140,37 +164,4 @@ fn mapping_script(path: &str) -> String {
          print('read', flush=True)\n\
          sys.stdin.read()"
     )
-}
-
-#[test]
-fn a_bundle_mapped_and_closed_before_the_daemon_started_is_seeded_either_way() {
-    for (seed, logged) in [
-        ("probe.seed=auto", "bpf task iterators"),
-        ("probe.seed=procfs", "procfs"),
-    ] {
-        let dir = TempDir::new("seed-mapped");
-        // Trust material by its suffix alone: no default prefix covers it.
-        let pem = dir.join("service-ca.pem");
-        let ca = Cert::ca("Mapped Before Start");
-        fs::write(&pem, bundle(&[&ca])).unwrap();
-        let mapper = mapper_of(&pem);
-        let Some(daemon) = Daemon::start(&["--set", seed]) else {
-            return;
-        };
-        let path = pem.to_str().unwrap();
-        let p = daemon.wait_for("seeded and fresh", mapper.pid(), |p| {
-            p["verdict"] == "fresh" && holds(p, path)
-        });
-        assert_eq!(p["origin"], "seeded", "{seed}: {p}");
-        // Rewritten in place: the inode it maps now has other content.
-        fs::write(&pem, bundle(&[&ca, &Cert::ca("Added After Start")])).unwrap();
-        daemon.wait_for("stale", mapper.pid(), |p| p["verdict"] == "stale");
-        let scanned = start_up_scan_line(&daemon);
-        assert!(
-            scanned.contains(logged),
-            "{seed}: {scanned}\n{}",
-            daemon.log_warnings().join("\n")
-        );
-        assert!(scanned.contains("from_proc=0"), "{seed}: {scanned}");
-    }
 }
