@@ -41,7 +41,7 @@ use self::{
 use crate::{
     config::Config,
     events::{self, Access, Event, Task, clock},
-    ledger::{Counts, Ledger, Origin, ProcKey, ProcessInfo, TrustRead},
+    ledger::{Aggregates, Counts, Ledger, Origin, ProcKey, ProcessInfo, TrustRead},
     probe::{MapFill, ProbeOptions},
     process::{
         attribution, deadline::Deadline, peers::Peers, procfs, resolution::Resolver, rootfs::Root,
@@ -351,7 +351,8 @@ impl Engine {
                     self.watch_rereads(&key, false);
                 }
                 self.poll_exiting(&key);
-                self.ledger.exited(&key, wall(task.ts_ns));
+                self.ledger
+                    .exited(&key, wall(task.ts_ns), Aggregates::Taken);
                 self.peers.exited(&key);
                 self.catalog.forget_pid(key.pid, key.start_ticks);
                 self.resolver.forget_process(task.tgid, task.start_ns);

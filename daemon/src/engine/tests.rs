@@ -305,6 +305,24 @@ fn an_exit_takes_the_final_aggregates_out_of_the_kernel() {
 }
 
 #[test]
+fn a_process_leaving_after_its_exit_costs_no_delete_of_what_its_exit_took() {
+    let mut b = Bench::new("leave", "[ledger]\nexit_grace = \"0s\"\n");
+    let bundle = b.file("bundle.pem", "content");
+    let task = b.process();
+    let access = b.open(&task, &bundle, stats(1, 1, 7));
+    b.engine.on_event(Event::Exit(task.clone()));
+    b.engine.housekeeping();
+    assert!(b.engine.ledger.get(&Bench::key_of(&task)).is_none(), "left");
+    let t = b.tables.lock().unwrap();
+    assert_eq!(t.taken, vec![access]);
+    assert!(
+        t.forgotten.is_empty(),
+        "no second delete: {:?}",
+        t.forgotten
+    );
+}
+
+#[test]
 fn an_exec_forgets_the_old_image_and_drops_its_aggregates() {
     let mut b = Bench::new("exec", "");
     let bundle = b.file("bundle.pem", "content");

@@ -94,6 +94,19 @@ pub struct ProcessEntry {
     pub exec_seq: u32,
     pub exited_at: Option<SystemTime>,
     pub reads: Vec<TrustRead>,
+    /// Whether the kernel may still hold aggregates of its accesses.
+    pub aggregates: Aggregates,
+}
+
+/// Where the aggregates of a process's accesses are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Aggregates {
+    /// In the kernel's access table (a live process, or an exit the daemon did not see):
+    /// deleted there when the process leaves the ledger.
+    InKernel,
+    /// Taken out of the kernel at its exit: nothing is left there to delete. A storm's
+    /// leaving processes then cost no syscall each.
+    Taken,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -149,6 +162,7 @@ pub struct CountsMoved {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Expired {
     pub key: ProcKey,
+    /// Its accesses whose aggregates the kernel may still hold.
     pub accesses: Vec<AccessKey>,
     pub files: Vec<FileKey>,
 }
@@ -249,6 +263,7 @@ impl Ledger {
                     exec_seq: 0,
                     exited_at: None,
                     reads: Vec::new(),
+                    aggregates: Aggregates::InKernel,
                 },
             );
             self.live.insert(key);
@@ -293,6 +308,11 @@ impl Ledger {
         }
         if let Some(access) = read.access_key {
             self.by_access.insert(access, *key);
+            // Announced after the exit was handled (another thread's open): its aggregate
+            // was not taken with the others.
+            if entry.exited_at.is_some() {
+                entry.aggregates = Aggregates::InKernel;
+            }
         }
         entry.reads.push(read);
         true
@@ -377,11 +397,13 @@ impl Ledger {
         read.version_read_at = read_at;
     }
 
-    pub fn exited(&mut self, key: &ProcKey, at: SystemTime) {
+    /// The process exited at `at`; `aggregates`: where its accesses' aggregates are now.
+    pub fn exited(&mut self, key: &ProcKey, at: SystemTime, aggregates: Aggregates) {
         if let Some(entry) = self.processes.get_mut(key)
             && entry.exited_at.is_none()
         {
             entry.exited_at = Some(at);
+            entry.aggregates = aggregates;
             self.live.remove(key);
             self.exits.insert((at, *key));
         }
@@ -425,9 +447,13 @@ impl Ledger {
         if let Some(t) = entry.exited_at {
             self.exits.remove(&(t, *key));
         }
-        let accesses: Vec<AccessKey> = entry.reads.iter().filter_map(|r| r.access_key).collect();
+        let mut accesses: Vec<AccessKey> =
+            entry.reads.iter().filter_map(|r| r.access_key).collect();
         for a in &accesses {
             self.by_access.remove(a);
+        }
+        if entry.aggregates == Aggregates::Taken {
+            accesses.clear();
         }
         Some(Expired {
             key: *key,
@@ -505,7 +531,7 @@ mod tests {
         let t0 = SystemTime::now();
         l.upsert(key(1, 1), Origin::Observed, ProcessInfo::default());
         l.add_read(&key(1, 1), read("/etc/ssl/cert.pem", Some(access(1))));
-        l.exited(&key(1, 1), t0);
+        l.exited(&key(1, 1), t0, Aggregates::InKernel);
         assert!(l.expire(t0 + Duration::from_secs(5)).is_empty());
         let gone = l.expire(t0 + Duration::from_secs(11));
         assert_eq!(gone.len(), 1);
@@ -516,6 +542,31 @@ mod tests {
         assert_eq!(l.owner_of(&access(1)), None);
         assert_eq!(l.live().count(), 0);
         assert!(l.is_empty());
+    }
+
+    #[test]
+    fn a_process_whose_aggregates_were_taken_at_its_exit_leaves_nothing_to_delete() {
+        let mut l = Ledger::new(LedgerLimits {
+            exit_grace: Duration::from_secs(10),
+            ..LedgerLimits::default()
+        });
+        let t0 = SystemTime::now();
+        for pid in [1, 2] {
+            l.upsert(key(pid, 1), Origin::Observed, ProcessInfo::default());
+            l.add_read(&key(pid, 1), read("/etc/ssl/cert.pem", Some(access(pid))));
+            l.exited(&key(pid, 1), t0, Aggregates::Taken);
+        }
+        // Another thread of the second opened a file its exit did not take.
+        l.add_read(&key(2, 1), read("/etc/ssl/other.pem", Some(access(3))));
+        let mut gone = l.expire(t0 + Duration::from_secs(11));
+        gone.sort_by_key(|g| g.key);
+        let accesses: Vec<_> = gone.iter().map(|g| g.accesses.clone()).collect();
+        assert_eq!(accesses, vec![vec![], vec![access(2), access(3)]]);
+        assert_eq!(
+            l.owner_of(&access(1)),
+            None,
+            "gone from the index all the same"
+        );
     }
 
     #[test]
@@ -536,7 +587,7 @@ mod tests {
         assert_eq!(l.counters.processes_refused, 1);
         assert_eq!(l.counters.processes_evicted, 0);
         // An exited one makes room.
-        l.exited(&key(1, 1), now);
+        l.exited(&key(1, 1), now, Aggregates::InKernel);
         assert!(
             l.upsert(key(3, 1), Origin::Observed, ProcessInfo::default())
                 .is_some()
@@ -558,10 +609,18 @@ mod tests {
             l.upsert(key(pid, 1), Origin::Observed, ProcessInfo::default());
             l.add_read(&key(pid, 1), read("/etc/ssl/cert.pem", Some(access(pid))));
         }
-        l.exited(&key(2, 1), t0);
-        l.exited(&key(1, 1), t0 + Duration::from_secs(1));
+        l.exited(&key(2, 1), t0, Aggregates::InKernel);
+        l.exited(
+            &key(1, 1),
+            t0 + Duration::from_secs(1),
+            Aggregates::InKernel,
+        );
         // A second exit record changes nothing.
-        l.exited(&key(2, 1), t0 + Duration::from_secs(9));
+        l.exited(
+            &key(2, 1),
+            t0 + Duration::from_secs(9),
+            Aggregates::InKernel,
+        );
         assert_eq!(l.live().map(|p| p.key).collect::<Vec<_>>(), vec![key(3, 1)]);
         // Full: the process that exited first leaves.
         assert!(

@@ -25,7 +25,7 @@ use crate::{
     budget::Budget,
     events::journal::Mark,
     ledger::{
-        Ledger, Origin, ProcKey, ProcessEntry, ProcessInfo, TrustRead,
+        Aggregates, Ledger, Origin, ProcKey, ProcessEntry, ProcessInfo, TrustRead,
         state_dir::{StateDir, Writer},
     },
     process::procfs,
@@ -543,6 +543,8 @@ impl StateDir {
                 exec_seq: p.exec_seq,
                 exited_at,
                 reads,
+                // Not saved: whether an earlier run took them, deleting is what is sure.
+                aggregates: Aggregates::InKernel,
             });
             restored += 1;
         }
