@@ -163,6 +163,10 @@ pub struct Probe {
     accesses_fd: OwnedFd,
     losses: PerCpuArray<MapData, u64>,
     counters: Array<MapData, u64>,
+    /// What `counters`' `ACCESSES_DELETED` slot holds: only this daemon writes it, so it
+    /// is read once, and each deletion costs one write, not a read and a write (a storm
+    /// deletes one entry per record).
+    accesses_deleted: u64,
     rereads: HashMap<MapData, AccessKey, u8>,
     filter: Filter,
     capacities: Capacities,
@@ -491,7 +495,8 @@ impl Probe {
         let accesses = HashMap::try_from(access_map)
             .context("map ACCESSES has an unexpected type or layout")?;
         let losses = take(&mut ebpf, name::LOSSES)?;
-        let counters = take(&mut ebpf, name::COUNTERS)?;
+        let counters: Array<MapData, u64> = take(&mut ebpf, name::COUNTERS)?;
+        let accesses_deleted = counters.get(&counter::ACCESSES_DELETED, 0).unwrap_or(0);
         let mut rereads: HashMap<MapData, AccessKey, u8> = take(&mut ebpf, name::REREAD_WATCH)?;
         // Watches are this daemon's own questions: a previous run's (kept by a pinned
         // probe) are for judgements it no longer holds.
@@ -506,6 +511,7 @@ impl Probe {
             accesses_fd,
             losses,
             counters,
+            accesses_deleted,
             rereads,
             filter,
             capacities: caps,
@@ -571,9 +577,9 @@ impl Probe {
     /// Counts `n` entries this daemon deleted from `ACCESSES`, in the pinned counters so
     /// the fill stays right across restarts. Only the daemon writes this slot.
     fn count_deleted(&mut self, n: u64) {
+        self.accesses_deleted = self.accesses_deleted.wrapping_add(n);
         let slot = counter::ACCESSES_DELETED;
-        let deleted = self.counters.get(&slot, 0).unwrap_or(0);
-        if let Err(e) = self.counters.set(slot, deleted.wrapping_add(n), 0) {
+        if let Err(e) = self.counters.set(slot, self.accesses_deleted, 0) {
             tracing::debug!("counting deleted accesses: {e}");
         }
     }
