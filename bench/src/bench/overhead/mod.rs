@@ -286,8 +286,9 @@ impl Figures {
 }
 
 pub fn run(args: &Args, trustdrift: &Path) -> Result<()> {
-    let dir = std::env::temp_dir().join("trustdrift-bench");
-    fs::create_dir_all(&dir)?;
+    // Removed when the run ends, however it ends.
+    let dir = trustdrift_testkit::TempDir::try_new("bench-overhead")
+        .context("a directory for the workload's file")?;
     let file = dir.join("unrelated-data.txt");
     fs::write(&file, vec![b'x'; 512])?;
     let tree = match &args.tree {
