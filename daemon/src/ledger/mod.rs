@@ -529,44 +529,36 @@ mod tests {
             ..LedgerLimits::default()
         });
         let t0 = SystemTime::now();
-        l.upsert(key(1, 1), Origin::Observed, ProcessInfo::default());
-        l.add_read(&key(1, 1), read("/etc/ssl/cert.pem", Some(access(1))));
-        l.exited(&key(1, 1), t0, Aggregates::InKernel);
-        assert!(l.expire(t0 + Duration::from_secs(5)).is_empty());
-        let gone = l.expire(t0 + Duration::from_secs(11));
-        assert_eq!(gone.len(), 1);
-        assert_eq!(
-            (gone[0].key, gone[0].accesses.clone()),
-            (key(1, 1), vec![access(1)])
-        );
-        assert_eq!(l.owner_of(&access(1)), None);
-        assert_eq!(l.live().count(), 0);
-        assert!(l.is_empty());
-    }
-
-    #[test]
-    fn a_process_whose_aggregates_were_taken_at_its_exit_leaves_nothing_to_delete() {
-        let mut l = Ledger::new(LedgerLimits {
-            exit_grace: Duration::from_secs(10),
-            ..LedgerLimits::default()
-        });
-        let t0 = SystemTime::now();
-        for pid in [1, 2] {
+        // The first's exit was not seen taking its aggregates; the others' was, but the
+        // third's other thread opened a file after it.
+        let exits = [Aggregates::InKernel, Aggregates::Taken, Aggregates::Taken];
+        for (pid, aggregates) in (1..).zip(exits) {
             l.upsert(key(pid, 1), Origin::Observed, ProcessInfo::default());
             l.add_read(&key(pid, 1), read("/etc/ssl/cert.pem", Some(access(pid))));
-            l.exited(&key(pid, 1), t0, Aggregates::Taken);
+            l.exited(&key(pid, 1), t0, aggregates);
         }
-        // Another thread of the second opened a file its exit did not take.
-        l.add_read(&key(2, 1), read("/etc/ssl/other.pem", Some(access(3))));
+        l.add_read(&key(3, 1), read("/etc/ssl/other.pem", Some(access(4))));
+        assert!(l.expire(t0 + Duration::from_secs(5)).is_empty());
         let mut gone = l.expire(t0 + Duration::from_secs(11));
         gone.sort_by_key(|g| g.key);
-        let accesses: Vec<_> = gone.iter().map(|g| g.accesses.clone()).collect();
-        assert_eq!(accesses, vec![vec![], vec![access(2), access(3)]]);
+        // What the kernel may still hold is handed over to be deleted, and only that.
+        let left: Vec<_> = gone.iter().map(|g| (g.key, g.accesses.clone())).collect();
         assert_eq!(
-            l.owner_of(&access(1)),
+            left,
+            vec![
+                (key(1, 1), vec![access(1)]),
+                (key(2, 1), vec![]),
+                (key(3, 1), vec![access(3), access(4)]),
+            ]
+        );
+        assert_eq!(l.owner_of(&access(1)), None);
+        assert_eq!(
+            l.owner_of(&access(2)),
             None,
             "gone from the index all the same"
         );
+        assert_eq!(l.live().count(), 0);
+        assert!(l.is_empty());
     }
 
     #[test]
