@@ -87,12 +87,22 @@ struct Bench {
 
 impl Bench {
     fn new(name: &str, config: &str) -> Self {
+        Self::build(name, config, false)
+    }
+
+    /// As [`Bench::new`], the daemon saving its ledger in the bench's `state`.
+    fn with_state(name: &str) -> Self {
+        Self::build(name, "", true)
+    }
+
+    fn build(name: &str, config: &str, saving: bool) -> Self {
         let dir =
             std::env::temp_dir().join(format!("trustdrift-engine-{name}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
         let tables = Arc::new(Mutex::new(Tables::default()));
-        let (engine, rx) = engine_over(&tables, config, None);
+        let state = saving.then(|| dir.join("state"));
+        let (engine, rx) = engine_over(&tables, config, state.as_deref());
         Self {
             engine,
             tables,
@@ -100,15 +110,6 @@ impl Bench {
             _rx: rx,
             children: Vec::new(),
         }
-    }
-
-    /// As [`Bench::new`], the daemon saving its ledger in the bench's `state`.
-    fn with_state(name: &str) -> Self {
-        let mut b = Self::new(name, "");
-        let (engine, rx) = engine_over(&b.tables, "", Some(&b.dir.join("state")));
-        b.engine = engine;
-        b._rx = rx;
-        b
     }
 
     /// A daemon started again over the same kernel tables from what the bench's daemon
