@@ -85,6 +85,7 @@ unsafe fn open_args_at_exit(regs: *const pt_regs) -> [u64; 3] {
 
 /// `sys_exit` (full mode): an open and its fd, a read's byte count, a close.
 #[btf_tracepoint(function = "sys_exit")]
+#[inline(always)]
 pub fn sys_exit(ctx: BtfTracePointContext) -> i32 {
     let regs: *const pt_regs = ctx.arg(0);
     let ret: i64 = ctx.arg(1);
@@ -93,55 +94,80 @@ pub fn sys_exit(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
+/// The dispatch every syscall on the host runs. It stays small on purpose: what it rejects
+/// (an fd number nobody tracks, a failed call, a syscall of no interest) returns without a
+/// helper call, and everything past that runs out of line, so the common path saves and
+/// restores few registers and keeps a small stack frame.
 #[inline(always)]
 unsafe fn try_sys_exit(regs: *const pt_regs, ret: i64) {
     // SAFETY: loads from the tracepoint's pt_regs.
     let id = unsafe { arch::syscall_nr(regs) };
     match id {
         nr::OPENAT | nr::OPEN | nr::OPENAT2 => {
-            // SAFETY: as above.
-            let args = unsafe { open_args_at_exit(regs) };
-            open::returned(id, args, ret);
+            // Only a successful open can be read from.
+            if ret >= 0 {
+                // SAFETY: as above.
+                let [a0, a1, a2] = unsafe { open_args_at_exit(regs) };
+                open_returned(id, a0, a1, a2, ret);
+            }
         }
         nr::CLOSE => {
             // Whether it succeeded or not, the fd no longer names the tracked file.
             // SAFETY: as above.
-            let fd = unsafe { arch::first_arg_at_exit(regs) } as u32;
-            fds::closed(fd, fd);
-        }
-        nr::CLOSE_RANGE => {
-            // SAFETY: as above.
-            let (first, last) = unsafe { (arch::first_arg_at_exit(regs), arch::arg(regs, 1)) };
-            if ret == 0 {
-                fds::closed(first as u32, last as u32);
+            let fd = unsafe { arch::first_arg_at_exit(regs) };
+            if fds::fd_may_be_tracked(fd) {
+                close_returned(fd as u32, fd as u32);
             }
         }
         nr::READ | nr::PREAD64 | nr::READV | nr::PREADV | nr::PREADV2 | nr::GETDENTS64 => {
             // SAFETY: as above.
             let fd = unsafe { arch::first_arg_at_exit(regs) };
-            fds::read_returned(fd, ret);
-        }
-        // A duplicate reads the same open file (Python's listdir(fd), fdopendir(dup(fd))).
-        nr::DUP => {
-            // SAFETY: as above.
-            let old = unsafe { arch::first_arg_at_exit(regs) };
-            fds::duplicated(old, ret);
-        }
-        nr::DUP2 | nr::DUP3 => {
-            // SAFETY: as above.
-            let (old, new) = unsafe { (arch::first_arg_at_exit(regs), arch::arg(regs, 1)) };
-            // The new fd was closed implicitly if it was open.
-            if ret >= 0 && old != new {
-                fds::closed(new as u32, new as u32);
+            if ret >= 0 && fds::fd_may_be_tracked(fd) {
+                read_returned(fd, ret);
             }
-            fds::duplicated(old, ret);
         }
-        nr::FCNTL => {
+        nr::CLOSE_RANGE | nr::DUP | nr::DUP2 | nr::DUP3 | nr::FCNTL => {
             // SAFETY: as above; arguments other than the first are intact at exit.
-            let (old, cmd) = unsafe { (arch::first_arg_at_exit(regs), arch::arg(regs, 1)) };
-            if cmd == F_DUPFD || cmd == F_DUPFD_CLOEXEC {
-                fds::duplicated(old, ret);
+            let (first, second) = unsafe { (arch::first_arg_at_exit(regs), arch::arg(regs, 1)) };
+            fd_table_changed(id, first, second, ret);
+        }
+        _ => {}
+    }
+}
+
+/// A successful open: is it trust material, and if so record it (out of line: see
+/// `try_sys_exit`).
+#[inline(never)]
+fn open_returned(id: i64, a0: u64, a1: u64, a2: u64, ret: i64) {
+    open::returned(id, [a0, a1, a2], ret);
+}
+
+#[inline(never)]
+fn close_returned(first: u32, last: u32) {
+    fds::closed(first, last);
+}
+
+#[inline(never)]
+fn read_returned(fd: u64, ret: i64) {
+    fds::read_returned(fd, ret);
+}
+
+/// `close_range`, `dup`, `dup2`, `dup3`, `fcntl`: rare next to reads and closes.
+#[inline(never)]
+fn fd_table_changed(id: i64, first: u64, second: u64, ret: i64) {
+    match id {
+        nr::CLOSE_RANGE if ret == 0 => fds::closed(first as u32, second as u32),
+        // A duplicate reads the same open file (Python's listdir(fd), fdopendir(dup(fd))).
+        nr::DUP => fds::duplicated(first, ret),
+        nr::DUP2 | nr::DUP3 => {
+            // The new fd was closed implicitly if it was open.
+            if ret >= 0 && first != second {
+                fds::closed(second as u32, second as u32);
             }
+            fds::duplicated(first, ret);
+        }
+        nr::FCNTL if second == F_DUPFD || second == F_DUPFD_CLOEXEC => {
+            fds::duplicated(first, ret);
         }
         _ => {}
     }
