@@ -241,6 +241,40 @@ fn reads_by_one_thread_count_for_the_fd_another_thread_opened() {
 }
 
 #[test]
+fn reads_through_duplicated_fds_count_and_a_closed_range_stops_counting() {
+    // Servers hand a trust fd around: dup2 onto a fixed number, fcntl(F_DUPFD) above a
+    // floor, then close_range when they daemonise. Every read through a duplicate is the
+    // file's; once the range is closed, whatever reuses the number is not.
+    let dir = TempDir::new("dups");
+    let (cert, _) = make_certificate(dir.path(), "handed-around");
+    let Some(trace) = Trace::start(&[]) else {
+        return;
+    };
+    let script = format!(
+        "import ctypes, fcntl, os\n\
+         libc = ctypes.CDLL(None, use_errno=True)\n\
+         f = os.open({cert:?}, os.O_RDONLY)\n\
+         os.dup2(f, 100)\n\
+         g = fcntl.fcntl(f, fcntl.F_DUPFD_CLOEXEC, 200)\n\
+         os.close(f)\n\
+         assert len(os.pread(100, 10, 0)) == 10\n\
+         assert len(os.pread(g, 7, 0)) == 7\n\
+         assert libc.close_range(100, 101, 0) == 0, ctypes.get_errno()\n\
+         z = os.open('/dev/zero', os.O_RDONLY)\n\
+         assert fcntl.fcntl(z, fcntl.F_DUPFD, 100) == 100\n\
+         assert len(os.read(100, 1000)) == 1000",
+        cert = cert.to_str().unwrap()
+    );
+    let held = python_held(&script);
+    let pid = held.pid();
+    release(held);
+    let path = cert.to_str().unwrap();
+    let done = trace.wait_for("exit", SOON, |v| is_event(v, pid, path, "exit"));
+    assert_eq!(done["bytes_read"], 17, "{done}");
+    assert_eq!(done["reads"], 2, "{done}");
+}
+
+#[test]
 fn a_process_that_reads_the_bundle_ten_thousand_times_is_one_event() {
     let dir = TempDir::new("reread");
     let (cert, _) = make_certificate(dir.path(), "bundle");
