@@ -85,6 +85,8 @@ unsafe fn open_args_at_exit(regs: *const pt_regs) -> [u64; 3] {
 
 /// `sys_exit` (full mode): an open and its fd, a read's byte count, a close.
 #[btf_tracepoint(function = "sys_exit")]
+// Into the macro's entry point: as a function of its own it would be a bpf-to-bpf call,
+// paid by every syscall on the host before the first test.
 #[inline(always)]
 pub fn sys_exit(ctx: BtfTracePointContext) -> i32 {
     let regs: *const pt_regs = ctx.arg(0);
