@@ -44,6 +44,16 @@ fn is_event(v: &Value, pid: u32, path: &str, event: &str) -> bool {
     v["pid"] == pid && v["path"] == path && v["event"] == event
 }
 
+/// Runs `script` to its end in a held python process and returns the trace's exit record
+/// of its access to `file` (opened by that absolute path).
+fn exit_of_python_reader(trace: &Trace, script: &str, file: &Path) -> Value {
+    let held = python_held(script);
+    let pid = held.pid();
+    release(held);
+    let path = file.to_str().unwrap();
+    trace.wait_for("exit", SOON, |v| is_event(v, pid, path, "exit"))
+}
+
 #[test]
 fn python_default_context_reads_the_system_bundle_through_its_alias() {
     // Where this machine's OpenSSL looks by default (Debian: /usr/lib/ssl/cert.pem, a
@@ -231,11 +241,7 @@ fn reads_by_one_thread_count_for_the_fd_another_thread_opened() {
          t.start(); t.join()",
         cert = cert.to_str().unwrap()
     );
-    let held = python_held(&script);
-    let pid = held.pid();
-    release(held);
-    let path = cert.to_str().unwrap();
-    let done = trace.wait_for("exit", SOON, |v| is_event(v, pid, path, "exit"));
+    let done = exit_of_python_reader(&trace, &script, &cert);
     assert_eq!(done["bytes_read"], file_len(&cert), "{done}");
     assert!(done["reads"].as_u64().unwrap() > 1);
 }
@@ -265,11 +271,7 @@ fn reads_through_duplicated_fds_count_and_a_closed_range_stops_counting() {
          assert len(os.read(100, 1000)) == 1000",
         cert = cert.to_str().unwrap()
     );
-    let held = python_held(&script);
-    let pid = held.pid();
-    release(held);
-    let path = cert.to_str().unwrap();
-    let done = trace.wait_for("exit", SOON, |v| is_event(v, pid, path, "exit"));
+    let done = exit_of_python_reader(&trace, &script, &cert);
     assert_eq!(done["bytes_read"], 17, "{done}");
     assert_eq!(done["reads"], 2, "{done}");
 }
