@@ -97,8 +97,8 @@ pub fn sys_exit(ctx: BtfTracePointContext) -> i32 {
 }
 
 /// The dispatch every syscall on the host runs. It stays small on purpose: what it rejects
-/// (an fd number nobody tracks, a failed call, a syscall of no interest) returns without a
-/// helper call, and everything past that runs out of line, so the common path saves and
+/// (an fd number nobody tracks, a failed call, a writer's open, a syscall of no interest)
+/// returns without a helper call, and everything past that runs out of line, so the common path saves and
 /// restores few registers and keeps a small stack frame.
 #[inline(always)]
 unsafe fn try_sys_exit(regs: *const pt_regs, ret: i64) {
@@ -106,11 +106,13 @@ unsafe fn try_sys_exit(regs: *const pt_regs, ret: i64) {
     let id = unsafe { arch::syscall_nr(regs) };
     match id {
         nr::OPENAT | nr::OPEN | nr::OPENAT2 => {
-            // Only a successful open can be read from.
+            // Only a successful open can be read from, and a writer never reads.
             if ret >= 0 {
                 // SAFETY: as above.
-                let [a0, a1, a2] = unsafe { open_args_at_exit(regs) };
-                open_returned(id, a0, a1, a2, ret);
+                let args = unsafe { open_args_at_exit(regs) };
+                if open::may_read_by_registers(id, args) {
+                    open_returned(id, args[0], args[1], args[2], ret);
+                }
             }
         }
         nr::CLOSE => {

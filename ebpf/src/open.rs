@@ -21,6 +21,25 @@ const O_ACCMODE: u64 = 0o3;
 const O_PATH: u64 = 0o10000000;
 const AT_FDCWD: i32 = -100;
 
+/// Whether the flags make the open a possible trust read: not a writer, not an `O_PATH`
+/// handle.
+#[inline(always)]
+fn may_read(open_flags: u64) -> bool {
+    open_flags & (O_ACCMODE | O_PATH) == 0
+}
+
+/// Whether an open may read, judged from its registers alone: `false` only when the flags
+/// say it writes or is an `O_PATH` handle. openat2's flags are in user memory, so it is
+/// always a maybe; `describe` reads them.
+#[inline(always)]
+pub fn may_read_by_registers(id: i64, args: [u64; 3]) -> bool {
+    match id {
+        nr::OPENAT => may_read(args[2]),
+        nr::OPEN => may_read(args[1]),
+        _ => true,
+    }
+}
+
 /// The dirfd, path pointer and flags of an open syscall, from its first three arguments;
 /// `None` for a writer or an `O_PATH` handle (never trust reads), or an unreadable
 /// `open_how`.
@@ -39,7 +58,7 @@ fn describe(id: i64, args: [u64; 3]) -> Option<MatchedOpen> {
         _ => return None,
     };
     // Free to test, so tested before anything touches user memory.
-    if open_flags & (O_ACCMODE | O_PATH) != 0 {
+    if !may_read(open_flags) {
         return None;
     }
     Some(MatchedOpen {

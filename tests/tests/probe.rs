@@ -247,6 +247,28 @@ fn reads_by_one_thread_count_for_the_fd_another_thread_opened() {
 }
 
 #[test]
+fn opens_that_write_or_only_hold_a_path_are_not_reads() {
+    // A renewal job opens the certificate to write it; a file manager holds an O_PATH
+    // handle. Neither reads what a TLS stack would load: only the read-only open counts.
+    let dir = TempDir::new("writers");
+    let (cert, _) = make_certificate(dir.path(), "rewritten");
+    let Some(trace) = Trace::start(&[]) else {
+        return;
+    };
+    let script = format!(
+        "import os\n\
+         for flags in (os.O_WRONLY | os.O_APPEND, os.O_RDWR, os.O_PATH):\n    \
+         os.close(os.open({cert:?}, flags))\n\
+         f = os.open({cert:?}, os.O_RDONLY)\n\
+         assert len(os.read(f, 50)) == 50",
+        cert = cert.to_str().unwrap()
+    );
+    let done = exit_of_python_reader(&trace, &script, &cert);
+    assert_eq!(done["opens"], 1, "{done}");
+    assert_eq!(done["bytes_read"], 50, "{done}");
+}
+
+#[test]
 fn reads_through_duplicated_fds_count_and_a_closed_range_stops_counting() {
     // Servers hand a trust fd around: dup2 onto a fixed number, fcntl(F_DUPFD) above a
     // floor, then close_range when they daemonise. Every read through a duplicate is the
