@@ -44,14 +44,34 @@ fn is_event(v: &Value, pid: u32, path: &str, event: &str) -> bool {
     v["pid"] == pid && v["path"] == path && v["event"] == event
 }
 
-/// Runs `script` to its end in a held python process and returns the trace's exit record
-/// of its access to `file` (opened by that absolute path).
-fn exit_of_python_reader(trace: &Trace, script: &str, file: &Path) -> Value {
-    let held = python_held(script);
+/// A python process that read a fresh certificate, as the trace saw it.
+struct CertificateReader {
+    /// The trace's exit record of the certificate.
+    done: Value,
+    cert: PathBuf,
+    _dir: TempDir,
+}
+
+/// Makes a certificate named `name`, runs `script(its path)` to its end in a held python
+/// process under a trace with the default paths, and returns what the trace recorded of
+/// that certificate at the exit. `None` where the probe cannot load (never under CI).
+fn certificate_reader(
+    name: &str,
+    script: impl FnOnce(&str) -> String,
+) -> Option<CertificateReader> {
+    let dir = TempDir::new(name);
+    let (cert, _) = make_certificate(dir.path(), name);
+    let trace = Trace::start(&[])?;
+    let path = cert.to_str().unwrap();
+    let held = python_held(&script(path));
     let pid = held.pid();
     release(held);
-    let path = file.to_str().unwrap();
-    trace.wait_for("exit", SOON, |v| is_event(v, pid, path, "exit"))
+    let done = trace.wait_for("exit", SOON, |v| is_event(v, pid, path, "exit"));
+    Some(CertificateReader {
+        done,
+        cert,
+        _dir: dir,
+    })
 }
 
 #[test]
@@ -228,44 +248,38 @@ fn a_read_through_a_symlinked_alias_resolves_to_the_file_behind_it() {
 
 #[test]
 fn reads_by_one_thread_count_for_the_fd_another_thread_opened() {
-    let dir = TempDir::new("threads");
-    let (cert, _) = make_certificate(dir.path(), "shared");
-    let Some(trace) = Trace::start(&[]) else {
+    let Some(run) = certificate_reader("shared", |cert| {
+        format!(
+            "import os, threading\n\
+             f = os.open({cert:?}, os.O_RDONLY)\n\
+             def reader():\n    while os.read(f, 100):\n        pass\n\
+             t = threading.Thread(target=reader)\n\
+             t.start(); t.join()"
+        )
+    }) else {
         return;
     };
-    let script = format!(
-        "import os, threading\n\
-         f = os.open({cert:?}, os.O_RDONLY)\n\
-         def reader():\n    while os.read(f, 100):\n        pass\n\
-         t = threading.Thread(target=reader)\n\
-         t.start(); t.join()",
-        cert = cert.to_str().unwrap()
-    );
-    let done = exit_of_python_reader(&trace, &script, &cert);
-    assert_eq!(done["bytes_read"], file_len(&cert), "{done}");
-    assert!(done["reads"].as_u64().unwrap() > 1);
+    assert_eq!(run.done["bytes_read"], file_len(&run.cert), "{}", run.done);
+    assert!(run.done["reads"].as_u64().unwrap() > 1);
 }
 
 #[test]
 fn opens_that_write_or_only_hold_a_path_are_not_reads() {
     // A renewal job opens the certificate to write it; a file manager holds an O_PATH
     // handle. Neither reads what a TLS stack would load: only the read-only open counts.
-    let dir = TempDir::new("writers");
-    let (cert, _) = make_certificate(dir.path(), "rewritten");
-    let Some(trace) = Trace::start(&[]) else {
+    let Some(run) = certificate_reader("rewritten", |cert| {
+        format!(
+            "import os\n\
+             for flags in (os.O_WRONLY | os.O_APPEND, os.O_RDWR, os.O_PATH):\n    \
+             os.close(os.open({cert:?}, flags))\n\
+             f = os.open({cert:?}, os.O_RDONLY)\n\
+             assert len(os.read(f, 50)) == 50"
+        )
+    }) else {
         return;
     };
-    let script = format!(
-        "import os\n\
-         for flags in (os.O_WRONLY | os.O_APPEND, os.O_RDWR, os.O_PATH):\n    \
-         os.close(os.open({cert:?}, flags))\n\
-         f = os.open({cert:?}, os.O_RDONLY)\n\
-         assert len(os.read(f, 50)) == 50",
-        cert = cert.to_str().unwrap()
-    );
-    let done = exit_of_python_reader(&trace, &script, &cert);
-    assert_eq!(done["opens"], 1, "{done}");
-    assert_eq!(done["bytes_read"], 50, "{done}");
+    assert_eq!(run.done["opens"], 1, "{}", run.done);
+    assert_eq!(run.done["bytes_read"], 50, "{}", run.done);
 }
 
 #[test]
@@ -273,29 +287,26 @@ fn reads_through_duplicated_fds_count_and_a_closed_range_stops_counting() {
     // Servers hand a trust fd around: dup2 onto a fixed number, fcntl(F_DUPFD) above a
     // floor, then close_range when they daemonise. Every read through a duplicate is the
     // file's; once the range is closed, whatever reuses the number is not.
-    let dir = TempDir::new("dups");
-    let (cert, _) = make_certificate(dir.path(), "handed-around");
-    let Some(trace) = Trace::start(&[]) else {
+    let Some(run) = certificate_reader("handed-around", |cert| {
+        format!(
+            "import ctypes, fcntl, os\n\
+             libc = ctypes.CDLL(None, use_errno=True)\n\
+             f = os.open({cert:?}, os.O_RDONLY)\n\
+             os.dup2(f, 100)\n\
+             g = fcntl.fcntl(f, fcntl.F_DUPFD_CLOEXEC, 200)\n\
+             os.close(f)\n\
+             assert len(os.pread(100, 10, 0)) == 10\n\
+             assert len(os.pread(g, 7, 0)) == 7\n\
+             assert libc.close_range(100, 101, 0) == 0, ctypes.get_errno()\n\
+             z = os.open('/dev/zero', os.O_RDONLY)\n\
+             assert fcntl.fcntl(z, fcntl.F_DUPFD, 100) == 100\n\
+             assert len(os.read(100, 1000)) == 1000"
+        )
+    }) else {
         return;
     };
-    let script = format!(
-        "import ctypes, fcntl, os\n\
-         libc = ctypes.CDLL(None, use_errno=True)\n\
-         f = os.open({cert:?}, os.O_RDONLY)\n\
-         os.dup2(f, 100)\n\
-         g = fcntl.fcntl(f, fcntl.F_DUPFD_CLOEXEC, 200)\n\
-         os.close(f)\n\
-         assert len(os.pread(100, 10, 0)) == 10\n\
-         assert len(os.pread(g, 7, 0)) == 7\n\
-         assert libc.close_range(100, 101, 0) == 0, ctypes.get_errno()\n\
-         z = os.open('/dev/zero', os.O_RDONLY)\n\
-         assert fcntl.fcntl(z, fcntl.F_DUPFD, 100) == 100\n\
-         assert len(os.read(100, 1000)) == 1000",
-        cert = cert.to_str().unwrap()
-    );
-    let done = exit_of_python_reader(&trace, &script, &cert);
-    assert_eq!(done["bytes_read"], 17, "{done}");
-    assert_eq!(done["reads"], 2, "{done}");
+    assert_eq!(run.done["bytes_read"], 17, "{}", run.done);
+    assert_eq!(run.done["reads"], 2, "{}", run.done);
 }
 
 #[test]
