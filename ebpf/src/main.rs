@@ -98,8 +98,8 @@ pub fn sys_exit(ctx: BtfTracePointContext) -> i32 {
 
 /// The dispatch every syscall on the host runs. It stays small on purpose: what it rejects
 /// (an fd number nobody tracks, a failed call, a writer's open, a syscall of no interest)
-/// returns without a helper call, and everything past that runs out of line, so the common path saves and
-/// restores few registers and keeps a small stack frame.
+/// returns without a helper call, and everything past that runs out of line, so the
+/// common path saves and restores few registers and keeps a small stack frame.
 #[inline(always)]
 unsafe fn try_sys_exit(regs: *const pt_regs, ret: i64) {
     // SAFETY: loads from the tracepoint's pt_regs.
