@@ -193,12 +193,11 @@ pub fn duplicated(old: u64, ret: i64) {
     }
 }
 
-/// Exit of `read`, `pread64`, `readv`, `preadv`, `preadv2` or `getdents64` on `fd`.
+/// Exit of `read`, `pread64`, `readv`, `preadv`, `preadv2` or `getdents64` on `fd`, which
+/// read `bytes` (the dispatch passes no failed read, and no fd number
+/// [`fd_may_be_tracked`] rules out).
 #[inline(always)]
-pub fn read_returned(fd: u64, ret: i64) {
-    if ret < 0 || !fd_may_be_tracked(fd) {
-        return;
-    }
+pub fn read_returned(fd: u64, bytes: u64) {
     let tgid = current_tgid();
     if !may_have_fds(tgid) {
         return;
@@ -211,5 +210,5 @@ pub fn read_returned(fd: u64, ret: i64) {
     };
     // SAFETY: a valid map value; copied before any other map operation.
     let key = unsafe { *key };
-    add_read(&key, ret as u64, now_ns());
+    add_read(&key, bytes, now_ns());
 }

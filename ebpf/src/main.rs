@@ -111,7 +111,7 @@ unsafe fn try_sys_exit(regs: *const pt_regs, ret: i64) {
                 // SAFETY: as above.
                 let args = unsafe { open_args_at_exit(regs) };
                 if open::may_read_by_registers(id, args) {
-                    open_returned(id, args[0], args[1], args[2], ret);
+                    open_returned(id, args[0], args[1], args[2], ret as i32);
                 }
             }
         }
@@ -127,7 +127,7 @@ unsafe fn try_sys_exit(regs: *const pt_regs, ret: i64) {
             // SAFETY: as above.
             let fd = unsafe { arch::first_arg_at_exit(regs) };
             if ret >= 0 && fds::fd_may_be_tracked(fd) {
-                read_returned(fd, ret);
+                read_returned(fd, ret as u64);
             }
         }
         nr::CLOSE_RANGE | nr::DUP | nr::DUP2 | nr::DUP3 | nr::FCNTL => {
@@ -142,8 +142,8 @@ unsafe fn try_sys_exit(regs: *const pt_regs, ret: i64) {
 /// A successful open: is it trust material, and if so record it (out of line: see
 /// `try_sys_exit`).
 #[inline(never)]
-fn open_returned(id: i64, a0: u64, a1: u64, a2: u64, ret: i64) {
-    open::returned(id, [a0, a1, a2], ret);
+fn open_returned(id: i64, a0: u64, a1: u64, a2: u64, fd: i32) {
+    open::returned(id, [a0, a1, a2], fd);
 }
 
 #[inline(never)]
@@ -152,8 +152,8 @@ fn close_returned(first: u32, last: u32) {
 }
 
 #[inline(never)]
-fn read_returned(fd: u64, ret: i64) {
-    fds::read_returned(fd, ret);
+fn read_returned(fd: u64, bytes: u64) {
+    fds::read_returned(fd, bytes);
 }
 
 /// `close_range`, `dup`, `dup2`, `dup3`, `fcntl`: rare next to reads and closes.

@@ -72,12 +72,10 @@ fn describe(id: i64, args: [u64; 3]) -> Option<MatchedOpen> {
     })
 }
 
-/// Full mode: an open returned `ret`. Only a successful one can be read from.
+/// Full mode: an open returned `fd` (only a successful one can be read from, so the
+/// dispatch passes no other).
 #[inline(always)]
-pub fn returned(id: i64, args: [u64; 3], ret: i64) {
-    if ret < 0 {
-        return;
-    }
+pub fn returned(id: i64, args: [u64; 3], fd: i32) {
     let Some(mut open) = describe(id, args) else {
         return;
     };
@@ -94,7 +92,7 @@ pub fn returned(id: i64, args: [u64; 3], ret: i64) {
     if (pid_tgid >> 32) as u32 == SELF_TGID.load() {
         return;
     }
-    record(pid_tgid, &open, ret as i32);
+    record(pid_tgid, &open, fd);
 }
 
 /// Lean mode: an open entered. Without an exit hook the attempt is recorded now; the
